@@ -1,0 +1,182 @@
+"""Worker groups: engine pods keyed by resource shape, in append-only stable order.
+
+Called by ``arks_ray.render.rayservice``. Apps whose worker pods would be identical share a group; the
+group's pod counts are the sum of its apps' needs. KubeRay v1.7 updates a RayCluster in place only when
+new groups are appended after the existing ones, so a group's position never changes and a group no
+app uses any more stays, scaled to zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME, InstanceSpec
+from arks_ray.render.names import MAX_LABEL, digest, dns_label
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GROUP_RESOURCE_PREFIX = "arks-wg-"
+
+# InstanceSpec fields that land on the pod spec, with their pod-spec names where they differ.
+POD_FIELDS: dict[str, str] = {
+    "termination_grace_period_seconds": "terminationGracePeriodSeconds",
+    "active_deadline_seconds": "activeDeadlineSeconds",
+    "dns_policy": "dnsPolicy",
+    "dns_config": "dnsConfig",
+    "automount_service_account_token": "automountServiceAccountToken",
+    "node_name": "nodeName",
+    "host_network": "hostNetwork",
+    "host_pid": "hostPID",
+    "host_ipc": "hostIPC",
+    "share_process_namespace": "shareProcessNamespace",
+    "pod_security_context": "securityContext",
+    "subdomain": "subdomain",
+    "host_aliases": "hostAliases",
+    "priority_class_name": "priorityClassName",
+    "priority": "priority",
+    "runtime_class_name": "runtimeClassName",
+    "enable_service_links": "enableServiceLinks",
+    "preemption_policy": "preemptionPolicy",
+    "overhead": "overhead",
+    "topology_spread_constraints": "topologySpreadConstraints",
+    "set_hostname_as_fqdn": "setHostnameAsFQDN",
+    "os": "os",
+    "host_users": "hostUsers",
+    "scheduling_gates": "schedulingGates",
+    "resource_claims": "resourceClaims",
+    "node_selector": "nodeSelector",
+    "affinity": "affinity",
+    "scheduler_name": "schedulerName",
+    "tolerations": "tolerations",
+    "service_account_name": "serviceAccountName",
+    "init_containers": "initContainers",
+}
+CONTAINER_FIELDS: dict[str, str] = {
+    "security_context": "securityContext",
+    "resources": "resources",
+    "liveness_probe": "livenessProbe",
+    "readiness_probe": "readinessProbe",
+    "startup_probe": "startupProbe",
+    "lifecycle": "lifecycle",
+}
+
+
+def gpus_per_pod(spec: InstanceSpec) -> int:
+    """GPUs one pod asks for (limits win over requests, as Kubernetes requires them equal)."""
+    res = spec.resources or {}
+    for section in ("limits", "requests"):
+        value = (res.get(section) or {}).get(GPU_RESOURCE)
+        if value is not None:
+            try:
+                return int(str(value))
+            except ValueError:
+                return 0
+    return 0
+
+
+@dataclass(frozen=True)
+class PodShape:
+    """Everything that makes a worker pod what it is; equal shapes share a worker group."""
+
+    image: str
+    instance: InstanceSpec
+    image_pull_secrets: tuple[str, ...] = ()
+    model_pvc: str | None = None
+    accelerator: str | None = None
+
+    def template(self, group: str) -> dict[str, Any]:
+        inst = self.instance
+        container: dict[str, Any] = {"name": "ray-worker", "image": self.image, "imagePullPolicy": "IfNotPresent"}
+        for attr, key in CONTAINER_FIELDS.items():
+            value = getattr(inst, attr)
+            if value is not None:
+                container[key] = value
+        if inst.env:
+            container["env"] = list(inst.env)
+        mounts = list(inst.volume_mounts or [])
+        volumes = list(inst.volumes or [])
+        if self.model_pvc:
+            mounts.insert(0, {"name": RESERVED_VOLUME, "mountPath": RESERVED_MOUNT_PATH, "readOnly": True})
+            volumes.insert(0, {"name": RESERVED_VOLUME,
+                               "persistentVolumeClaim": {"claimName": self.model_pvc, "readOnly": True}})
+        if mounts:
+            container["volumeMounts"] = mounts
+        pod: dict[str, Any] = {"containers": [container]}
+        if volumes:
+            pod["volumes"] = volumes
+        for attr, key in POD_FIELDS.items():
+            value = getattr(inst, attr)
+            if value is not None:
+                pod[key] = value
+        if self.image_pull_secrets:
+            pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
+        labels = {**(inst.labels or {}), "app.kubernetes.io/managed-by": "arks-ray", "arks.ai/worker-group": group}
+        meta: dict[str, Any] = {"labels": labels}
+        if inst.annotations:
+            meta["annotations"] = dict(inst.annotations)
+        return {"metadata": meta, "spec": pod}
+
+    def key(self) -> str:
+        """A digest of the pod as it would run (group name aside)."""
+        return digest(self.template(""), 10)
+
+    def group_name(self) -> str:
+        gpus = gpus_per_pod(self.instance)
+        kind = (self.accelerator or "gpu").lower() + str(gpus) if gpus else "cpu"
+        runtime = self.image.rsplit("/", 1)[-1].split(":", 1)[0].removeprefix("arks-ray-")
+        return dns_label(runtime[:20], kind[:16], self.key(), max_len=MAX_LABEL - len(GROUP_RESOURCE_PREFIX))
+
+
+@dataclass
+class WorkerGroup:
+    """One rendered worker group and the apps placed on it."""
+
+    name: str
+    template: dict[str, Any]
+    accelerator: str | None = None
+    min_pods: int = 0
+    max_pods: int = 0
+    apps: list[str] = field(default_factory=list)
+
+    @property
+    def ray_resource(self) -> str:
+        """The custom Ray resource only this group's pods advertise; engine bundles ask for it."""
+        return GROUP_RESOURCE_PREFIX + self.name
+
+    def spec(self, units: int) -> dict[str, Any]:
+        resources: dict[str, int] = {self.ray_resource: units}
+        if self.accelerator:
+            resources[f"accelerator_type:{self.accelerator}"] = units
+        params = {"resources": '"' + json.dumps(resources, sort_keys=True).replace('"', '\\"') + '"'}
+        return {
+            "groupName": self.name,
+            "replicas": self.min_pods,
+            "minReplicas": self.min_pods,
+            "maxReplicas": self.max_pods,
+            "rayStartParams": params,
+            "template": self.template,
+        }
+
+
+def previous_groups(rayservice: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The worker groups of a previously rendered (or live) RayService, in order."""
+    if not rayservice:
+        return []
+    cluster = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
+    return list(cluster.get("workerGroupSpecs") or [])
+
+
+def order_groups(
+    wanted: dict[str, WorkerGroup], previous: list[dict[str, Any]], units: int
+) -> list[dict[str, Any]]:
+    """Previous groups keep their place (retired ones drop to zero pods); new groups are appended."""
+    out: list[dict[str, Any]] = []
+    for old in previous:
+        name = old.get("groupName", "")
+        if name in wanted:
+            out.append(wanted.pop(name).spec(units))
+        else:
+            out.append({**old, "replicas": 0, "minReplicas": 0, "maxReplicas": 0})
+    out.extend(group.spec(units) for _, group in sorted(wanted.items()))
+    return out

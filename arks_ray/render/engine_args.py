@@ -1,0 +1,93 @@
+"""Parse ``runtimeCommonArgs`` (engine command-line flags) into engine keyword arguments.
+
+Called by the serve-config renderer. Arks space-joined these strings into a ``bash -c`` line, so
+``["--max-model-len 8192"]`` and ``["--max-model-len", "8192"]`` mean the same; we split them the same
+way (shell words) but never run a shell, and refuse what only a shell could give meaning to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any
+
+# Flags the spec already owns: setting them twice would be ambiguous.
+OWNED_FLAGS: dict[str, str] = {
+    "model": "spec.model (ArksModel)",
+    "served_model_name": "spec.servedModelName",
+    "tensor_parallel_size": "spec.tensorParallelSize",
+    "tp": "spec.tensorParallelSize",
+    "tp_size": "spec.tensorParallelSize",
+    "pipeline_parallel_size": "spec.pipelineParallelSize",
+    "pp_size": "spec.pipelineParallelSize",
+    "host": "the gateway (engines are not exposed directly)",
+    "port": "the gateway (engines are not exposed directly)",
+    "model_path": "spec.model (ArksModel)",
+}
+_SHELL = re.compile(r"[;&|`<>]|\$\(|\$\{")
+_FLAG = re.compile(r"^--?([A-Za-z][A-Za-z0-9_.-]*)$")
+
+
+class ArgsError(ValueError):
+    """An argument that cannot be turned into an engine keyword argument."""
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text[:1] in "{[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArgsError(f"value {text!r} looks like JSON but does not parse: {exc.msg}") from None
+    return text
+
+
+def parse_engine_args(args: list[str]) -> dict[str, Any]:
+    """``['--dtype=half', '--max-model-len 32768', '--enforce-eager']`` -> keyword arguments.
+
+    ``--flag`` alone is True and ``--no-flag`` False; a repeated flag collects a list.
+    """
+    line = " ".join(args)
+    if _SHELL.search(line):
+        raise ArgsError(f"shell syntax is not supported in engine arguments: {line!r}")
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise ArgsError(f"cannot split {line!r}: {exc}") from None
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name, eq, inline = word.partition("=")
+        match = _FLAG.match(name)
+        if not match:
+            raise ArgsError(f"expected a --flag, got {word!r}")
+        key = match.group(1).replace("-", "_").replace(".", "_")
+        if eq:
+            value: Any = _value(inline)
+            i += 1
+        elif i + 1 < len(words) and not _FLAG.match(words[i + 1].partition("=")[0]):
+            value = _value(words[i + 1])
+            i += 2
+        elif key.startswith("no_"):
+            key, value = key[3:], False
+            i += 1
+        else:
+            value = True
+            i += 1
+        if key in OWNED_FLAGS:
+            raise ArgsError(f"--{key.replace('_', '-')} is set by {OWNED_FLAGS[key]}, not runtimeCommonArgs")
+        if key in out:
+            prev = out[key]
+            out[key] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        else:
+            out[key] = value
+    return out

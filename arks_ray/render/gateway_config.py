@@ -1,0 +1,143 @@
+"""Compile endpoints, tokens and quotas of one namespace into the gateway's ``GatewayConfig``.
+
+Called by ``arks_ray.render.rayservice``. Token values become SHA-256 digests here and go no further.
+Cross-object problems (a token for a missing endpoint, two tokens with the same value, a Secret that
+is absent) are reported per object; the offending token is left out, never half-included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+from arks_ray.api.application import ArksApplication
+from arks_ray.api.disaggregated import ArksDisaggregatedApplication
+from arks_ray.api.endpoint import ArksEndpoint
+from arks_ray.api.gateway import Backend, Endpoint, GatewayConfig, Grant, Limit, Quota, QuotaBudget, Token
+from arks_ray.api.loading import Secret
+from arks_ray.api.quota import ArksQuota
+from arks_ray.api.token import ArksToken
+from arks_ray.errors import Problem
+
+
+def token_digest(value: str) -> str:
+    """The SHA-256 hex digest under which the gateway knows a token."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _backend_for(ref_name: str, port: int | None, namespace: str) -> Backend:
+    if ref_name.startswith(("http://", "https://")):
+        return Backend(kind="http", name=ref_name, weight=0, url=ref_name.rstrip("/"))
+    host = ref_name if "." in ref_name else f"{ref_name}.{namespace}.svc"
+    return Backend(kind="http", name=ref_name, weight=0, url=f"http://{host}:{port or 80}")
+
+
+def compile_endpoint(
+    endpoint: ArksEndpoint, apps: Iterable[ArksApplication | ArksDisaggregatedApplication], namespace: str
+) -> tuple[Endpoint, list[Problem]]:
+    """Discovered apps at defaultWeight, per-app overrides, then static backends, in a stable order."""
+    name = endpoint.metadata.name
+    spec = endpoint.spec
+    problems: list[Problem] = []
+    matching = sorted(a.metadata.name for a in apps if a.spec.model_name == name)
+    weights = {app: spec.default_weight for app in matching}
+    backends: list[Backend] = []
+    for i, ref in enumerate(spec.route_configs):
+        if ref.kind == "ArksApplication":
+            if ref.name not in weights:
+                problems.append(Problem("ArksEndpoint", name, f"spec.routeConfigs[{i}].name",
+                                        f"no ArksApplication {ref.name!r} serves model {name!r}", "warning"))
+                continue
+            weights[ref.name] = ref.weight
+        else:
+            ns = ref.namespace or namespace
+            backends.append(_backend_for(ref.name, ref.port, ns).model_copy(update={"weight": ref.weight}))
+    discovered = [Backend(kind="app", name=app, weight=w) for app, w in weights.items()]
+    if not discovered and not backends:
+        problems.append(Problem("ArksEndpoint", name, "metadata.name",
+                                "no ArksApplication serves this model name and no routeConfigs are set", "warning"))
+    return Endpoint(name=name, backends=(*discovered, *backends), pricing=spec.pricing), problems
+
+
+def compile_token(
+    token: ArksToken, secrets: Mapping[tuple[str, str], Secret], endpoints: set[str], quotas: set[str], namespace: str
+) -> tuple[Token | None, list[Problem]]:
+    name = token.metadata.name
+    spec = token.spec
+    problems: list[Problem] = []
+    value = spec.token
+    if spec.token_secret_ref is not None:
+        ref = spec.token_secret_ref
+        secret = secrets.get((namespace, ref.name))
+        if secret is None:
+            return None, [Problem("ArksToken", name, "spec.tokenSecretRef.name", f"Secret {ref.name!r} not found")]
+        value = secret.data.get(ref.key)
+        if not value:
+            return None, [Problem("ArksToken", name, "spec.tokenSecretRef.key",
+                                  f"Secret {ref.name!r} has no non-empty key {ref.key!r}")]
+    assert value is not None  # the model guarantees token or tokenSecretRef
+    grants = []
+    for i, qos in enumerate(spec.qos):
+        if qos.arks_endpoint.name not in endpoints:
+            problems.append(Problem("ArksToken", name, f"spec.qos[{i}].arksEndpoint.name",
+                                    f"ArksEndpoint {qos.arks_endpoint.name!r} not found", "warning"))
+        if qos.quota is not None and qos.quota.name not in quotas:
+            problems.append(Problem("ArksToken", name, f"spec.qos[{i}].quota.name",
+                                    f"ArksQuota {qos.quota.name!r} not found"))
+            return None, problems
+        grants.append(Grant(
+            endpoint=qos.arks_endpoint.name,
+            rate_limits=tuple(Limit(type=r.type, value=r.value) for r in qos.rate_limits),
+            quota=qos.quota.name if qos.quota else None,
+        ))
+    expires = spec.expires_at.timestamp() if spec.expires_at else None
+    return Token(name=name, digest=token_digest(value), disabled=spec.disabled, expires_at=expires,
+                 grants=tuple(grants)), problems
+
+
+def compile_quota(quota: ArksQuota) -> Quota:
+    return Quota(name=quota.metadata.name, period=quota.spec.period,
+                 budgets=tuple(QuotaBudget(type=q.type, value=q.value) for q in quota.spec.quotas))
+
+
+def compile_gateway(
+    namespace: str,
+    apps: list[ArksApplication | ArksDisaggregatedApplication],
+    endpoints: list[ArksEndpoint],
+    tokens: list[ArksToken],
+    quotas: list[ArksQuota],
+    secrets: Mapping[tuple[str, str], Secret],
+) -> tuple[GatewayConfig, list[Problem]]:
+    problems: list[Problem] = []
+    compiled_endpoints = []
+    for ep in sorted(endpoints, key=lambda e: e.metadata.name):
+        endpoint, found = compile_endpoint(ep, apps, namespace)
+        compiled_endpoints.append(endpoint)
+        problems += found
+    endpoint_names = {e.name for e in compiled_endpoints}
+    quota_names = {q.metadata.name for q in quotas}
+    compiled_tokens: list[Token] = []
+    owners: dict[str, str] = {}
+    for tok in sorted(tokens, key=lambda t: t.metadata.name):
+        compiled, found = compile_token(tok, secrets, endpoint_names, quota_names, namespace)
+        problems += found
+        if compiled is None:
+            continue
+        if compiled.digest in owners:
+            # Arks let the first match win silently; a shared value is ambiguous, so refuse both sides.
+            other = owners[compiled.digest]
+            problems.append(Problem("ArksToken", tok.metadata.name, "spec.token",
+                                    f"has the same value as ArksToken {other!r}; both are refused until fixed"))
+            problems.append(Problem("ArksToken", other, "spec.token",
+                                    f"has the same value as ArksToken {tok.metadata.name!r}; both are refused"))
+            compiled_tokens = [t for t in compiled_tokens if t.digest != compiled.digest]
+            continue
+        owners[compiled.digest] = tok.metadata.name
+        compiled_tokens.append(compiled)
+    config = GatewayConfig(
+        namespace=namespace,
+        endpoints=tuple(compiled_endpoints),
+        tokens=tuple(compiled_tokens),
+        quotas=tuple(compile_quota(q) for q in sorted(quotas, key=lambda q: q.metadata.name)),
+    )
+    return config, problems

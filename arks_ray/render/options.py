@@ -1,0 +1,60 @@
+"""Render settings: images, head sizing and gateway settings that are not part of any Arks object.
+
+Built by the CLI or the controller from their own settings and passed to ``render``; the defaults are
+what a stock install uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from arks_ray import __version__
+
+IMAGE_REPO = "ghcr.io/arks-ray/arks-ray"
+
+
+def _runtime_images() -> dict[str, str]:
+    return {
+        "vllm": f"{IMAGE_REPO}-vllm:{__version__}",
+        "sglang": f"{IMAGE_REPO}-sglang:{__version__}",
+        "dynamo": f"{IMAGE_REPO}-dynamo:{__version__}",
+    }
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Settings of the renderer that no Arks object carries."""
+
+    ray_version: str = "2.60.0"
+    """Ray version of every image; KubeRay checks it against the cluster."""
+
+    head_image: str = f"{IMAGE_REPO}:{__version__}"
+    """Image of the head pod, which runs the Serve controller, proxy and gateway ingress."""
+
+    runtime_images: dict[str, str] = field(default_factory=_runtime_images)
+    """Default worker image per runtime, when an app sets no ``runtimeImage``."""
+
+    downloader_image: str = f"{IMAGE_REPO}:{__version__}"
+    """Image of model download Jobs; it must contain arks-ray (``python -m arks_ray.weights``)."""
+
+    head_resources: dict[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "2", "memory": "8Gi"},
+        "limits": {"cpu": "2", "memory": "8Gi"},
+    })
+    """Head container resources; the gateway ingress replicas are scheduled there."""
+
+    gateway_settings: dict[str, Any] = field(default_factory=dict)
+    """Gateway process settings (Redis URL, failure policy, limits), passed as the gateway app's args."""
+
+    gateway_replicas: tuple[int, int] = (1, 4)
+    """Min and max gateway ingress replicas (Serve autoscaling)."""
+
+    bundle_cpus: float = 1.0
+    """CPUs per placement-group bundle for engines without GPUs."""
+
+    group_resource_units: int = 1000
+    """How much of its group's custom resource each worker pod advertises (a large, non-binding number)."""
+
+    model_mount_read_only: bool = True
+    """Mount the model volume read-only in engine pods (the download Job mounts it read-write)."""

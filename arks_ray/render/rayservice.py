@@ -1,0 +1,245 @@
+"""``render``: the Arks objects of one namespace in, the RayService and model objects out. Pure.
+
+Called by the CLI (``arks-ray render``), the local runner and the controller. Problems are reported per
+object, and an object with an error is left out of the output rather than failing the namespace: one
+tenant's typo must not take down everyone else's gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from arks_ray.api.application import ArksApplication
+from arks_ray.api.disaggregated import ArksDisaggregatedApplication, DisaggregatedWorkload
+from arks_ray.api.endpoint import ArksEndpoint
+from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
+from arks_ray.api.loading import ArksObject, Loaded, Secret
+from arks_ray.api.model import ArksModel
+from arks_ray.api.quota import ArksQuota
+from arks_ray.api.token import ArksToken
+from arks_ray.errors import Problem
+from arks_ray.render.cluster import PodShape, WorkerGroup, gpus_per_pod, order_groups, previous_groups
+from arks_ray.render.engine_args import ArgsError
+from arks_ray.render.gateway_config import compile_gateway
+from arks_ray.render.models import render_download_job, render_pvc
+from arks_ray.render.names import RAYSERVICE_NAME, digest
+from arks_ray.render.options import RenderOptions
+from arks_ray.render.serve_config import disaggregated_app, engine_app, gateway_app, serve_config
+
+SPEC_HASH_ANNOTATION = "arks.ai/spec-hash"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
+AnyApp = ArksApplication | ArksDisaggregatedApplication
+
+
+@dataclass
+class Rendered:
+    """Everything rendered for one namespace."""
+
+    namespace: str
+    rayservice: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+    serve_config: dict[str, Any] = field(default_factory=dict)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    problems: list[Problem] = field(default_factory=list)
+    serve_apps: dict[str, str] = field(default_factory=dict)
+    """Serve application name -> the Arks object (``Kind/name``) it was rendered from."""
+
+    @property
+    def manifests(self) -> list[dict[str, Any]]:
+        return [self.rayservice, *self.children]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+@dataclass
+class _Groups:
+    wanted: dict[str, WorkerGroup] = field(default_factory=dict)
+
+    def place(self, shape: PodShape, app: str, min_pods: int, max_pods: int) -> WorkerGroup:
+        name = shape.group_name()
+        group = self.wanted.get(name)
+        if group is None:
+            group = self.wanted[name] = WorkerGroup(name=name, template=shape.template(name),
+                                                    accelerator=shape.accelerator)
+        group.min_pods += min_pods
+        group.max_pods += max_pods
+        group.apps.append(app)
+        return group
+
+
+def _shape(image: str | None, runtime: str, inst: Any, pulls: Iterable[Any], model: ArksModel,
+           accelerator: str | None, options: RenderOptions) -> PodShape:
+    return PodShape(
+        image=image or options.runtime_images[runtime],
+        instance=inst,
+        image_pull_secrets=tuple(r.name for r in pulls),
+        model_pvc=model.pvc_name(),
+        accelerator=accelerator,
+    )
+
+
+def _app_problems(app: AnyApp, models: Mapping[str, ArksModel], names: set[str]) -> list[Problem]:
+    kind, name = app.kind, app.metadata.name
+    out = []
+    if name == GATEWAY_APP:
+        out.append(Problem(kind, name, "metadata.name", f"{GATEWAY_APP!r} is reserved for the gateway application"))
+    if name in names:
+        out.append(Problem(kind, name, "metadata.name", "an application of another kind has the same name"))
+    if app.spec.model.name not in models:
+        out.append(Problem(kind, name, "spec.model.name", f"ArksModel {app.spec.model.name!r} not found"))
+    return out
+
+
+def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespace: str,
+                options: RenderOptions) -> tuple[dict[str, Any] | None, list[Problem]]:
+    spec, name = app.spec, app.metadata.name
+    problems: list[Problem] = []
+    gpus = gpus_per_pod(spec.instance_spec)
+    world = spec.tp * spec.pp
+    if gpus and spec.size * gpus < world:
+        problems.append(Problem("ArksApplication", name, "spec.tensorParallelSize",
+                                f"TP x PP = {world} GPUs per replica, but size x GPUs per pod = {spec.size * gpus}; "
+                                "the replica cannot be placed", "warning"))
+    shape = _shape(spec.runtime_image, spec.runtime, spec.instance_spec, spec.runtime_image_pull_secrets, model,
+                   spec.accelerator, options)
+    low, high = (spec.autoscaling.min_replicas, spec.autoscaling.max_replicas) if spec.autoscaling else (
+        spec.replicas, spec.replicas)
+    # Validate engine args before placing, so a bad app leaves no worker group behind.
+    try:
+        probe = WorkerGroup(name=shape.group_name(), template={})
+        engine_app(app, model, probe, namespace, options)
+    except ArgsError as exc:
+        return None, [*problems, Problem("ArksApplication", name, "spec.runtimeCommonArgs", str(exc))]
+    group = groups.place(shape, name, low * spec.size, high * spec.size)
+    return engine_app(app, model, group, namespace, options), problems
+
+
+def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, groups: _Groups, namespace: str,
+                          options: RenderOptions) -> tuple[dict[str, Any] | None, list[Problem]]:
+    spec, name = app.spec, app.metadata.name
+    try:
+        rendered = disaggregated_app(app, model, namespace)
+    except ArgsError as exc:
+        return None, [Problem(app.kind, name, "spec", str(exc))]
+    runtime = "dynamo" if spec.runtime == "dynamo" else spec.runtime
+    sides: list[tuple[str, DisaggregatedWorkload]] = [("prefill", spec.prefill), ("decode", spec.decode)]
+    for role, side in sides:
+        shape = _shape(spec.runtime_image, runtime, side.instance_spec, spec.runtime_image_pull_secrets, model,
+                       None, options)
+        pods = side.group_replicas * side.size
+        group = groups.place(shape, f"{name}/{role}", pods, pods)
+        rendered["args"][role]["placement_group_config"] = {
+            "bundles": [{group.ray_resource: 1, **({"GPU": 1} if gpus_per_pod(side.instance_spec) else
+                                                   {"CPU": options.bundle_cpus})}],
+            "strategy": "PACK",
+        }
+    return rendered, []
+
+
+def _head(options: RenderOptions) -> dict[str, Any]:
+    ports = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000), ("metrics", 8080)]
+    return {
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},  # noqa: S104
+        "template": {
+            "metadata": {"labels": dict(MANAGED_BY)},
+            "spec": {"containers": [{
+                "name": "ray-head",
+                "image": options.head_image,
+                "imagePullPolicy": "IfNotPresent",
+                "resources": options.head_resources,
+                "ports": [{"name": n, "containerPort": p} for n, p in ports],
+            }]},
+        },
+    }
+
+
+def render_namespace(
+    objects: Iterable[ArksObject],
+    namespace: str,
+    *,
+    secrets: Iterable[Secret] = (),
+    previous: dict[str, Any] | None = None,
+    options: RenderOptions | None = None,
+) -> Rendered:
+    """Render one namespace. ``previous`` is the last applied RayService, whose worker-group order is kept."""
+    options = options or RenderOptions()
+    objs = [o for o in objects if (o.metadata.namespace or "default") == namespace]
+    models = {o.metadata.name: o for o in objs if isinstance(o, ArksModel)}
+    apps = sorted((o for o in objs if isinstance(o, ArksApplication | ArksDisaggregatedApplication)),
+                  key=lambda a: (a.kind, a.metadata.name))
+    problems: list[Problem] = []
+    groups = _Groups()
+    serve_apps: list[dict[str, Any]] = []
+    origins: dict[str, str] = {}
+    good_apps: list[AnyApp] = []
+    for app in apps:
+        found = _app_problems(app, models, set(origins))
+        problems += found
+        if found:
+            continue
+        model = models[app.spec.model.name]
+        if isinstance(app, ArksApplication):
+            rendered, found = _render_app(app, model, groups, namespace, options)
+        else:
+            rendered, found = _render_disaggregated(app, model, groups, namespace, options)
+        problems += found
+        if rendered is not None:
+            serve_apps.append(rendered)
+            origins[app.metadata.name] = f"{app.kind}/{app.metadata.name}"
+            good_apps.append(app)
+
+    gateway, found = compile_gateway(
+        namespace, good_apps,
+        [o for o in objs if isinstance(o, ArksEndpoint)],
+        [o for o in objs if isinstance(o, ArksToken)],
+        [o for o in objs if isinstance(o, ArksQuota)],
+        {(s.namespace, s.name): s for s in secrets},
+    )
+    problems += found
+    config = serve_config(serve_apps, gateway_app(gateway, options))
+
+    children: list[dict[str, Any]] = []
+    for model in sorted(models.values(), key=lambda m: m.metadata.name):
+        for child in (render_pvc(model, namespace) if model.spec.downloads else None,
+                      render_download_job(model, namespace, options.downloader_image)):
+            if child is not None:
+                children.append(child)
+
+    spec: dict[str, Any] = {
+        "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=1 << 16),
+        "rayClusterConfig": {
+            "rayVersion": options.ray_version,
+            "enableInTreeAutoscaling": True,
+            "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+            "headGroupSpec": _head(options),
+            "workerGroupSpecs": order_groups(groups.wanted, previous_groups(previous), options.group_resource_units),
+        },
+    }
+    rayservice = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": RAYSERVICE_NAME,
+            "namespace": namespace,
+            "labels": dict(MANAGED_BY),
+            "annotations": {"ray.io/initializing-timeout": "30m", SPEC_HASH_ANNOTATION: digest(spec, 16)},
+        },
+        "spec": spec,
+    }
+    return Rendered(namespace, rayservice, children, config, gateway, problems, origins)
+
+
+def render(loaded: Loaded, *, previous: Mapping[str, dict[str, Any]] | None = None,
+           options: RenderOptions | None = None) -> list[Rendered]:
+    """Render every namespace found among the loaded objects."""
+    out = []
+    for ns in loaded.namespaces():
+        out.append(render_namespace(loaded.objects, ns, secrets=loaded.secrets,
+                                    previous=(previous or {}).get(ns), options=options))
+    return out

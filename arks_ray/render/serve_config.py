@@ -1,0 +1,150 @@
+"""The Ray Serve multi-application config (``serveConfigV2``): the gateway plus one app per Arks app.
+
+Called by ``arks_ray.render.rayservice``. The same config runs under KubeRay and locally
+(``arks-ray up`` / ``serve run``). Engine apps are not exposed over HTTP (``route_prefix: null``); only
+the gateway is, and it reaches engines through deployment handles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arks_ray.api.application import ArksApplication
+from arks_ray.api.disaggregated import ArksDisaggregatedApplication, DisaggregatedWorkload
+from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
+from arks_ray.api.model import ArksModel
+from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
+from arks_ray.render.engine_args import parse_engine_args
+from arks_ray.render.options import RenderOptions
+
+GATEWAY_IMPORT = "deployments.gateway:build_app"
+ENGINE_IMPORT = "deployments.engines:build_app"
+DISAGG_IMPORT = "deployments.disaggregated:build_app"
+GATEWAY_DEPLOYMENT = "ArksGateway"
+
+ROUTERS = {
+    "powerOfTwo": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    "prefixCache": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+    "consistentHash": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
+}
+_TP_KEY = {"vllm": "tensor_parallel_size", "sglang": "tp_size", "dynamo": "tensor_parallel_size"}
+_PP_KEY = {"vllm": "pipeline_parallel_size", "sglang": "pp_size", "dynamo": "pipeline_parallel_size"}
+
+
+def literal_env(env: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Plain ``value`` env entries, for the Serve runtime_env (so they apply locally too)."""
+    return {str(e["name"]): str(e["value"]) for e in env or [] if "name" in e and "value" in e}
+
+
+def placement(app: ArksApplication, group: WorkerGroup, options: RenderOptions) -> dict[str, Any]:
+    """One replica's placement group: TP x PP workers, each bundle pinned to the app's worker group."""
+    spec = app.spec
+    bundle: dict[str, float] = {group.ray_resource: 1}
+    if gpus_per_pod(spec.instance_spec):
+        bundle["GPU"] = 1
+    else:
+        bundle["CPU"] = options.bundle_cpus
+    if spec.placement is not None and spec.placement.strategy:
+        strategy = spec.placement.strategy
+    else:
+        strategy = "STRICT_PACK" if spec.size == 1 else "PACK"
+    return {"bundles": [dict(bundle) for _ in range(spec.tp * spec.pp)], "strategy": strategy}
+
+
+def deployment_config(app: ArksApplication) -> dict[str, Any]:
+    spec = app.spec
+    out: dict[str, Any] = {}
+    if spec.autoscaling is not None:
+        a = spec.autoscaling
+        out["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": max(a.min_replicas, min(spec.replicas, a.max_replicas)),
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_seconds,
+            "downscale_delay_s": a.downscale_delay_seconds,
+        }
+    else:
+        out["num_replicas"] = spec.replicas
+    if spec.routing is not None:
+        out["request_router_config"] = {"request_router_class": ROUTERS[spec.routing.router]}
+    return out
+
+
+def engine_app(
+    app: ArksApplication, model: ArksModel, group: WorkerGroup, namespace: str, options: RenderOptions
+) -> dict[str, Any]:
+    """The Serve application of one ArksApplication. Raises ArgsError on unparseable engine args."""
+    spec = app.spec
+    engine_kwargs: dict[str, Any] = parse_engine_args(spec.runtime_common_args)
+    if spec.runtime != "dynamo":
+        engine_kwargs[_TP_KEY[spec.runtime]] = spec.tp
+        if spec.pp > 1:
+            engine_kwargs[_PP_KEY[spec.runtime]] = spec.pp
+    llm_config: dict[str, Any] = {
+        "model_loading_config": {"model_id": spec.model_name, "model_source": model.model_path(namespace)},
+        "engine_kwargs": engine_kwargs,
+        "placement_group_config": placement(app, group, options),
+        "deployment_config": deployment_config(app),
+    }
+    if spec.accelerator:
+        llm_config["accelerator_type"] = spec.accelerator
+    args: dict[str, Any] = {"name": app.metadata.name, "runtime": spec.runtime, "llm_config": llm_config}
+    if spec.runtime == "dynamo":
+        dyn = spec.dynamo
+        args["dynamo"] = {"engine": dyn.engine if dyn else "vllm", "args": list(dyn.args) if dyn else []}
+    out: dict[str, Any] = {
+        "name": app.metadata.name,
+        "route_prefix": None,
+        "import_path": ENGINE_IMPORT,
+        "args": args,
+    }
+    env = literal_env(spec.instance_spec.env)
+    if env:
+        out["runtime_env"] = {"env_vars": env}
+    return out
+
+
+def _pd_side(side: DisaggregatedWorkload, model_id: str, source: str) -> dict[str, Any]:
+    return {
+        "model_loading_config": {"model_id": model_id, "model_source": source},
+        "engine_kwargs": parse_engine_args(side.runtime_common_args),
+        "deployment_config": {"num_replicas": side.group_replicas},
+    }
+
+
+def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, namespace: str) -> dict[str, Any]:
+    """A PD application: prefill and decode engines behind a router. Raises ArgsError on bad args."""
+    spec = app.spec
+    source = model.model_path(namespace)
+    args = {
+        "name": app.metadata.name,
+        "runtime": spec.runtime,
+        "prefill": _pd_side(spec.prefill, spec.model_name, source),
+        "decode": _pd_side(spec.decode, spec.model_name, source),
+        "router": {"replicas": spec.router.replicas, "args": list(spec.router.router_args)},
+    }
+    return {"name": app.metadata.name, "route_prefix": None, "import_path": DISAGG_IMPORT, "args": args}
+
+
+def gateway_app(config: GatewayConfig, options: RenderOptions) -> dict[str, Any]:
+    low, high = options.gateway_replicas
+    return {
+        "name": GATEWAY_APP,
+        "route_prefix": "/",
+        "import_path": GATEWAY_IMPORT,
+        "args": {"settings": dict(options.gateway_settings)},
+        "deployments": [{
+            "name": GATEWAY_DEPLOYMENT,
+            "user_config": config.model_dump(mode="json"),
+            "autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 64},
+        }],
+    }
+
+
+def serve_config(apps: list[dict[str, Any]], gateway: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": 8000},  # noqa: S104 - the pod serves its port
+        "applications": [gateway, *sorted(apps, key=lambda a: str(a["name"]))],
+    }
