@@ -20,6 +20,7 @@ from arks_ray.api.common import (
     Spec,
     Status,
     warn,
+    warn_instance_replicas,
 )
 
 Runtime = Literal["vllm", "sglang", "dynamo"]
@@ -140,6 +141,7 @@ class ArksApplicationSpec(Spec):
                 self.runtime_common_args = list(self.extra_options)
         if self.driver is not None:
             warn(info, "spec.driver", "deprecated Arks v0.1 field, ignored")
+        warn_instance_replicas(info, "spec.instanceSpec", self.instance_spec)
         if self.runtime == "dynamo" and self.tensor_parallel_size:
             warn(info, "spec.tensorParallelSize", "ignored for runtime dynamo; pass it in spec.dynamo.args")
         if self.dynamo is not None and self.runtime != "dynamo":

@@ -175,7 +175,7 @@ class InstanceSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _reserved_names(self, info: ValidationInfo) -> InstanceSpec:
+    def _reserved_names(self) -> InstanceSpec:
         # Arks' precheck: the model volume and its mount path belong to ArksModel.
         for i, vol in enumerate(self.volumes or []):
             if vol.get("name") == RESERVED_VOLUME:
@@ -187,9 +187,13 @@ class InstanceSpec(Spec):
             if str(mount.get("mountPath", "")).rstrip("/") == RESERVED_MOUNT_PATH:
                 raise ValueError(
                     f"volumeMounts[{i}].mountPath: {RESERVED_MOUNT_PATH!r} is reserved for ArksModel")
-        if self.replicas is not None:
-            warn(info, "instanceSpec.replicas", "deprecated Arks v0.1 field, ignored; use spec.size")
         return self
+
+
+def warn_instance_replicas(info: ValidationInfo, path: str, inst: InstanceSpec | None) -> None:
+    """Report Arks v0.1's ``instanceSpec.replicas`` at ``path`` (the owner knows where its instanceSpec is)."""
+    if inst is not None and inst.replicas is not None:
+        warn(info, f"{path}.replicas", "deprecated Arks v0.1 field, ignored; use spec.size")
 
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -211,4 +215,5 @@ __all__ = [
     "Spec",
     "Status",
     "warn",
+    "warn_instance_replicas",
 ]

@@ -20,6 +20,7 @@ from arks_ray.api.common import (
     Spec,
     Status,
     warn,
+    warn_instance_replicas,
 )
 
 
@@ -99,6 +100,12 @@ class ArksDisaggregatedApplicationSpec(Spec):
         if isinstance(router, dict) and "int32" in router:
             warn(info, "spec.router.int32", "Arks' misnamed router port key; use spec.router.port")
         return data
+
+    @model_validator(mode="after")
+    def _deprecations(self, info: ValidationInfo) -> ArksDisaggregatedApplicationSpec:
+        for role in ("router", "prefill", "decode"):
+            warn_instance_replicas(info, f"spec.{role}.instanceSpec", getattr(self, role).instance_spec)
+        return self
 
     @property
     def model_name(self) -> str:

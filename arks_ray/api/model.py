@@ -19,6 +19,7 @@ from arks_ray.api.common import (
     Spec,
     Status,
     warn,
+    warn_instance_replicas,
 )
 
 ModelPhase = Literal["Pending", "StorageCreating", "ModelLoading", "Ready", "Failed"]
@@ -83,6 +84,7 @@ class ArksModelSpec(Spec):
             raise ValueError("storage.pvc is required unless source.local is set")
         if local and self.storage is not None:
             warn(info, "spec.storage", "ignored because spec.source.local is set")
+        warn_instance_replicas(info, "spec.instanceSpec", self.instance_spec)
         return self
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 # Flags the spec already owns: setting them twice would be ambiguous.
@@ -42,7 +43,7 @@ def _value(text: str) -> Any:
             return conv(text)
         except ValueError:
             pass
-    if text[:1] in "{[":
+    if text.startswith(("{", "[")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
@@ -50,10 +51,11 @@ def _value(text: str) -> Any:
     return text
 
 
-def parse_engine_args(args: list[str]) -> dict[str, Any]:
+def parse_engine_args(args: list[str], owned: Mapping[str, str] = OWNED_FLAGS) -> dict[str, Any]:
     """``['--dtype=half', '--max-model-len 32768', '--enforce-eager']`` -> keyword arguments.
 
-    ``--flag`` alone is True and ``--no-flag`` False; a repeated flag collects a list.
+    ``--flag`` alone is True and ``--no-flag`` False; a repeated flag collects a list. ``owned`` maps
+    the flags refused here to the spec field that sets them.
     """
     line = " ".join(args)
     if _SHELL.search(line):
@@ -83,8 +85,8 @@ def parse_engine_args(args: list[str]) -> dict[str, Any]:
         else:
             value = True
             i += 1
-        if key in OWNED_FLAGS:
-            raise ArgsError(f"--{key.replace('_', '-')} is set by {OWNED_FLAGS[key]}, not runtimeCommonArgs")
+        if key in owned:
+            raise ArgsError(f"--{key.replace('_', '-')} is set by {owned[key]}, not runtimeCommonArgs")
         if key in out:
             prev = out[key]
             out[key] = [*prev, value] if isinstance(prev, list) else [prev, value]

@@ -12,14 +12,14 @@ from typing import Any
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME
 from arks_ray.api.model import ArksModel
 from arks_ray.render.cluster import POD_FIELDS
-from arks_ray.render.names import model_job_name
+from arks_ray.render.names import label_value, model_job_name
 
 DOWNLOADER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 HF_TOKEN_KEY = "HF_TOKEN"  # noqa: S105 - a Secret key name, not a secret
 
 
 def _labels(model: ArksModel) -> dict[str, str]:
-    return {"app.kubernetes.io/managed-by": "arks-ray", "arks.ai/model": model.metadata.name}
+    return {"app.kubernetes.io/managed-by": "arks-ray", "arks.ai/model": label_value(model.metadata.name)}
 
 
 def render_pvc(model: ArksModel, namespace: str) -> dict[str, Any] | None:

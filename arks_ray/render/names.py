@@ -34,5 +34,12 @@ def dns_label(*parts: str, max_len: int = MAX_LABEL) -> str:
     return f"{head}-{suffix}"
 
 
+def label_value(value: str) -> str:
+    """A label value from an object name (a DNS-1123 subdomain, up to 253 characters): at most 63."""
+    if len(value) <= MAX_LABEL:
+        return value
+    return f"{value[: MAX_LABEL - 9].rstrip('-.')}-{digest(value, 8)}"
+
+
 def model_job_name(model: str) -> str:
     return dns_label("arks-model", model)

@@ -56,5 +56,8 @@ class RenderOptions:
     group_resource_units: int = 1000
     """How much of its group's custom resource each worker pod advertises (a large, non-binding number)."""
 
+    local: bool = False
+    """Render for the local runner: hub models load by id (no PVC), local-source models by path."""
+
     model_mount_read_only: bool = True
     """Mount the model volume read-only in engine pods (the download Job mounts it read-write)."""

@@ -28,7 +28,14 @@ from arks_ray.render.gateway_config import compile_gateway
 from arks_ray.render.models import render_download_job, render_pvc
 from arks_ray.render.names import RAYSERVICE_NAME, digest
 from arks_ray.render.options import RenderOptions
-from arks_ray.render.serve_config import disaggregated_app, engine_app, gateway_app, serve_config
+from arks_ray.render.serve_config import (
+    disaggregated_app,
+    engine_app,
+    gateway_app,
+    pd_engine_kwargs,
+    pd_world,
+    serve_config,
+)
 
 SPEC_HASH_ANNOTATION = "arks.ai/spec-hash"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
@@ -123,8 +130,13 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
 def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, groups: _Groups, namespace: str,
                           options: RenderOptions) -> tuple[dict[str, Any] | None, list[Problem]]:
     spec, name = app.spec, app.metadata.name
+    for role in ("prefill", "decode"):
+        try:
+            pd_engine_kwargs(getattr(spec, role), spec.runtime)
+        except ArgsError as exc:
+            return None, [Problem(app.kind, name, f"spec.{role}.runtimeCommonArgs", str(exc))]
     try:
-        rendered = disaggregated_app(app, model, namespace)
+        rendered = disaggregated_app(app, model, namespace, options)
     except ArgsError as exc:
         return None, [Problem(app.kind, name, "spec", str(exc))]
     runtime = "dynamo" if spec.runtime == "dynamo" else spec.runtime
@@ -134,9 +146,11 @@ def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, g
                        None, options)
         pods = side.group_replicas * side.size
         group = groups.place(shape, f"{name}/{role}", pods, pods)
+        bundle = {group.ray_resource: 1, **({"GPU": 1} if gpus_per_pod(side.instance_spec) else
+                                            {"CPU": options.bundle_cpus})}
+        world = pd_world(rendered["args"][role]["engine_kwargs"], spec.runtime)
         rendered["args"][role]["placement_group_config"] = {
-            "bundles": [{group.ray_resource: 1, **({"GPU": 1} if gpus_per_pod(side.instance_spec) else
-                                                   {"CPU": options.bundle_cpus})}],
+            "bundles": [dict(bundle) for _ in range(world)],
             "strategy": "PACK",
         }
     return rendered, []

@@ -14,7 +14,7 @@ from arks_ray.api.disaggregated import ArksDisaggregatedApplication, Disaggregat
 from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
-from arks_ray.render.engine_args import parse_engine_args
+from arks_ray.render.engine_args import OWNED_FLAGS, ArgsError, parse_engine_args
 from arks_ray.render.options import RenderOptions
 
 GATEWAY_IMPORT = "deployments.gateway:build_app"
@@ -29,11 +29,22 @@ ROUTERS = {
 }
 _TP_KEY = {"vllm": "tensor_parallel_size", "sglang": "tp_size", "dynamo": "tensor_parallel_size"}
 _PP_KEY = {"vllm": "pipeline_parallel_size", "sglang": "pp_size", "dynamo": "pipeline_parallel_size"}
+# Arks' disaggregated workloads have no tensorParallelSize: TP (and PP) come through runtimeCommonArgs.
+_TP_ALIASES = ("tp", "tp_size", "tensor_parallel_size")
+_PP_ALIASES = ("pp_size", "pipeline_parallel_size")
+PD_OWNED = {k: v for k, v in OWNED_FLAGS.items() if k not in (*_TP_ALIASES, *_PP_ALIASES)}
 
 
 def literal_env(env: list[dict[str, Any]] | None) -> dict[str, str]:
     """Plain ``value`` env entries, for the Serve runtime_env (so they apply locally too)."""
     return {str(e["name"]): str(e["value"]) for e in env or [] if "name" in e and "value" in e}
+
+
+def model_source(model: ArksModel, namespace: str, options: RenderOptions) -> str:
+    """Where the engine loads weights: the PVC path in a cluster; the hub id locally, for hub models."""
+    if options.local and model.spec.downloads:
+        return model.spec.model
+    return model.model_path(namespace)
 
 
 def placement(app: ArksApplication, group: WorkerGroup, options: RenderOptions) -> dict[str, Any]:
@@ -82,7 +93,7 @@ def engine_app(
         if spec.pp > 1:
             engine_kwargs[_PP_KEY[spec.runtime]] = spec.pp
     llm_config: dict[str, Any] = {
-        "model_loading_config": {"model_id": spec.model_name, "model_source": model.model_path(namespace)},
+        "model_loading_config": {"model_id": spec.model_name, "model_source": model_source(model, namespace, options)},
         "engine_kwargs": engine_kwargs,
         "placement_group_config": placement(app, group, options),
         "deployment_config": deployment_config(app),
@@ -105,23 +116,44 @@ def engine_app(
     return out
 
 
-def _pd_side(side: DisaggregatedWorkload, model_id: str, source: str) -> dict[str, Any]:
+def pd_engine_kwargs(side: DisaggregatedWorkload, runtime: str) -> dict[str, Any]:
+    """A PD side's engine kwargs; its --tp/--tp-size/... flags become the runtime's TP/PP keys."""
+    kwargs = parse_engine_args(side.runtime_common_args, owned=PD_OWNED)
+    for aliases, key in ((_TP_ALIASES, _TP_KEY[runtime]), (_PP_ALIASES, _PP_KEY[runtime])):
+        given = [a for a in aliases if a in kwargs]
+        if len(given) > 1:
+            raise ArgsError(" and ".join(f"--{a.replace('_', '-')}" for a in given) + " set the same thing")
+        if given:
+            value = kwargs.pop(given[0])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgsError(f"--{given[0].replace('_', '-')} needs a positive integer, got {value!r}")
+            kwargs[key] = value
+    return kwargs
+
+
+def pd_world(kwargs: dict[str, Any], runtime: str) -> int:
+    """Engine workers (bundles) of one PD replica: TP x PP."""
+    return int(kwargs.get(_TP_KEY[runtime], 1)) * int(kwargs.get(_PP_KEY[runtime], 1))
+
+
+def _pd_side(side: DisaggregatedWorkload, model_id: str, source: str, runtime: str) -> dict[str, Any]:
     return {
         "model_loading_config": {"model_id": model_id, "model_source": source},
-        "engine_kwargs": parse_engine_args(side.runtime_common_args),
+        "engine_kwargs": pd_engine_kwargs(side, runtime),
         "deployment_config": {"num_replicas": side.group_replicas},
     }
 
 
-def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, namespace: str) -> dict[str, Any]:
+def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, namespace: str,
+                      options: RenderOptions) -> dict[str, Any]:
     """A PD application: prefill and decode engines behind a router. Raises ArgsError on bad args."""
     spec = app.spec
-    source = model.model_path(namespace)
+    source = model_source(model, namespace, options)
     args = {
         "name": app.metadata.name,
         "runtime": spec.runtime,
-        "prefill": _pd_side(spec.prefill, spec.model_name, source),
-        "decode": _pd_side(spec.decode, spec.model_name, source),
+        "prefill": _pd_side(spec.prefill, spec.model_name, source, spec.runtime),
+        "decode": _pd_side(spec.decode, spec.model_name, source, spec.runtime),
         "router": {"replicas": spec.router.replicas, "args": list(spec.router.router_args)},
     }
     return {"name": app.metadata.name, "route_prefix": None, "import_path": DISAGG_IMPORT, "args": args}

@@ -1,0 +1,1 @@
+"""What engine deployments and the gateway share: the stream protocol between them."""

@@ -1,0 +1,216 @@
+"""The local runner behind ``arks-ray up/down/status``: the rendered Serve config on a local Ray.
+
+Called by the CLI. It renders exactly what a cluster gets, adapts only what a single machine needs
+(loopback HTTP, one gateway replica, logical CPUs and the worker groups' custom resources on the one
+node), starts or attaches to Ray, deploys through the dashboard's Serve API and reports progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arks_ray.api.gateway import GATEWAY_APP
+from arks_ray.api.loading import Loaded
+from arks_ray.api.model import ArksModel
+from arks_ray.render import Rendered, RenderOptions, render_namespace
+
+TINY_MODEL_ID = "arks-ray/tiny-qwen2"
+DASHBOARD_PORT = 8265
+MIN_LOGICAL_CPUS = 8
+
+
+class LocalError(Exception):
+    """A local-run problem the user can fix; the CLI prints it without a traceback."""
+
+
+@dataclass
+class LocalPlan:
+    """What ``up`` will run."""
+
+    rendered: Rendered
+    serve_config: dict[str, Any]
+    resources: dict[str, float]
+    num_cpus: int
+    port: int
+
+    @property
+    def engine_apps(self) -> list[str]:
+        return [a["name"] for a in self.serve_config["applications"] if a["name"] != GATEWAY_APP]
+
+
+def localize(config: dict[str, Any], port: int) -> dict[str, Any]:
+    """The cluster Serve config, adapted to one machine: loopback, one head-only proxy, one gateway."""
+    out = copy.deepcopy(config)
+    out["proxy_location"] = "HeadOnly"
+    out["http_options"] = {"host": "127.0.0.1", "port": port}
+    for app in out["applications"]:
+        if app["name"] == GATEWAY_APP:
+            for dep in app.get("deployments", []):
+                dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 256}
+    return out
+
+
+def _cpus_needed(config: dict[str, Any]) -> int:
+    total = 2  # gateway replica + slack for the Serve controller's tasks
+    for app in config["applications"]:
+        llm = app.get("args", {}).get("llm_config")
+        if not llm:
+            continue
+        deployment = llm.get("deployment_config", {})
+        replicas = deployment.get("num_replicas") or deployment.get("autoscaling_config", {}).get("max_replicas", 1)
+        bundles = llm.get("placement_group_config", {}).get("bundles", [{}])
+        total += int(replicas) * (1 + sum(int(b.get("CPU", 0) + 0.999) for b in bundles))
+    return max(MIN_LOGICAL_CPUS, total)
+
+
+def plan(loaded: Loaded, namespace: str, port: int) -> LocalPlan:
+    if loaded.errors:
+        raise LocalError("\n".join(str(p) for p in loaded.errors))
+    rendered = render_namespace(loaded.objects, namespace, secrets=loaded.secrets, options=RenderOptions(local=True))
+    if rendered.errors:
+        raise LocalError("\n".join(str(p) for p in rendered.errors))
+    config = localize(rendered.serve_config, port)
+    resources: dict[str, float] = {}
+    for group in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        raw = group["rayStartParams"].get("resources", '"{}"')
+        resources.update(json.loads(raw.strip('"').replace('\\"', '"')))
+    return LocalPlan(rendered, config, resources, _cpus_needed(config), port)
+
+
+def ensure_local_models(loaded: Loaded) -> list[str]:
+    """Make sure every local-source model path exists; the built-in tiny model is generated on demand."""
+    notes = []
+    for obj in loaded.objects:
+        if not isinstance(obj, ArksModel) or obj.spec.source is None or obj.spec.source.local is None:
+            continue
+        path = Path(obj.spec.source.local.path)
+        if path.exists():
+            continue
+        if obj.spec.model != TINY_MODEL_ID:
+            raise LocalError(f"ArksModel/{obj.metadata.name}: spec.source.local.path {path} does not exist")
+        from arks_ray.local.tinymodel import ensure_tiny_model
+
+        started = time.monotonic()
+        built = ensure_tiny_model()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            path.unlink()
+        path.symlink_to(built, target_is_directory=True)
+        notes.append(f"generated {TINY_MODEL_ID} at {built} ({time.monotonic() - started:.1f}s), linked from {path}")
+    return notes
+
+
+def _ray_bin() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    found = str(candidate) if candidate.exists() else shutil.which("ray")
+    if not found:
+        raise LocalError("the 'ray' command is not installed in this environment")
+    return found
+
+
+def dashboard_url() -> str:
+    return os.environ.get("ARKS_RAY_DASHBOARD", f"http://127.0.0.1:{DASHBOARD_PORT}")
+
+
+def _auth_env() -> None:
+    # Ray 2.60 protects the dashboard with a token by default; its clients send the token only when
+    # told the mode. Keep auth on (the dashboard can deploy code) and say so explicitly.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _client() -> Any:
+    _auth_env()
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url())
+
+
+def ray_running() -> bool:
+    try:
+        _client().get_serve_details()
+    except Exception:
+        return False
+    return True
+
+
+def start_ray(num_cpus: int, resources: dict[str, float]) -> bool:
+    """Start a local head node unless one answers already; True if this call started it."""
+    if ray_running():
+        return False
+    cmd = [_ray_bin(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+           f"--resources={json.dumps(resources)}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
+    _auth_env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - our own ray binary
+    if proc.returncode != 0:
+        raise LocalError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
+    deadline = time.monotonic() + 60
+    while not ray_running():
+        if time.monotonic() > deadline:
+            raise LocalError("Ray started but its dashboard did not answer within 60s")
+        time.sleep(0.5)
+    return True
+
+
+def deploy(config: dict[str, Any]) -> None:
+    try:
+        _client().deploy_applications(config)
+    except Exception as exc:
+        raise LocalError(f"deploying the Serve config failed: {exc}") from None
+
+
+def serve_status() -> dict[str, Any]:
+    """Applications, their status and their deployments' replica states, from the dashboard."""
+    details = _client().get_serve_details()
+    apps: dict[str, Any] = {}
+    for name, app in (details.get("applications") or {}).items():
+        deps = {}
+        for dname, dep in (app.get("deployments") or {}).items():
+            states: dict[str, int] = {}
+            for replica in dep.get("replicas") or []:
+                states[replica.get("state", "?")] = states.get(replica.get("state", "?"), 0) + 1
+            deps[dname] = {"status": dep.get("status"), "replicas": states, "message": dep.get("message", "")}
+        apps[name] = {"status": app.get("status"), "message": app.get("message", ""), "deployments": deps}
+    return apps
+
+
+def wait_ready(apps: list[str], timeout_s: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Poll until every app is RUNNING; report each change; fail fast on DEPLOY_FAILED."""
+    started = time.monotonic()
+    last: dict[str, str] = {}
+    while True:
+        status = serve_status()
+        for name in apps:
+            app = status.get(name, {"status": "NOT_STARTED", "deployments": {}})
+            line = app["status"] + "".join(
+                f" | {d}: {v['status']} {v['replicas']}" for d, v in app["deployments"].items())
+            if last.get(name) != line:
+                last[name] = line
+                progress(f"[{time.monotonic() - started:5.1f}s] {name}: {line}")
+            if app["status"] == "DEPLOY_FAILED":
+                raise LocalError(f"application {name} failed to deploy: {app.get('message', '')}")
+        if all(status.get(n, {}).get("status") == "RUNNING" for n in apps):
+            return status
+        if time.monotonic() - started > timeout_s:
+            raise LocalError(f"not ready after {timeout_s:.0f}s; see `arks-ray status` and the dashboard")
+        time.sleep(1.0)
+
+
+def down(stop_ray: bool = True) -> None:
+    if ray_running():
+        try:
+            _client().delete_applications()
+        except Exception as exc:
+            raise LocalError(f"deleting the Serve applications failed: {exc}") from None
+    if stop_ray:
+        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, check=False)  # noqa: S603
