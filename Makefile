@@ -39,11 +39,18 @@ unit: venv
 crds: venv
 	$(VENV)/bin/arks-ray crds --write
 
-demo: venv
-	@echo "make demo: the local serving demo lands with the serving-spine issue (#3); not yet available."; exit 2
+DEMO_FILE ?= configs/examples/local-demo.yaml
+DEMO_TOKEN ?= sk-arks-demo-local-only
 
-demo-down:
-	@echo "make demo-down: nothing to stop yet."
+demo: venv
+	@# Brings the demo up (generating the tiny model on first use), streams one answer, leaves it running.
+	time $(VENV)/bin/arks-ray up -f $(DEMO_FILE) --detach
+	@echo "--- one streamed chat completion through the gateway, with the demo token:"
+	time ARKS_TOKEN=$(DEMO_TOKEN) $(VENV)/bin/arks-ray chat -m tiny "Hello! Who are you?"
+	@echo "--- still running: http://127.0.0.1:8000/v1 (token $(DEMO_TOKEN)); 'make demo-down' stops it."
+
+demo-down: venv
+	$(VENV)/bin/arks-ray down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
