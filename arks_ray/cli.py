@@ -59,11 +59,11 @@ def load_files(files: list[str], namespace: str | None) -> Loaded:
     return merged
 
 
-def render_files(files: list[str], namespace: str | None) -> tuple[list[Rendered], list[Problem]]:
+def render_files(files: list[str], namespace: str | None) -> tuple[Loaded, list[Rendered], list[Problem]]:
     loaded = load_files(files, namespace)
     results = render(loaded)
     problems = loaded.problems + [p for r in results for p in r.problems]
-    return results, problems
+    return loaded, results, problems
 
 
 def _dump_all(docs: list[dict[str, Any]]) -> str:
@@ -77,7 +77,7 @@ def render_cmd(
     serve_config: Annotated[bool, typer.Option("--serve-config", help="Print only the Serve config.")] = False,
 ) -> None:
     """Render Arks manifests into a RayService (first) and model PVCs/Jobs, as multi-document YAML."""
-    results, problems = render_files(filename, namespace)
+    _, results, problems = render_files(filename, namespace)
     _report(problems)
     if any(p.severity == "error" for p in problems):
         raise typer.Exit(1)
@@ -96,10 +96,10 @@ def render_cmd(
 @app.command("validate")
 def validate_cmd(filename: FilesOpt, namespace: NamespaceOpt = None) -> None:
     """Check manifests; print every problem with its field path."""
-    results, problems = render_files(filename, namespace)
+    loaded, results, problems = render_files(filename, namespace)
     _report(problems)
     errors = sum(p.severity == "error" for p in problems)
-    count = sum(1 for _ in load_files(filename, namespace).objects)
+    count = len(loaded.objects)
     if errors:
         _err(f"{errors} error(s)")
         raise typer.Exit(1)
