@@ -8,6 +8,7 @@ endpoint edits apply to live replicas without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -22,9 +23,13 @@ from pydantic import ValidationError
 from arks_ray.api.gateway import GATEWAY_APP, Backend, GatewayConfig
 from arks_ray.engines import protocol
 from arks_ray.errors import BackendUnavailable, InvalidRequest, RequestError, RequestTooLarge, to_openai_error
+from arks_ray.gateway.governor import Admission, Governor
 from arks_ray.gateway.index import GatewayIndex
+from arks_ray.gateway.limits import Usage, estimate_usage, usage_from
 from arks_ray.gateway.routing import choose_backend
 from arks_ray.gateway.settings import GatewaySettings
+from arks_ray.stores.base import CounterStore
+from arks_ray.stores.memory import MemoryStore
 
 logger = logging.getLogger("ray.serve.arks.gateway")
 
@@ -92,18 +97,38 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
+class Metrics(Protocol):
+    def request(self, model: str, status: int) -> None: ...
+    def tokens(self, model: str, usage: Usage) -> None: ...
+    def limited(self, model: str, kind: str) -> None: ...
+    def store_failure(self, operation: str) -> None: ...
+
+
+class NoMetrics:
+    def request(self, model: str, status: int) -> None: ...
+    def tokens(self, model: str, usage: Usage) -> None: ...
+    def limited(self, model: str, kind: str) -> None: ...
+    def store_failure(self, operation: str) -> None: ...
+
+
 class Gateway:
     """The ingress logic, independent of Serve."""
 
-    def __init__(self, settings: GatewaySettings, backends: Backends,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: GatewaySettings, backends: Backends, *, store: CounterStore | None = None,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.backends = backends
         self.clock = clock
+        self.metrics: Metrics = metrics or NoMetrics()
+        self.governor = Governor(
+            store or MemoryStore(), policy=settings.failure_policy, algorithm=settings.rate_limit_algorithm,
+            default_max_tokens=settings.default_max_tokens, lease_ms=settings.lease_seconds * 1000,
+            on_store_failure=self.metrics.store_failure)
         self.index = GatewayIndex(GatewayConfig())
         self.rng = random.Random(settings.seed)  # noqa: S311 - load spreading, not security
+        self._settling: set[asyncio.Task[None]] = set()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    def reconfigure(self, user_config: dict[str, Any]) -> GatewayConfig:
         """Swap in a new ``GatewayConfig``; an invalid one is refused and the previous one kept."""
         try:
             config = GatewayConfig.model_validate(user_config)
@@ -113,6 +138,14 @@ class Gateway:
         self.index = GatewayIndex(config)
         logger.info("gateway config applied: %d endpoints, %d tokens, %d quotas",
                     len(config.endpoints), len(config.tokens), len(config.quotas))
+        return config
+
+    async def restore_quota_usage(self) -> int:
+        """Put usage that ArksQuota status recorded back into the store if the store lost it."""
+        raised = await self.governor.restore_floors(self.index.config, self.clock())
+        if raised:
+            logger.warning("restored %d quota counter(s) from ArksQuota status", raised)
+        return raised
 
     async def models(self, authorization: str | None) -> dict[str, Any]:
         token = self.index.authenticate(authorization, self.clock())
@@ -125,11 +158,27 @@ class Gateway:
         index = self.index  # one config for the whole request, even if a reconfigure lands meanwhile
         token = index.authenticate(request.headers.get("authorization"), self.clock())
         body = await read_json(request, self.settings.max_body_bytes)
-        endpoint, _grant = index.authorize(token, body["model"])
+        endpoint, grant = index.authorize(token, body["model"])
+        model = endpoint.name
+        try:
+            admission = await self.governor.admit(
+                config=index.config, token=token, grant=grant,
+                quota=index.quota(grant.quota) if grant.quota else None, pricing=endpoint.pricing,
+                estimate=estimate_usage(kind, body, self.settings.default_max_tokens), now=self.clock())
+        except RequestError as exc:
+            if exc.status == 429:
+                self.metrics.limited(model, exc.type)
+            raise
+        try:
+            return await self._forward(kind, body, endpoint, admission)
+        except BaseException:
+            self._settle(admission, model, Usage(0, 0))
+            raise
+
+    async def _forward(self, kind: str, body: dict[str, Any], endpoint: Any, admission: Admission) -> Response:
         backend = choose_backend(endpoint, self.rng)
         stream = body.get("stream") is True and kind != "embeddings"
-        client_usage = protocol.wants_usage(body)
-        gen = self.backends.open(backend, kind, body, client_usage)
+        gen = self.backends.open(backend, kind, body, protocol.wants_usage(body))
         iterator = gen.__aiter__()
         try:
             first = await iterator.__anext__()
@@ -142,25 +191,57 @@ class Gateway:
             raise BackendUnavailable(f"backend {backend.name!r} failed: {type(exc).__name__}") from None
         if isinstance(first, dict):
             _cancel(gen)
-            return JSONResponse(first.get("body", {}), status_code=int(first.get("status", 502)))
+            status = int(first.get("status", 502))
+            payload = first.get("body", {})
+            used = usage_from(payload.get("usage"), 0, 0) if status < 400 else Usage(0, 0)
+            self._settle(admission, endpoint.name, used)
+            self.metrics.request(endpoint.name, status)
+            return JSONResponse(payload, status_code=status, headers=admission.headers)
         if not stream:
             _cancel(gen)
             raise BackendUnavailable(f"backend {backend.name!r} answered a non-streaming request with a stream")
-        return StreamingResponse(self._relay(first, iterator, gen), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **admission.headers}
+        return StreamingResponse(self._relay(first, iterator, gen, admission, endpoint.name),
+                                 media_type="text/event-stream", headers=headers)
 
-    async def _relay(self, first: str, iterator: AsyncIterator[Any], gen: Any) -> AsyncIterator[str]:
+    async def _relay(self, first: str, iterator: AsyncIterator[Any], gen: Any, admission: Admission,
+                     model: str) -> AsyncIterator[str]:
+        final: dict[str, Any] | None = None
+        events = first.count("data: {")
+        status = 200
         try:
             yield first
             async for item in iterator:
                 if isinstance(item, str):
+                    events += item.count("data: {")
                     yield item
+                elif item.get("arks") == "usage":
+                    final = item
                 elif item.get("arks") == "error":
+                    status = int(item.get("status", 500))
                     # Headers are gone: report in-band, as vLLM does, then end the stream properly.
                     yield f"data: {json.dumps(item.get('body', {}))}\n\n" + protocol.DONE
                     return
         finally:
             _cancel(gen)
+            # Disconnects and failures are charged what was generated: the engine's own count when it
+            # finished, else the events relayed (the first carries only the role: a 1-token overcount).
+            counted = int(final["completion_tokens"]) if final else events
+            used = usage_from(final.get("usage") if final else None, admission.estimate.prompt_tokens, counted)
+            self._settle(admission, model, used)
+            self.metrics.request(model, status)
+
+    def _settle(self, admission: Admission, model: str, usage: Usage) -> None:
+        """Settle in the background: it must run even when the request's task is being cancelled."""
+        self.metrics.tokens(model, usage)
+        task = asyncio.get_running_loop().create_task(self.governor.settle(admission, usage))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending settlements (tests, shutdown)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
 
 
 def _cancel(gen: Any) -> None:
@@ -200,14 +281,53 @@ def make_api(gateway: Gateway) -> FastAPI:
     return api
 
 
+class ServeMetrics:
+    """Gateway metrics through ``ray.serve.metrics`` (exported by Ray's metrics agent, ``ray_`` prefix)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._requests = metrics.Counter("arks_gateway_requests", "Requests by model and status.",
+                                         tag_keys=("model", "status"))
+        self._tokens = metrics.Counter("arks_gateway_tokens", "Tokens by model and type.", tag_keys=("model", "type"))
+        self._limited = metrics.Counter("arks_gateway_limited", "Requests refused by limits.",
+                                        tag_keys=("model", "kind"))
+        self._store = metrics.Counter("arks_gateway_store_failures", "Counter store failures by operation.",
+                                      tag_keys=("operation",))
+
+    def request(self, model: str, status: int) -> None:
+        self._requests.inc(tags={"model": model, "status": str(status)})
+
+    def tokens(self, model: str, usage: Usage) -> None:
+        if usage.prompt_tokens:
+            self._tokens.inc(usage.prompt_tokens, tags={"model": model, "type": "prompt"})
+        if usage.completion_tokens:
+            self._tokens.inc(usage.completion_tokens, tags={"model": model, "type": "completion"})
+
+    def limited(self, model: str, kind: str) -> None:
+        self._limited.inc(tags={"model": model, "kind": kind})
+
+    def store_failure(self, operation: str) -> None:
+        self._store.inc(tags={"operation": operation})
+
+
+def make_store(settings: GatewaySettings) -> CounterStore:
+    if settings.redis_url:
+        from arks_ray.stores.redis import RedisStore
+
+        return RedisStore(settings.redis_url, timeout_s=settings.store_timeout_s)
+    return MemoryStore()
+
+
 class GatewayDeployment:
     """The Serve deployment: one ``Gateway`` per replica, its HTTP app built inside the replica."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        self.gateway = Gateway(settings, ServeBackends())
+        self.gateway = Gateway(settings, ServeBackends(), store=make_store(settings), metrics=ServeMetrics())
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.gateway.reconfigure(user_config)
+        await self.gateway.restore_quota_usage()
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.gateway)

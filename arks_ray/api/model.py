@@ -81,7 +81,7 @@ class ArksModelSpec(Spec):
     def _storage(self, info: ValidationInfo) -> ArksModelSpec:
         local = self.source is not None and self.source.local is not None
         if not local and (self.storage is None or self.storage.pvc is None):
-            raise ValueError("storage.pvc is required unless source.local is set")
+            raise ValueError("storage.pvc: required unless source.local is set")
         if local and self.storage is not None:
             warn(info, "spec.storage", "ignored because spec.source.local is set")
         warn_instance_replicas(info, "spec.instanceSpec", self.instance_spec)

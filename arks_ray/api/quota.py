@@ -6,7 +6,7 @@ Read by the renderer (limits go to the gateway) and the controller (usage is mir
 
 from __future__ import annotations
 
-from datetime import datetime
+import datetime as dt
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -45,14 +45,14 @@ class QuotaUsage(Status):
 
     type: str = Field(description="The budget type.")
     used: int = Field(0, description="Used in the current period.")
-    last_update_time: datetime | None = Field(None, description="When this was last written.")
+    last_update_time: dt.datetime | None = Field(None, description="When this was last written.")
 
 
 class ArksQuotaStatus(Status):
     """Observed state of an ArksQuota."""
 
     quota_status: list[QuotaUsage] = Field(default_factory=list, description="Usage per type.")
-    period_start: datetime | None = Field(None, description="Start of the current period (UTC).")
+    period_start: dt.datetime | None = Field(None, description="Start of the current period (UTC).")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
 
 
@@ -64,3 +64,24 @@ class ArksQuota(Spec):
     metadata: ObjectMeta
     spec: ArksQuotaSpec
     status: ArksQuotaStatus | None = None
+
+
+def period_id(period: str, now: float) -> str:
+    """The UTC period containing ``now``: 'lifetime', 'YYYY-MM-DD' (daily) or 'YYYY-MM' (monthly)."""
+    if period == "lifetime":
+        return "lifetime"
+    day = dt.datetime.fromtimestamp(now, dt.UTC)
+    return day.strftime("%Y-%m-%d") if period == "daily" else day.strftime("%Y-%m")
+
+
+def period_end(period: str, now: float) -> float | None:
+    """Unix time when the current period ends (None for lifetime)."""
+    if period == "lifetime":
+        return None
+    day = dt.datetime.fromtimestamp(now, dt.UTC)
+    if period == "daily":
+        start = day.replace(hour=0, minute=0, second=0, microsecond=0)
+        return (start + dt.timedelta(days=1)).timestamp()
+    first = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    nxt = first.replace(year=first.year + 1, month=1) if first.month == 12 else first.replace(month=first.month + 1)
+    return nxt.timestamp()

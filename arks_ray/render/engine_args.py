@@ -43,7 +43,8 @@ def _value(text: str) -> Any:
             return conv(text)
         except ValueError:
             pass
-    if text.startswith(("{", "[")):
+    # A Jinja template (e.g. an inline --chat-template) starts with a brace too, but is not JSON.
+    if text.startswith(("{", "[")) and not text.startswith(("{{", "{%", "{#")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:

@@ -13,9 +13,19 @@ from collections.abc import Iterable, Mapping
 from arks_ray.api.application import ArksApplication
 from arks_ray.api.disaggregated import ArksDisaggregatedApplication
 from arks_ray.api.endpoint import ArksEndpoint
-from arks_ray.api.gateway import Backend, Endpoint, GatewayConfig, Grant, Limit, Quota, QuotaBudget, Token
+from arks_ray.api.gateway import (
+    Backend,
+    Endpoint,
+    GatewayConfig,
+    Grant,
+    Limit,
+    Quota,
+    QuotaBudget,
+    QuotaFloor,
+    Token,
+)
 from arks_ray.api.loading import Secret
-from arks_ray.api.quota import ArksQuota
+from arks_ray.api.quota import ArksQuota, period_id
 from arks_ray.api.token import ArksToken
 from arks_ray.errors import Problem
 
@@ -96,8 +106,20 @@ def compile_token(
 
 
 def compile_quota(quota: ArksQuota) -> Quota:
+    """Budgets, plus the usage the status recorded (the gateway restores it if its store lost it)."""
+    floors = []
+    status = quota.status
+    if status is not None:
+        start = status.period_start.timestamp() if status.period_start else None
+        period = "lifetime" if quota.spec.period == "lifetime" else (
+            period_id(quota.spec.period, start) if start is not None else None)
+        if period is not None:
+            known = {q.type for q in quota.spec.quotas}
+            floors = [QuotaFloor(type=u.type, value=u.used, period=period)
+                      for u in status.quota_status if u.type in known and u.used > 0]
     return Quota(name=quota.metadata.name, period=quota.spec.period,
-                 budgets=tuple(QuotaBudget(type=q.type, value=q.value) for q in quota.spec.quotas))
+                 budgets=tuple(QuotaBudget(type=q.type, value=q.value) for q in quota.spec.quotas),
+                 used=tuple(floors))
 
 
 def compile_gateway(

@@ -1,0 +1,78 @@
+"""``RedisStore``: counters shared by every gateway replica, reserved and settled by Lua scripts.
+
+Used by the ingress when a Redis URL is configured. Each ``reserve`` and ``settle`` is one EVALSHA (the
+scripts in ``lua/`` are loaded once and reloaded automatically after a Redis restart). Every call is
+bounded by a timeout; any failure surfaces as ``StoreUnavailable`` for the caller's failure policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from arks_ray.gateway.limits import Counter
+from arks_ray.stores.base import Decision, StoreUnavailable
+
+_KIND = {"window": 1, "lease": 2, "total": 3}
+
+
+def _script(name: str) -> str:
+    return resources.files("arks_ray.stores").joinpath("lua", name).read_text()
+
+
+class RedisStore:
+    """Counters in Redis (7+), one round trip per reservation and per settlement."""
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 64) -> None:
+        self.timeout_s = timeout_s
+        self._redis: Any = aioredis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections,
+            decode_responses=False)
+        self._reserve = self._redis.register_script(_script("reserve.lua"))
+        self._settle = self._redis.register_script(_script("settle.lua"))
+        self._floor = self._redis.register_script(_script("floor.lua"))
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self.timeout_s * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def reserve(self, counters: Sequence[Counter], request_id: str, now_ms: int) -> Decision:
+        args: list[Any] = [now_ms, request_id]
+        for c in counters:
+            args += [_KIND[c.kind], c.limit, c.amount, c.bucket_ms or 1, c.span, c.ttl_ms]
+        raw = await self._call(self._reserve(keys=[c.key for c in counters], args=args))
+        n = len(counters)
+        values = [int(v) for v in raw]
+        admitted, denied, retry = values[0] == 1, values[1], values[2]
+        return Decision(admitted, None if admitted else denied - 1, retry,
+                        tuple(values[3:3 + n]), tuple(values[3 + n:3 + 2 * n]))
+
+    async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
+                     amounts: Sequence[int]) -> None:
+        args: list[Any] = [request_id, reserved_at_ms]
+        for c, final in zip(counters, amounts, strict=True):
+            args += [_KIND[c.kind], c.bucket_ms or 1, c.amount, final]
+        await self._call(self._settle(keys=[c.key for c in counters], args=args))
+
+    async def read(self, keys: Sequence[str]) -> dict[str, int]:
+        if not keys:
+            return {}
+        values = await self._call(self._redis.mget(list(keys)))
+        return {k: int(v) if v is not None else 0 for k, v in zip(keys, values, strict=True)}
+
+    async def raise_floor(self, key: str, value: int, ttl_ms: int) -> bool:
+        return bool(await self._call(self._floor(keys=[key], args=[value, ttl_ms])))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self._call(self._redis.delete(*keys))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
