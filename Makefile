@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test unit demo demo-down crds clean
+.PHONY: venv sysdeps lint test unit demo demo-down crds clean
 
 venv: $(STAMP)
 
@@ -25,12 +25,18 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# System packages the tests need (root on these machines; sudo elsewhere).
+sysdeps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint sysdeps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv

@@ -135,6 +135,9 @@ def up_cmd(
     port: Annotated[int, typer.Option(help="HTTP port of the gateway.")] = 8000,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once serving; leave it running.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every app to be RUNNING.")] = 900.0,
+    redis_url: Annotated[str | None, typer.Option(help="Counter store for limits and quotas.")] = None,
+    gateway_replicas: Annotated[int, typer.Option(help="Gateway ingress replicas.")] = 1,
+    failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
 ) -> None:
     """Run the rendered Serve config on a local Ray (started if needed) and wait until it serves."""
     from arks_ray.local import runner
@@ -142,8 +145,12 @@ def up_cmd(
     t0 = time.monotonic()
     loaded = load_files(filename, namespace)
     _report([p for p in loaded.problems if p.severity == "warning"])
+    settings: dict[str, Any] = {"failure_policy": failure_policy}
+    if redis_url:
+        settings["redis_url"] = redis_url
     try:
-        plan = runner.plan(loaded, namespace or "default", port)
+        plan = runner.plan(loaded, namespace or "default", port, gateway_settings=settings,
+                           gateway_replicas=gateway_replicas)
         _step(f"rendered {len(plan.engine_apps)} engine app(s) + gateway", t0)
         t = time.monotonic()
         for note in runner.ensure_local_models(loaded):
@@ -236,6 +243,68 @@ def chat_cmd(
         _err(f"\nerror: {exc}")
         raise typer.Exit(1) from None
     typer.echo("")
+
+
+quota_app = typer.Typer(no_args_is_help=True, help="Inspect or reset quota usage in the counter store.")
+app.add_typer(quota_app, name="quota")
+RedisOpt = Annotated[str, typer.Option("--redis-url", help="The gateway's counter store, e.g. redis://host:6379/0.")]
+
+
+@quota_app.command("status")
+def quota_status_cmd(filename: FilesOpt, redis_url: RedisOpt, namespace: NamespaceOpt = None) -> None:
+    """Usage of every quota in the manifests, for the current period, read from the store."""
+    import asyncio
+
+    from arks_ray.gateway.governor import Governor
+    from arks_ray.stores.redis import RedisStore
+
+    _, results, problems = render_files(filename, namespace)
+    _report([p for p in problems if p.severity == "error"])
+
+    async def read() -> list[tuple[str, str, dict[str, int]]]:
+        store = RedisStore(redis_url)
+        try:
+            governor = Governor(store)
+            return [(r.namespace, name, usage) for r in results
+                    for name, usage in (await governor.usage(r.gateway, time.time())).items()]
+        finally:
+            await store.close()
+
+    try:
+        rows = asyncio.run(read())
+    except Exception as exc:
+        _err(f"error: cannot read the store: {exc}")
+        raise typer.Exit(1) from None
+    for ns, name, usage in rows:
+        typer.echo(f"{ns}/{name}: " + ", ".join(f"{k}={v}" for k, v in usage.items()))
+
+
+@quota_app.command("reset")
+def quota_reset_cmd(
+    name: Annotated[str, typer.Argument(help="ArksQuota name.")],
+    redis_url: RedisOpt,
+    namespace: Annotated[str, typer.Option("-n", "--namespace")] = "default",
+) -> None:
+    """Delete every counter of one quota (all types and periods): usage starts again from zero.
+
+    In a cluster, also clear the ArksQuota's status, or the gateway restores the recorded usage."""
+    import asyncio
+
+    from arks_ray.stores.redis import RedisStore
+
+    async def reset() -> int:
+        store = RedisStore(redis_url)
+        try:
+            return await store.delete_prefix(f"arks:{namespace}:quota:{name}:")
+        finally:
+            await store.close()
+
+    try:
+        count = asyncio.run(reset())
+    except Exception as exc:
+        _err(f"error: cannot reset the quota: {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"reset {namespace}/{name}: {count} counter(s) deleted")
 
 
 def main() -> None:

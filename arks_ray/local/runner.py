@@ -48,21 +48,24 @@ class LocalPlan:
         return [a["name"] for a in self.serve_config["applications"] if a["name"] != GATEWAY_APP]
 
 
-def localize(config: dict[str, Any], port: int) -> dict[str, Any]:
-    """The cluster Serve config, adapted to one machine: loopback, one head-only proxy, one gateway."""
+def localize(config: dict[str, Any], port: int, gateway_replicas: int = 1) -> dict[str, Any]:
+    """The cluster Serve config, adapted to one machine: loopback, a head-only proxy, fixed gateway replicas."""
     out = copy.deepcopy(config)
     out["proxy_location"] = "HeadOnly"
     out["http_options"] = {"host": "127.0.0.1", "port": port}
     for app in out["applications"]:
         if app["name"] == GATEWAY_APP:
             for dep in app.get("deployments", []):
-                dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 256}
+                dep.pop("autoscaling_config", None)
+                dep["num_replicas"] = gateway_replicas
     return out
 
 
 def _cpus_needed(config: dict[str, Any]) -> int:
-    total = 2  # gateway replica + slack for the Serve controller's tasks
+    total = 1  # slack for the Serve controller's build tasks
     for app in config["applications"]:
+        if app["name"] == GATEWAY_APP:
+            total += sum(int(d.get("num_replicas", 1)) for d in app.get("deployments", []))
         llm = app.get("args", {}).get("llm_config")
         if not llm:
             continue
@@ -73,13 +76,15 @@ def _cpus_needed(config: dict[str, Any]) -> int:
     return max(MIN_LOGICAL_CPUS, total)
 
 
-def plan(loaded: Loaded, namespace: str, port: int) -> LocalPlan:
+def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[str, Any] | None = None,
+         gateway_replicas: int = 1) -> LocalPlan:
     if loaded.errors:
         raise LocalError("\n".join(str(p) for p in loaded.errors))
-    rendered = render_namespace(loaded.objects, namespace, secrets=loaded.secrets, options=RenderOptions(local=True))
+    options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}))
+    rendered = render_namespace(loaded.objects, namespace, secrets=loaded.secrets, options=options)
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
-    config = localize(rendered.serve_config, port)
+    config = localize(rendered.serve_config, port, gateway_replicas)
     resources: dict[str, float] = {}
     for group in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         raw = group["rayStartParams"].get("resources", '"{}"')

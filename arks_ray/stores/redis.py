@@ -74,5 +74,12 @@ class RedisStore:
         if keys:
             await self._call(self._redis.delete(*keys))
 
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix`` (a deliberate reset); returns how many."""
+        keys = [k async for k in self._redis.scan_iter(match=prefix.replace("*", "\\*") + "*", count=500)]
+        if keys:
+            await self._call(self._redis.delete(*keys))
+        return len(keys)
+
     async def close(self) -> None:
         await self._redis.aclose()
