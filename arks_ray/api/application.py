@@ -161,6 +161,11 @@ class ArksApplicationSpec(Spec):
     def pp(self) -> int:
         return self.pipeline_parallel_size or 1
 
+    @property
+    def engine_workers(self) -> int:
+        """Placement-group bundles per replica: TP x PP engine workers; Dynamo's sidecars share one."""
+        return 1 if self.runtime == "dynamo" else self.tp * self.pp
+
 
 class ArksApplicationStatus(Status):
     """Observed state of an ArksApplication."""

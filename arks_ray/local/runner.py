@@ -23,6 +23,7 @@ from arks_ray.api.gateway import GATEWAY_APP
 from arks_ray.api.loading import Loaded
 from arks_ray.api.model import ArksModel
 from arks_ray.render import Rendered, RenderOptions, render_namespace
+from arks_ray.render.cluster import parse_ray_resources
 
 TINY_MODEL_ID = "arks-ray/tiny-qwen2"
 DASHBOARD_PORT = 8265
@@ -85,10 +86,10 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
     config = localize(rendered.serve_config, port, gateway_replicas)
+    cluster = rendered.rayservice["spec"]["rayClusterConfig"]
     resources: dict[str, float] = {}
-    for group in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
-        raw = group["rayStartParams"].get("resources", '"{}"')
-        resources.update(json.loads(raw.strip('"').replace('\\"', '"')))
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        resources.update(parse_ray_resources(group["rayStartParams"].get("resources", '"{}"')))
     return LocalPlan(rendered, config, resources, _cpus_needed(config), port)
 
 

@@ -148,7 +148,7 @@ class WorkerGroup:
         resources: dict[str, int] = {self.ray_resource: units}
         if self.accelerator:
             resources[f"accelerator_type:{self.accelerator}"] = units
-        params = {"resources": '"' + json.dumps(resources, sort_keys=True).replace('"', '\\"') + '"'}
+        params = {"resources": ray_resources(resources)}
         return {
             "groupName": self.name,
             "replicas": self.min_pods,
@@ -157,6 +157,17 @@ class WorkerGroup:
             "rayStartParams": params,
             "template": self.template,
         }
+
+
+def ray_resources(resources: dict[str, int]) -> str:
+    """A ``rayStartParams.resources`` value: JSON, quoted the way KubeRay passes it to ``ray start``."""
+    return '"' + json.dumps(resources, sort_keys=True).replace('"', '\\"') + '"'
+
+
+def parse_ray_resources(value: str) -> dict[str, float]:
+    """The inverse of ``ray_resources``."""
+    parsed: dict[str, float] = json.loads(value.strip('"').replace('\\"', '"'))
+    return parsed
 
 
 def previous_groups(rayservice: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from arks_ray.render.cluster import POD_FIELDS
 from arks_ray.render.names import label_value, model_job_name
 
 DOWNLOADER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+CREATE_ONLY = "arks.ai/create-only"
 HF_TOKEN_KEY = "HF_TOKEN"  # noqa: S105 - a Secret key name, not a secret
 
 
@@ -29,7 +30,10 @@ def render_pvc(model: ArksModel, namespace: str) -> dict[str, Any] | None:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": name, "namespace": namespace, "labels": _labels(model)},
+        # Arks creates the claim only if it is absent and never updates it (a bound claim's spec is
+        # mostly immutable); the annotation tells the controller to do the same.
+        "metadata": {"name": name, "namespace": namespace, "labels": _labels(model),
+                     "annotations": {CREATE_ONLY: "true"}},
         "spec": model.spec.storage.pvc.spec,
     }
 

@@ -50,6 +50,12 @@ class RenderOptions:
     gateway_replicas: tuple[int, int] = (1, 4)
     """Min and max gateway ingress replicas (Serve autoscaling)."""
 
+    head_resource: str = "arks-head"
+    """Custom Ray resource only the head pod advertises; gateway replicas ask for it."""
+
+    gateway_cpus: float = 0.5
+    """CPUs per gateway replica (the head's CPUs bound how many fit)."""
+
     bundle_cpus: float = 1.0
     """CPUs per placement-group bundle for engines without GPUs."""
 

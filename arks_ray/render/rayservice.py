@@ -22,7 +22,7 @@ from arks_ray.api.model import ArksModel
 from arks_ray.api.quota import ArksQuota
 from arks_ray.api.token import ArksToken
 from arks_ray.errors import Problem
-from arks_ray.render.cluster import PodShape, WorkerGroup, gpus_per_pod, order_groups, previous_groups
+from arks_ray.render.cluster import PodShape, WorkerGroup, gpus_per_pod, order_groups, previous_groups, ray_resources
 from arks_ray.render.engine_args import ArgsError
 from arks_ray.render.gateway_config import compile_gateway
 from arks_ray.render.models import render_download_job, render_pvc
@@ -108,8 +108,8 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
     spec, name = app.spec, app.metadata.name
     problems: list[Problem] = []
     gpus = gpus_per_pod(spec.instance_spec)
-    world = spec.tp * spec.pp
-    if gpus and spec.size * gpus < world:
+    world = spec.engine_workers
+    if gpus and spec.runtime != "dynamo" and spec.size * gpus < world:
         problems.append(Problem("ArksApplication", name, "spec.tensorParallelSize",
                                 f"TP x PP = {world} GPUs per replica, but size x GPUs per pod = {spec.size * gpus}; "
                                 "the replica cannot be placed", "warning"))
@@ -159,7 +159,11 @@ def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, g
 def _head(options: RenderOptions) -> dict[str, Any]:
     ports = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000), ("metrics", 8080)]
     return {
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},  # noqa: S104
+        "rayStartParams": {
+            "dashboard-host": "0.0.0.0",  # noqa: S104
+            "num-gpus": "0",
+            "resources": ray_resources({options.head_resource: options.group_resource_units}),
+        },
         "template": {
             "metadata": {"labels": dict(MANAGED_BY)},
             "spec": {"containers": [{
@@ -220,7 +224,7 @@ def render_namespace(
 
     children: list[dict[str, Any]] = []
     for model in sorted(models.values(), key=lambda m: m.metadata.name):
-        for child in (render_pvc(model, namespace) if model.spec.downloads else None,
+        for child in (render_pvc(model, namespace),
                       render_download_job(model, namespace, options.downloader_image)):
             if child is not None:
                 children.append(child)

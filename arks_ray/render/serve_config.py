@@ -48,18 +48,22 @@ def model_source(model: ArksModel, namespace: str, options: RenderOptions) -> st
 
 
 def placement(app: ArksApplication, group: WorkerGroup, options: RenderOptions) -> dict[str, Any]:
-    """One replica's placement group: TP x PP workers, each bundle pinned to the app's worker group."""
+    """One replica's placement group: TP x PP workers, each bundle pinned to the app's worker group.
+
+    A Dynamo replica is one bundle holding the whole pod's GPUs: its sidecar processes, not Ray, place
+    the engine ranks."""
     spec = app.spec
     bundle: dict[str, float] = {group.ray_resource: 1}
-    if gpus_per_pod(spec.instance_spec):
-        bundle["GPU"] = 1
+    gpus = gpus_per_pod(spec.instance_spec)
+    if gpus:
+        bundle["GPU"] = gpus if spec.runtime == "dynamo" else 1
     else:
         bundle["CPU"] = options.bundle_cpus
     if spec.placement is not None and spec.placement.strategy:
         strategy = spec.placement.strategy
     else:
         strategy = "STRICT_PACK" if spec.size == 1 else "PACK"
-    return {"bundles": [dict(bundle) for _ in range(spec.tp * spec.pp)], "strategy": strategy}
+    return {"bundles": [dict(bundle) for _ in range(spec.engine_workers)], "strategy": strategy}
 
 
 def deployment_config(app: ArksApplication) -> dict[str, Any]:
@@ -168,6 +172,8 @@ def gateway_app(config: GatewayConfig, options: RenderOptions) -> dict[str, Any]
         "args": {"settings": dict(options.gateway_settings)},
         "deployments": [{
             "name": GATEWAY_DEPLOYMENT,
+            # Pinned to the head pod: GPU workers are for engines, and the head is where the proxy is.
+            "ray_actor_options": {"num_cpus": options.gateway_cpus, "resources": {options.head_resource: 1}},
             "user_config": config.model_dump(mode="json"),
             "autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 64},
         }],

@@ -300,10 +300,13 @@ def test_resource_totals_are_consistent(docs: list[dict[str, Any]]) -> None:
         want_min[group_of(app)] += low * spec["size"]
         want_max[group_of(app)] += high * spec["size"]
         pg = app["args"]["llm_config"]["placement_group_config"]
-        assert len(pg["bundles"]) == spec["tensorParallelSize"] * spec.get("pipelineParallelSize", 1)
+        dynamo = spec.get("runtime") == "dynamo"
+        world = 1 if dynamo else spec["tensorParallelSize"] * spec.get("pipelineParallelSize", 1)
+        assert len(pg["bundles"]) == world
         gpus = int(spec["instanceSpec"]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        per_bundle = (gpus if dynamo else 1) if gpus else None
         for bundle in pg["bundles"]:
-            assert (bundle.get("GPU"), "CPU" in bundle) == ((1, False) if gpus else (None, True)), bundle
+            assert (bundle.get("GPU"), "CPU" in bundle) == (per_bundle, not gpus), bundle
         deployment = app["args"]["llm_config"]["deployment_config"]
         if "autoscaling" in spec:
             auto = deployment["autoscaling_config"]
