@@ -182,6 +182,9 @@ class Gateway:
         iterator = gen.__aiter__()
         try:
             first = await iterator.__anext__()
+        except asyncio.CancelledError:
+            _cancel(gen)  # the client left before the first byte: stop the engine too
+            raise
         except StopAsyncIteration:
             raise BackendUnavailable(f"backend {backend.name!r} returned nothing") from None
         except RequestError:
@@ -193,7 +196,9 @@ class Gateway:
             _cancel(gen)
             status = int(first.get("status", 502))
             payload = first.get("body", {})
-            used = usage_from(payload.get("usage"), 0, 0) if status < 400 else Usage(0, 0)
+            est = admission.estimate
+            used = usage_from(payload.get("usage"), est.prompt_tokens, est.completion_tokens) if status < 400 \
+                else Usage(0, 0)
             self._settle(admission, endpoint.name, used)
             self.metrics.request(endpoint.name, status)
             return JSONResponse(payload, status_code=status, headers=admission.headers)

@@ -56,7 +56,7 @@ class MemoryStore:
             elif c.kind == "lease":
                 entry.leases = {k: v for k, v in entry.leases.items() if v > now_ms}
                 if len(entry.leases) + 1 > c.limit:
-                    return self._refused(i, 1000, counters, now_ms)
+                    return self._refused(i, 1000 if c.limit > 0 else -1, counters, now_ms)
             elif entry.total + c.amount > c.limit:
                 return self._refused(i, -1, counters, now_ms)
         for c in counters:

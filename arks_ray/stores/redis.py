@@ -8,6 +8,7 @@ bounded by a timeout; any failure surfaces as ``StoreUnavailable`` for the calle
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -30,9 +31,12 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, max_connections: int = 64) -> None:
         self.timeout_s = timeout_s
-        self._redis: Any = aioredis.from_url(
+        # A blocking pool: a burst beyond max_connections waits for a connection (within the timeout)
+        # instead of failing, which under failOpen would admit requests uncounted.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections,
-            decode_responses=False)
+            timeout=timeout_s)
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
         self._reserve = self._redis.register_script(_script("reserve.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._floor = self._redis.register_script(_script("floor.lua"))
@@ -76,10 +80,16 @@ class RedisStore:
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix`` (a deliberate reset); returns how many."""
-        keys = [k async for k in self._redis.scan_iter(match=prefix.replace("*", "\\*") + "*", count=500)]
-        if keys:
-            await self._call(self._redis.delete(*keys))
-        return len(keys)
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+        async def scan_and_delete() -> int:
+            keys = [k async for k in self._redis.scan_iter(match=pattern, count=500)]
+            if keys:
+                await self._redis.delete(*keys)
+            return len(keys)
+
+        count: int = await self._call(scan_and_delete())
+        return count
 
     async def close(self) -> None:
         await self._redis.aclose()

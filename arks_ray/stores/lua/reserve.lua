@@ -70,7 +70,10 @@ for i = 1, n do
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     local used = redis.call('ZCARD', KEYS[i])
     state[i] = {used = used}
-    if refused == 0 and used + 1 > limit then refused, retry = i, 1000 end
+    if refused == 0 and used + 1 > limit then
+      refused = i
+      if limit > 0 then retry = 1000 else retry = -1 end
+    end
   else
     local used = tonumber(redis.call('GET', KEYS[i]) or '0')
     state[i] = {used = used}

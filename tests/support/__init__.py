@@ -1,0 +1,1 @@
+"""Helpers shared by test suites (importable as ``tests.support``; conftest files are not)."""

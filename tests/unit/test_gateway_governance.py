@@ -1,0 +1,359 @@
+"""Rate limits and quotas through the gateway's real HTTP surface (``Gateway`` + ``make_api``), with fake
+backends, a ``MemoryStore`` and an injected clock: 429s and their headers, refunds of short answers (plain
+and streamed), settlement of disconnected and failed requests, concurrency, and store failure policies."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+from arks_ray.api.gateway import Backend, Endpoint, GatewayConfig, Grant, Limit, Quota, QuotaBudget, Token
+from arks_ray.engines import protocol
+from arks_ray.gateway.limits import Counter, Usage
+from arks_ray.gateway.settings import GatewaySettings
+from arks_ray.stores.base import Decision, StoreUnavailable
+from arks_ray.stores.memory import MemoryStore
+from deployments.gateway import Gateway, make_api
+
+NOW = 1_700_000_040.0
+"""A UTC minute boundary."""
+AUTH = {"Authorization": "Bearer sk-alice"}
+CHUNK = 'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+# "hello world!": 12 characters = 3 tokens, + 4 per message: 7 prompt tokens; + max_tokens 50 = 57 reserved.
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello world!"}], "max_tokens": 50}
+ESTIMATE = 57
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackends:
+    """Plays back a scripted protocol stream; may fail before the first item, or hold it until released."""
+
+    def __init__(self) -> None:
+        self.script: list[Any] = []
+        self.answer(7, 50)
+        self.fail: Exception | None = None
+        self.hold = False
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.hang_after_first = False
+
+    def answer(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """From now on, a whole (non-streaming) response with this usage."""
+        self.script = [protocol.response({"usage": {"prompt_tokens": prompt_tokens,
+                                                    "completion_tokens": completion_tokens}})]
+
+    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool) -> AsyncIterator[Any]:
+        script, fail, hold, hang = list(self.script), self.fail, self.hold, self.hang_after_first
+
+        async def gen() -> AsyncIterator[Any]:
+            self.started.set()
+            if hold:
+                await self.release.wait()
+            if fail is not None:
+                raise fail
+            for i, item in enumerate(script):
+                yield item
+                if hang and i == 0:
+                    await asyncio.Event().wait()  # a slow engine: the client leaves first
+
+        return gen()
+
+
+class Metrics:
+    """Records what the gateway reports."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str]] = []
+        self.failures: list[str] = []
+        self.statuses: list[int] = []
+
+    def request(self, model: str, status: int) -> None:
+        self.statuses.append(status)
+
+    def tokens(self, model: str, usage: Usage) -> None:
+        pass
+
+    def limited(self, model: str, kind: str) -> None:
+        self.refusals.append((model, kind))
+
+    def store_failure(self, operation: str) -> None:
+        self.failures.append(operation)
+
+
+class DeadStore(MemoryStore):
+    async def reserve(self, counters: Sequence[Counter], request_id: str, now_ms: int) -> Decision:
+        raise StoreUnavailable("ConnectionError: connection refused")
+
+
+class Setup:
+    """One gateway with one endpoint ``m`` and one token ``alice``, and an async client on its ASGI app."""
+
+    def __init__(self, limits: dict[str, int], quota: Quota | None = None, *, store: MemoryStore | None = None,
+                 policy: str = "failOpen") -> None:
+        self.clock = Clock()
+        self.backends = FakeBackends()
+        self.metrics = Metrics()
+        self.store = store or MemoryStore()
+        self.gateway = Gateway(GatewaySettings(seed=0, failure_policy=policy), self.backends,
+                               store=self.store, metrics=self.metrics, clock=self.clock)
+        grant = Grant(endpoint="m", quota=quota.name if quota else None,
+                      rate_limits=tuple(Limit(type=t, value=v) for t, v in limits.items()))
+        self.config = GatewayConfig(
+            namespace="ns", quotas=(quota,) if quota else (),
+            endpoints=(Endpoint(name="m", backends=(Backend(kind="app", name="app-m", weight=1),)),),
+            tokens=(Token(name="alice", digest=hashlib.sha256(b"sk-alice").hexdigest(), grants=(grant,)),))
+        self.gateway.reconfigure(self.config.model_dump(mode="json"))
+        self.app = make_api(self.gateway)
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway")
+
+    async def post(self, body: dict[str, Any] | None = None, path: str = "/v1/chat/completions") -> httpx.Response:
+        """One request, then its settlement (which runs in the background) is awaited."""
+        resp = await self.client.post(path, json=body or BODY, headers=AUTH)
+        await self.gateway.drain()
+        return resp
+
+    async def usage(self) -> dict[str, dict[str, int]]:
+        return await self.gateway.governor.usage(self.config, self.clock())
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Any]:
+    made: list[Setup] = []
+
+    def factory(*args: Any, **kw: Any) -> Setup:
+        made.append(Setup(*args, **kw))
+        return made[-1]
+
+    yield factory
+    for s in made:
+        await s.client.aclose()
+
+
+def assert_error(resp: httpx.Response, status: int, type_: str) -> None:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == type_
+    if status == 429:
+        assert error["code"] == type_
+
+
+# --- rate limits --------------------------------------------------------------------------------------------
+
+
+async def test_rpm_2_refuses_the_third_request_with_retry_after(make: Any) -> None:
+    s = make({"rpm": 2})
+    first, second = await s.post(), await s.post()
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert (first.headers["x-ratelimit-remaining-requests"], second.headers["x-ratelimit-remaining-requests"]) == (
+        "1", "0")
+    assert first.headers["x-ratelimit-reset-requests"] == "1m1s"
+    assert "x-ratelimit-limit-tokens" not in first.headers
+
+    s.clock.now = NOW + 20.2
+    third = await s.post()
+    assert_error(third, 429, "rate_limit_exceeded")
+    assert third.headers["Retry-After"] == "41"
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"
+    assert s.metrics.refusals == [("m", "rate_limit_exceeded")]
+    assert len(s.metrics.statuses) == 2  # the refused request never reached a backend
+
+    s.clock.now = NOW + 61
+    assert (await s.post()).status_code == 200
+
+
+async def test_token_headers_when_tpm_is_set(make: Any) -> None:
+    s = make({"rpm": 10, "tpm": 1000})
+    resp = await s.post()
+    assert resp.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+    assert resp.headers["x-ratelimit-reset-tokens"] == "1m1s"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+async def test_a_short_answer_is_refunded_in_the_next_remaining(make: Any) -> None:
+    s = make({"tpm": 1000})
+    s.backends.answer(7, 5)
+    assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+    assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 12 - ESTIMATE)
+
+
+async def test_a_short_stream_is_refunded_from_its_usage_control_item(make: Any) -> None:
+    s = make({"tpm": 1000})
+    s.backends.script = [CHUNK, CHUNK, protocol.DONE,
+                         protocol.usage({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, 2)]
+    resp = await s.post({**BODY, "stream": True})
+    assert resp.status_code == 200
+    assert resp.text == CHUNK + CHUNK + protocol.DONE
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+    s.backends.answer(7, 50)
+    assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 10 - ESTIMATE)
+
+
+async def test_a_long_answer_is_charged_in_full(make: Any) -> None:
+    s = make({"tpm": 1000})
+    s.backends.answer(7, 400)
+    await s.post()
+    assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 407 - ESTIMATE)
+
+
+# --- quotas -------------------------------------------------------------------------------------------------
+
+
+async def test_an_exhausted_quota_is_429_insufficient_quota(make: Any) -> None:
+    s = make({}, Quota(name="team", budgets=(QuotaBudget(type="total", value=100),)))
+    assert (await s.post()).status_code == 200
+    assert await s.usage() == {"team": {"total": 57}}
+    resp = await s.post()
+    assert_error(resp, 429, "insufficient_quota")
+    assert "Retry-After" not in resp.headers  # a lifetime quota never comes back by itself
+    assert s.metrics.refusals == [("m", "insufficient_quota")]
+
+
+async def test_a_daily_quota_says_when_it_comes_back(make: Any) -> None:
+    s = make({}, Quota(name="team", period="daily", budgets=(QuotaBudget(type="prompt", value=10),)))
+    assert (await s.post()).status_code == 200
+    resp = await s.post()
+    assert_error(resp, 429, "insufficient_quota")
+    assert resp.headers["Retry-After"] == str(1_700_006_400 - int(NOW))  # 2023-11-15T00:00:00Z
+    s.clock.now = 1_700_006_400.0
+    assert (await s.post()).status_code == 200
+
+
+# --- settlement of what went wrong --------------------------------------------------------------------------
+
+
+async def asgi_stream_until_disconnect(app: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Drive the ASGI app like a server whose client hangs up after the first streamed chunk.
+
+    (The test clients buffer whole responses, so closing one early never reaches the app.)"""
+    sent: list[dict[str, Any]] = []
+    got_chunk = asyncio.Event()
+    request = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if request:
+            return request.pop()
+        await got_chunk.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            got_chunk.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 5000), "server": ("gateway", 80),
+        "headers": [(b"authorization", AUTH["Authorization"].encode()), (b"content-type", b"application/json")],
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return sent
+
+
+async def test_a_stream_cut_by_the_client_is_settled_with_what_was_relayed(make: Any) -> None:
+    s = make({"tpm": 1000, "concurrency": 1}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
+    s.backends.script = [CHUNK, CHUNK, CHUNK, protocol.DONE]
+    s.backends.hang_after_first = True
+    sent = await asgi_stream_until_disconnect(s.app, {**BODY, "stream": True})
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == CHUNK.encode()
+    await s.gateway.drain()
+
+    relayed = Usage(prompt_tokens=7, completion_tokens=1)  # the estimate's prompt, and one event relayed
+    assert await s.usage() == {"team": {"total": relayed.total_tokens}}
+    s.backends.hang_after_first = False
+    s.backends.answer(7, 50)
+    resp = await s.post()  # the lease was released: concurrency 1 admits again
+    assert resp.status_code == 200
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - relayed.total_tokens - ESTIMATE)
+
+
+async def test_a_backend_failure_counts_the_request_but_no_tokens(make: Any) -> None:
+    s = make({"rpm": 10, "tpm": 1000}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
+    s.backends.fail = RuntimeError("actor died")
+    failed = await s.post()
+    assert_error(failed, 503, "server_error")
+    assert await s.usage() == {"team": {"total": 0}}
+    s.backends.fail = None
+    resp = await s.post()
+    assert resp.headers["x-ratelimit-remaining-requests"] == "8"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+
+
+async def test_an_engine_error_counts_the_request_but_no_tokens(make: Any) -> None:
+    s = make({"rpm": 10, "tpm": 1000})
+    s.backends.script = [protocol.error(400, "max_tokens is too large", param="max_tokens")]
+    assert_error(await s.post(), 400, "invalid_request_error")
+    s.backends.answer(7, 50)
+    resp = await s.post()
+    assert resp.headers["x-ratelimit-remaining-requests"] == "8"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+
+
+# --- concurrency --------------------------------------------------------------------------------------------
+
+
+async def test_concurrency_1_refuses_a_second_request_in_flight(make: Any) -> None:
+    s = make({"concurrency": 1})
+    s.backends.hold = True
+    first = asyncio.create_task(s.client.post("/v1/chat/completions", json=BODY, headers=AUTH))
+    await asyncio.wait_for(s.backends.started.wait(), timeout=5)
+    second = await s.client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    assert_error(second, 429, "rate_limit_exceeded")
+    assert second.headers["Retry-After"] == "1"
+    s.backends.release.set()
+    assert (await asyncio.wait_for(first, timeout=5)).status_code == 200
+    await s.gateway.drain()
+    assert (await s.post()).status_code == 200
+
+
+async def test_a_request_cancelled_before_its_first_token_frees_its_slot(make: Any) -> None:
+    """What Serve does when the client leaves while the engine is still queueing or prefilling."""
+    s = make({"rpm": 10, "tpm": 1000, "concurrency": 1})
+    s.backends.hold = True
+    waiting = asyncio.create_task(s.client.post("/v1/chat/completions", json=BODY, headers=AUTH))
+    await asyncio.wait_for(s.backends.started.wait(), timeout=5)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await s.gateway.drain()
+    s.backends.release.set()
+    resp = await s.post()
+    assert resp.status_code == 200
+    assert resp.headers["x-ratelimit-remaining-requests"] == "8"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
+
+
+# --- store failures -----------------------------------------------------------------------------------------
+
+
+async def test_a_dead_store_under_fail_open_lets_requests_through_uncounted(make: Any) -> None:
+    s = make({"rpm": 1}, store=DeadStore())
+    for _ in range(3):
+        resp = await s.post()
+        assert resp.status_code == 200
+        assert "x-ratelimit-limit-requests" not in resp.headers
+    assert s.metrics.failures == ["reserve"] * 3
+
+
+async def test_a_dead_store_under_fail_closed_is_503_with_retry_after(make: Any) -> None:
+    s = make({"rpm": 1}, store=DeadStore(), policy="failClosed")
+    resp = await s.post()
+    assert_error(resp, 503, "server_error")
+    assert resp.headers["Retry-After"] == "1"
+    assert s.metrics.failures == ["reserve"]
