@@ -18,6 +18,7 @@ from arks_ray.api.crds import all_crds
 from arks_ray.api.gateway import GATEWAY_APP
 from arks_ray.api.loading import Loaded, load_yaml
 from arks_ray.errors import Problem
+from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.render import Rendered, render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arks on Ray Serve and KubeRay.")
@@ -138,6 +139,7 @@ def up_cmd(
     redis_url: Annotated[str | None, typer.Option(help="Counter store for limits and quotas.")] = None,
     gateway_replicas: Annotated[int, typer.Option(help="Gateway ingress replicas.")] = 1,
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
+    rate_limit_algorithm: Annotated[str, typer.Option(help="slidingWindow or fixedWindow (Arks).")] = "slidingWindow",
 ) -> None:
     """Run the rendered Serve config on a local Ray (started if needed) and wait until it serves."""
     from arks_ray.local import runner
@@ -145,9 +147,14 @@ def up_cmd(
     t0 = time.monotonic()
     loaded = load_files(filename, namespace)
     _report([p for p in loaded.problems if p.severity == "warning"])
-    settings: dict[str, Any] = {"failure_policy": failure_policy}
+    settings: dict[str, Any] = {"failure_policy": failure_policy, "rate_limit_algorithm": rate_limit_algorithm}
     if redis_url:
         settings["redis_url"] = redis_url
+    try:
+        GatewaySettings.model_validate(settings)
+    except ValueError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(2) from None
     try:
         plan = runner.plan(loaded, namespace or "default", port, gateway_settings=settings,
                            gateway_replicas=gateway_replicas)
