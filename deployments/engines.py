@@ -59,6 +59,22 @@ def _llm_server_class() -> type:
     class ArksLLMServer(LLMServer):  # type: ignore[misc, valid-type]
         """Ray's LLMServer with the gateway protocol on top."""
 
+        def _batch_output_stream(self, generator: Any) -> Any:
+            # Ray batches stream chunks every 50 ms, which also holds back the first one; send the first
+            # chunk at once (time to first token) and batch the rest as Ray does.
+            batch = super()._batch_output_stream
+
+            async def first_then_batched() -> AsyncIterator[list[Any]]:
+                try:
+                    first = await generator.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield [first]
+                async for items in batch(generator):
+                    yield items
+
+            return first_then_batched()
+
         async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
                 str | dict[str, Any]]:
             try:
@@ -75,6 +91,11 @@ def _llm_server_class() -> type:
             except ValidationError as exc:
                 message, param = _validation_message(exc)
                 yield protocol.error(400, message, param=param)
+                return
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                # vLLM's "before" validators can raise these directly on ill-typed input (e.g. a number
+                # for messages); pydantic only wraps ValueError. Either way it is the client's mistake.
+                yield protocol.error(400, f"invalid request: {type(exc).__name__}: {exc}")
                 return
             stream = await getattr(self, kind)(request)
             meter = protocol.StreamMeter(client_usage)

@@ -60,11 +60,12 @@ class ServeBackends:
             from ray import serve
 
             try:
-                handle = serve.get_app_handle(backend.name).options(stream=True)
+                # One configured handle per app, reused: options() builds a new handle each call.
+                handle = serve.get_app_handle(backend.name).options(stream=True, method_name="generate")
             except Exception as exc:  # the app is missing or not deployed yet
                 raise BackendUnavailable(f"backend {backend.name!r} is not available: {exc}") from None
             self._handles[backend.name] = handle
-        return handle.generate.remote(kind, body, client_usage)
+        return handle.remote(kind, body, client_usage)
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -193,7 +194,7 @@ class Gateway:
             logger.warning("backend %s failed before its first byte: %s", backend.name, exc)
             raise BackendUnavailable(f"backend {backend.name!r} failed: {type(exc).__name__}") from None
         if isinstance(first, dict):
-            _cancel(gen)
+            # A whole response or an error is the engine's last item: nothing left to cancel.
             status = int(first.get("status", 502))
             payload = first.get("body", {})
             est = admission.estimate
@@ -214,6 +215,7 @@ class Gateway:
         final: dict[str, Any] | None = None
         events = first.count("data: {")
         status = 200
+        finished = False
         try:
             yield first
             async for item in iterator:
@@ -227,8 +229,10 @@ class Gateway:
                     # Headers are gone: report in-band, as vLLM does, then end the stream properly.
                     yield f"data: {json.dumps(item.get('body', {}))}\n\n" + protocol.DONE
                     return
+            finished = True
         finally:
-            _cancel(gen)
+            if not finished:
+                _cancel(gen)  # the client left, or the stream failed: stop the engine's work
             # Disconnects and failures are charged what was generated: the engine's own count when it
             # finished, else the events relayed (the first carries only the role: a 1-token overcount).
             counted = int(final["completion_tokens"]) if final else events
@@ -239,6 +243,8 @@ class Gateway:
     def _settle(self, admission: Admission, model: str, usage: Usage) -> None:
         """Settle in the background: it must run even when the request's task is being cancelled."""
         self.metrics.tokens(model, usage)
+        if not admission.counted:
+            return
         task = asyncio.get_running_loop().create_task(self.governor.settle(admission, usage))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)

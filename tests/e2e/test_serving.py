@@ -7,23 +7,20 @@ for every auth case, and the hot-reload tests redeploy it with only the gateway'
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from arks_ray.api.loading import load_yaml
 from arks_ray.local import runner
+from tests.support.redis_server import free_port
+from tests.support.stack import DEMO_TOKEN, bring_up, make_plan
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs/examples/local-demo.yaml"
-TOKEN = "sk-arks-demo-local-only"
+TOKEN = DEMO_TOKEN
 EXTRA = """
 apiVersion: arks.ai/v1
 kind: ArksEndpoint
@@ -55,26 +52,12 @@ spec:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_plan(extra: str, port: int) -> runner.LocalPlan:
-    loaded = load_yaml(DEMO.read_text() + "\n---\n" + extra)
-    runner.ensure_local_models(loaded)
-    return runner.plan(loaded, "default", port)
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[dict[str, Any]]:
     port = free_port()
     plan = make_plan(EXTRA, port)
-    runner.start_ray(plan.num_cpus, plan.resources)
     try:
-        runner.deploy(plan.serve_config)
-        runner.wait_ready(["gateway", *plan.engine_apps], timeout_s=600, progress=print)
+        bring_up(plan)
         yield {"port": port, "base": f"http://127.0.0.1:{port}", "plan": plan}
     finally:
         runner.down()
