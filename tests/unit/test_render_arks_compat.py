@@ -17,14 +17,15 @@ import yaml
 
 from arks_ray.api.loading import Loaded, load_documents, load_yaml
 from arks_ray.render import Rendered, render
+from tests.support.paths import KUBERAY_RAYSERVICE_CRD, SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "arks"
 SAMPLES = FIXTURES / "samples"
 QUICKSTART = FIXTURES / "quickstart.yaml"
 EXAMPLES = ROOT / "configs" / "examples"
-KUBERAY_CRDS = Path("/work/shared/schemas/kuberay-v1.7.0")
-REFERENCE = Path("/work/shared/reference/arks.md")
+KUBERAY_CRDS = KUBERAY_RAYSERVICE_CRD.parent
+REFERENCE = SHARED / "reference/arks.md"
 K8S_VERSION = "1.35"
 APP_SAMPLES = ("arks_v1_arksapplication_vllm.yaml", "arks_v1_arksapplication_sglang.yaml",
                "arks_v1_arksapplication_dynamon.yaml")
