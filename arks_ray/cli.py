@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
@@ -21,6 +22,7 @@ from arks_ray.errors import Problem
 from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.render import Rendered, render
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arks on Ray Serve and KubeRay.")
 
 FilesOpt = Annotated[list[str], typer.Option("-f", "--filename", help="Manifest file ('-' for stdin); repeatable.")]
@@ -252,6 +254,26 @@ def chat_cmd(
     typer.echo("")
 
 
+def _with_store(redis_url: str, action: Callable[[Any], Awaitable[T]], failure: str) -> T:
+    """Run one async action against a RedisStore, closing it after; store errors exit 1 with one line."""
+    import asyncio
+
+    from arks_ray.stores.redis import RedisStore
+
+    async def run() -> T:
+        store = RedisStore(redis_url)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except Exception as exc:
+        _err(f"error: {failure}: {exc}")
+        raise typer.Exit(1) from None
+
+
 quota_app = typer.Typer(no_args_is_help=True, help="Inspect or reset quota usage in the counter store.")
 app.add_typer(quota_app, name="quota")
 RedisOpt = Annotated[str, typer.Option("--redis-url", help="The gateway's counter store, e.g. redis://host:6379/0.")]
@@ -260,29 +282,17 @@ RedisOpt = Annotated[str, typer.Option("--redis-url", help="The gateway's counte
 @quota_app.command("status")
 def quota_status_cmd(filename: FilesOpt, redis_url: RedisOpt, namespace: NamespaceOpt = None) -> None:
     """Usage of every quota in the manifests, for the current period, read from the store."""
-    import asyncio
-
     from arks_ray.gateway.governor import Governor
-    from arks_ray.stores.redis import RedisStore
 
     _, results, problems = render_files(filename, namespace)
     _report([p for p in problems if p.severity == "error"])
 
-    async def read() -> list[tuple[str, str, dict[str, int]]]:
-        store = RedisStore(redis_url)
-        try:
-            governor = Governor(store)
-            return [(r.namespace, name, usage) for r in results
-                    for name, usage in (await governor.usage(r.gateway, time.time())).items()]
-        finally:
-            await store.close()
+    async def read(store: Any) -> list[tuple[str, str, dict[str, int]]]:
+        governor = Governor(store)
+        return [(r.namespace, name, usage) for r in results
+                for name, usage in (await governor.usage(r.gateway, time.time())).items()]
 
-    try:
-        rows = asyncio.run(read())
-    except Exception as exc:
-        _err(f"error: cannot read the store: {exc}")
-        raise typer.Exit(1) from None
-    for ns, name, usage in rows:
+    for ns, name, usage in _with_store(redis_url, read, "cannot read the store"):
         typer.echo(f"{ns}/{name}: " + ", ".join(f"{k}={v}" for k, v in usage.items()))
 
 
@@ -295,22 +305,11 @@ def quota_reset_cmd(
     """Delete every counter of one quota (all types and periods): usage starts again from zero.
 
     In a cluster, also clear the ArksQuota's status, or the gateway restores the recorded usage."""
-    import asyncio
+    async def reset(store: Any) -> int:
+        deleted: int = await store.delete_prefix(f"arks:{namespace}:quota:{name}:")
+        return deleted
 
-    from arks_ray.stores.redis import RedisStore
-
-    async def reset() -> int:
-        store = RedisStore(redis_url)
-        try:
-            return await store.delete_prefix(f"arks:{namespace}:quota:{name}:")
-        finally:
-            await store.close()
-
-    try:
-        count = asyncio.run(reset())
-    except Exception as exc:
-        _err(f"error: cannot reset the quota: {exc}")
-        raise typer.Exit(1) from None
+    count = _with_store(redis_url, reset, "cannot reset the quota")
     typer.echo(f"reset {namespace}/{name}: {count} counter(s) deleted")
 
 

@@ -198,6 +198,15 @@ def warn_instance_replicas(info: ValidationInfo, path: str, inst: InstanceSpec |
 
 NonNegInt = Annotated[int, Field(ge=0)]
 
+
+def require_unique(values: list[str], path: str) -> None:
+    """Refuse a list with a repeated value, naming the first repeat's path (e.g. ``quotas[2].type``)."""
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ValueError(f"{path.format(i=i)}: {value} is listed twice")
+        seen.add(value)
+
 __all__ = [
     "API_VERSION",
     "GROUP",
@@ -214,6 +223,7 @@ __all__ = [
     "SecretKeyReference",
     "Spec",
     "Status",
+    "require_unique",
     "warn",
     "warn_instance_replicas",
 ]

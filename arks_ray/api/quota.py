@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from arks_ray.api.common import Condition, ObjectMeta, Spec, Status
+from arks_ray.api.common import Condition, ObjectMeta, Spec, Status, require_unique
 
 QuotaType = Literal["prompt", "response", "total", "cost"]
 QuotaPeriod = Literal["lifetime", "daily", "monthly"]
@@ -32,11 +32,7 @@ class ArksQuotaSpec(Spec):
 
     @model_validator(mode="after")
     def _unique(self) -> ArksQuotaSpec:
-        seen: set[str] = set()
-        for i, q in enumerate(self.quotas):
-            if q.type in seen:
-                raise ValueError(f"quotas[{i}].type: {q.type} is listed twice")
-            seen.add(q.type)
+        require_unique([q.type for q in self.quotas], "quotas[{i}].type")
         return self
 
 

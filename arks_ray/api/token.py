@@ -19,6 +19,7 @@ from arks_ray.api.common import (
     SecretKeyReference,
     Spec,
     Status,
+    require_unique,
 )
 
 RateLimitType = Literal["rpm", "rph", "rpd", "tpm", "tph", "tpd", "concurrency"]
@@ -40,11 +41,7 @@ class QoS(Spec):
 
     @model_validator(mode="after")
     def _unique_types(self) -> QoS:
-        seen: set[str] = set()
-        for i, limit in enumerate(self.rate_limits):
-            if limit.type in seen:
-                raise ValueError(f"rateLimits[{i}].type: {limit.type} is listed twice")
-            seen.add(limit.type)
+        require_unique([limit.type for limit in self.rate_limits], "rateLimits[{i}].type")
         return self
 
 
@@ -62,11 +59,7 @@ class ArksTokenSpec(Spec):
     def _one_secret(self) -> ArksTokenSpec:
         if (self.token is None) == (self.token_secret_ref is None):
             raise ValueError("set exactly one of token and tokenSecretRef")
-        seen: set[str] = set()
-        for i, q in enumerate(self.qos):
-            if q.arks_endpoint.name in seen:
-                raise ValueError(f"qos[{i}].arksEndpoint.name: {q.arks_endpoint.name} is listed twice")
-            seen.add(q.arks_endpoint.name)
+        require_unique([q.arks_endpoint.name for q in self.qos], "qos[{i}].arksEndpoint.name")
         return self
 
 
