@@ -149,9 +149,26 @@ def ray_running() -> bool:
     return True
 
 
+def missing_resources(resources: dict[str, float]) -> list[str]:
+    """Custom resources the running local Ray does not offer (it was started for another config)."""
+    import ray
+
+    _auth_env()
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        total = ray.cluster_resources()
+    finally:
+        ray.shutdown()
+    return sorted(name for name in resources if name not in total)
+
+
 def start_ray(num_cpus: int, resources: dict[str, float]) -> bool:
     """Start a local head node unless one answers already; True if this call started it."""
     if ray_running():
+        missing = missing_resources(resources)
+        if missing:
+            raise LocalError(f"the running Ray lacks the resources {', '.join(missing)} this config needs "
+                             "(its worker groups changed); run `arks-ray down` first")
         return False
     cmd = [_ray_bin(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
            f"--resources={json.dumps(resources)}", "--include-dashboard=true",
