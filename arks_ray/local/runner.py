@@ -151,12 +151,14 @@ def ray_running() -> bool:
 
 def missing_resources(resources: dict[str, float]) -> list[str]:
     """Custom resources the running local Ray does not offer (it was started for another config)."""
+    import logging
+
     import ray
 
     _auth_env()
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
     try:
-        total = ray.cluster_resources()
+        total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     finally:
         ray.shutdown()
     return sorted(name for name in resources if name not in total)
