@@ -143,7 +143,7 @@ class Gateway:
 
     async def restore_quota_usage(self) -> int:
         """Put usage that ArksQuota status recorded back into the store if the store lost it."""
-        raised = await self.governor.restore_floors(self.index.config, self.clock())
+        raised = await self.governor.restore_floors_until_done(self.index.config, self.clock)
         if raised:
             logger.warning("restored %d quota counter(s) from ArksQuota status", raised)
         return raised
@@ -335,10 +335,12 @@ class GatewayDeployment:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.gateway = Gateway(settings, ServeBackends(), store=make_store(settings), metrics=ServeMetrics())
+        self._restoring: asyncio.Task[int] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.gateway.reconfigure(user_config)
-        await self.gateway.restore_quota_usage()
+        # In the background: a restore may have to wait for Redis, and reconfigure must not block.
+        self._restoring = asyncio.get_running_loop().create_task(self.gateway.restore_quota_usage())
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.gateway)

@@ -8,6 +8,7 @@ each one is reported to the ``on_store_failure`` hook, which the ingress turns i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
@@ -135,7 +136,26 @@ class Governor:
             logger.warning("settlement of %s lost (store unavailable): %s", admission.request_id, exc)
 
     async def restore_floors(self, config: GatewayConfig, now: float) -> int:
-        """Raise quota counters to the usage ArksQuota status recorded (after Redis lost data)."""
+        """Raise quota counters to the usage ArksQuota status recorded (after Redis lost data).
+
+        Stops at the first store failure; ``restore_floors_until_done`` retries."""
+        raised, _ = await self._restore(config, now)
+        return raised
+
+    async def restore_floors_until_done(self, config: GatewayConfig, clock: Callable[[], float],
+                                        attempts: int = 10, delay_s: float = 1.0) -> int:
+        """``restore_floors`` until one pass completes: Redis is often just back when this is needed."""
+        total = 0
+        for _ in range(attempts):
+            raised, complete = await self._restore(config, clock())
+            total += raised
+            if complete:
+                return total
+            await asyncio.sleep(delay_s)
+        logger.error("quota usage from ArksQuota status could not be restored after %d attempts", attempts)
+        return total
+
+    async def _restore(self, config: GatewayConfig, now: float) -> tuple[int, bool]:
         raised = 0
         for quota in config.quotas:
             end = period_end(quota.period, now)
@@ -148,8 +168,8 @@ class Governor:
                     raised += int(await self.store.raise_floor(key, floor.value, ttl))
                 except StoreUnavailable:
                     self.on_store_failure("restore")
-                    return raised
-        return raised
+                    return raised, False
+        return raised, True
 
     async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]:
         """Current usage per quota and type (for ArksQuota status and ``arks-ray quota``)."""

@@ -14,6 +14,9 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from arks_ray.gateway.limits import Counter
@@ -36,7 +39,10 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections,
             timeout=timeout_s)
-        self._redis: Any = aioredis.Redis(connection_pool=pool)
+        # After a Redis restart every pooled connection is stale: retry once on a fresh connection, so
+        # the first call after a restart does not fail (the overall bound is still timeout_s * 2).
+        self._redis: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1),
+                                          retry_on_error=[RedisConnectionError])
         self._reserve = self._redis.register_script(_script("reserve.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._floor = self._redis.register_script(_script("floor.lua"))
