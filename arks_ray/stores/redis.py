@@ -36,13 +36,13 @@ class RedisStore:
         self.timeout_s = timeout_s
         # A blocking pool: a burst beyond max_connections waits for a connection (within the timeout)
         # instead of failing, which under failOpen would admit requests uncounted.
+        # After a Redis restart every pooled connection is stale: retry once on a fresh connection, so
+        # the first call after a restart does not fail (the overall bound is still timeout_s * 2). The
+        # retry must be the pool's: redis-py ignores a client's retry settings when given a pool.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections,
-            timeout=timeout_s)
-        # After a Redis restart every pooled connection is stale: retry once on a fresh connection, so
-        # the first call after a restart does not fail (the overall bound is still timeout_s * 2).
-        self._redis: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1),
-                                          retry_on_error=[RedisConnectionError])
+            timeout=timeout_s, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
         self._reserve = self._redis.register_script(_script("reserve.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._floor = self._redis.register_script(_script("floor.lua"))

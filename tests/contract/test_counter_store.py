@@ -365,6 +365,19 @@ async def test_a_dead_redis_fails_fast_and_a_restarted_one_works_again(
 
 
 @pytest.mark.integration
+async def test_the_first_call_after_a_restart_succeeds_on_stale_pooled_connections(
+        redis_store: RedisStore, redis_control: RedisServer) -> None:
+    counters = [rpm(5)]
+    # Several pooled connections, all idle when Redis restarts: each one is stale afterwards.
+    await asyncio.gather(*(redis_store.reserve(counters, f"warm-{i}", T0) for i in range(8)))
+    redis_control.kill()
+    redis_control.start()
+    # Concurrent, so that they take distinct stale connections; none may fail, and the limit holds.
+    decisions = await asyncio.gather(*(redis_store.reserve(counters, f"after-{i}", T0 + 1) for i in range(8)))
+    assert sum(d.admitted for d in decisions) == 5
+
+
+@pytest.mark.integration
 async def test_every_call_on_a_dead_redis_raises_store_unavailable(
         redis_store: RedisStore, redis_control: RedisServer) -> None:
     counters = [rpm(5), total(100, 1)]
