@@ -134,6 +134,15 @@ def _auth_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def _ensure_auth_token() -> None:
+    # `ray start` in token mode refuses to create a token (ray.init would); on a fresh machine there is
+    # none yet. `get-auth-token --generate` keeps an existing one and prints the token, which stays unread.
+    proc = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,  # noqa: S603
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise LocalError(f"could not create the local Ray auth token:\n{proc.stderr}")
+
+
 def _client() -> Any:
     _auth_env()
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -176,6 +185,7 @@ def start_ray(num_cpus: int, resources: dict[str, float]) -> bool:
            f"--resources={json.dumps(resources)}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
     _auth_env()
+    _ensure_auth_token()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - our own ray binary
     if proc.returncode != 0:
         raise LocalError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
