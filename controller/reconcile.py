@@ -1,0 +1,171 @@
+"""``reconcile_namespace``: read one namespace, plan (pure), write only what differs. Level-triggered.
+
+Called by the scheduler (``controller.scheduling``) for every event, the drift and status ticks and the
+operator's start: all of them are the same call, so there is no create/update/resume distinction to
+get wrong. It is idempotent: run twice on an unchanged namespace, the second run writes nothing.
+
+Reads happen in two concurrent rounds (the Arks objects and the RayService; then the Secrets, PVCs,
+Jobs and quota usage those objects point at); then ``controller.plans`` decides; then the writes run
+phase by phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from arks_ray.api import load_documents
+from arks_ray.api.gateway import GatewayConfig
+from arks_ray.render.names import RAYSERVICE_NAME
+from arks_ray.stores.base import StoreUnavailable
+from controller import errors
+from controller.kube import ARKS_KINDS, KubeClient
+from controller.meta import MANAGED_BY, name_of
+from controller.metrics import Metrics
+from controller.plans import Observed, Plan, plan_namespace
+from controller.settings import ControllerSettings
+from controller.snapshot import Snapshot, take
+from controller.writes import Write
+
+logger = logging.getLogger("controller.reconcile")
+
+
+class UsageReader(Protocol):
+    """Quota usage per quota and type (``arks_ray.gateway.governor.Governor`` is one)."""
+
+    async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]: ...
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did."""
+
+    namespace: str
+    writes: list[Write] = field(default_factory=list)
+    requeue_after: float | None = None
+    empty: bool = False
+    errors: int = 0
+    warnings: int = 0
+    secrets: set[str] = field(default_factory=set)
+    """Secrets the namespace's tokens read (the Secret watch filters on them)."""
+    plan: Plan | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent reading, planning (pure CPU) and writing."""
+
+
+async def _secrets(kube: KubeClient, ns: str, names: set[str]) -> list[dict[str, Any]]:
+    if not names:
+        return []
+    # One list instead of a get per token; the values are dropped right away, except those referenced.
+    return [s for s in await kube.list("Secret", ns) if name_of(s) in names]
+
+
+async def _pvc(kube: KubeClient, ns: str, name: str) -> tuple[str, dict[str, Any] | None]:
+    return name, await kube.get("PersistentVolumeClaim", ns, name)
+
+
+async def _usage(reader: UsageReader | None, config: GatewayConfig | None, now: float,
+                 metrics: Metrics | None) -> dict[str, dict[str, int]] | None:
+    if reader is None or config is None:
+        return None
+    try:
+        return await reader.usage(config, now)
+    except StoreUnavailable as exc:
+        # Status keeps its last values; the next status tick tries again.
+        logger.warning("quota usage not mirrored in %s: %s", config.namespace, exc)
+        if metrics is not None:
+            metrics.store_failures.inc()
+        return None
+
+
+async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: float,
+                  metrics: Metrics | None = None) -> tuple[Snapshot, Observed]:
+    """Both rounds of reads."""
+    lists, rayservice = await asyncio.gather(asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
+                                             kube.get("RayService", ns, RAYSERVICE_NAME))
+    snap = take(ns, [o for items in lists for o in items])
+    secrets, pvcs, jobs, usage = await asyncio.gather(
+        _secrets(kube, ns, snap.secret_names()),
+        asyncio.gather(*(_pvc(kube, ns, n) for n in sorted(snap.pvc_names()))),
+        kube.list("Job", ns, MANAGED_BY) if snap.downloads() else _nothing(),
+        _usage(reader, snap.quota_config(), now, metrics))
+    if secrets:
+        found = load_documents(secrets, ns)
+        snap.loaded.secrets.extend(found.secrets)
+    return snap, Observed(rayservice, dict(pvcs), jobs, usage)
+
+
+async def _nothing() -> list[dict[str, Any]]:
+    return []
+
+
+async def _write(kube: KubeClient, w: Write) -> bool:
+    """One write; False when there was nothing to do after all (someone else got there first)."""
+    body = dict(w.body or {})
+    try:
+        if w.verb == "apply":
+            await kube.apply(body)
+        elif w.verb == "create":
+            await kube.create(body)
+        elif w.verb == "delete":
+            return await kube.delete(w.kind, w.namespace, w.name)
+        else:
+            await kube.patch(w.kind, w.namespace, w.name, body, status=w.verb == "status")
+    except errors.Conflict:
+        if w.verb != "create":
+            raise
+        # Created meanwhile (a PVC made by hand, a second operator during a rollout): the next
+        # reconcile reads it and goes on.
+        logger.info("%s: already exists", w)
+        return False
+    except errors.NotFound:
+        if w.verb not in ("status", "patch"):
+            raise
+        logger.info("%s: the object is gone", w)  # deleted between the read and the write
+        return False
+    logger.info("%s", w)
+    return True
+
+
+async def execute(kube: KubeClient, plan: Plan) -> list[Write]:
+    """Run the phases in order, each phase's writes concurrently; fail after the phase that failed."""
+    done: list[Write] = []
+    for phase in plan.phases:
+        results = await asyncio.gather(*(_write(kube, w) for w in phase), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        done += [w for w, r in zip(phase, results, strict=True) if r is True]
+        if failures:
+            # Later phases depend on this one (e.g. a finalizer is released only after the RayService
+            # without the app was applied), so stop here and let the scheduler retry the whole plan.
+            raise failures[0]
+    return done
+
+
+async def reconcile_namespace(kube: KubeClient, namespace: str, settings: ControllerSettings, *,
+                              usage: UsageReader | None = None, now: float | None = None,
+                              metrics: Metrics | None = None) -> Outcome:
+    """Bring one namespace to the state its Arks objects describe; return what was written."""
+    now = time.time() if now is None else now
+    started = time.perf_counter()
+    snap, seen = await observe(kube, namespace, usage, now, metrics)
+    read = time.perf_counter()
+    plan = plan_namespace(snap, seen, options=settings.render, now=now, finalizer=settings.finalizer,
+                          download_backoff=settings.timing.download_backoff)
+    planned = time.perf_counter()
+    written = await execute(kube, plan)
+    timings = {"read": read - started, "plan": planned - read, "write": time.perf_counter() - planned}
+    problems = [p for found in snap.problems.values() for p in found]
+    outcome = Outcome(namespace, written, plan.requeue_after, plan.empty,
+                      errors=sum(p.severity == "error" for p in problems),
+                      warnings=sum(p.severity != "error" for p in problems),
+                      secrets=snap.secret_names(), plan=plan, timings=timings)
+    if metrics is not None:
+        for w in written:
+            metrics.writes.labels(w.kind, w.verb).inc()
+        metrics.problems.labels(namespace, "error").set(outcome.errors)
+        metrics.problems.labels(namespace, "warning").set(outcome.warnings)
+    return outcome
+

@@ -1,0 +1,161 @@
+"""Operator settings, as plain dataclasses with a docstring on every field (kopf's style).
+
+Built once by ``controller.__main__`` from the command line and the environment, and passed down to
+the handlers, the scheduler and the reconciler; tests build them directly. Importing this module
+reads nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from urllib.parse import quote
+
+from arks_ray.render import RenderOptions
+
+FIELD_MANAGER = "arks-ray"
+FINALIZER = "arks.ai/serve-app"
+
+
+@dataclasses.dataclass
+class TimingSettings:
+    """When reconciles run, and how failures are retried."""
+
+    debounce: float = 0.2
+    """Seconds to wait after the first event of a burst before reconciling its namespace. ``kubectl
+    apply -f`` of five objects is five events; they become one reconcile."""
+
+    drift_interval: float = 300.0
+    """Seconds between full reconciles of every known namespace, whatever happened. It repairs drift
+    (someone edited the RayService) and anything a missed watch event left behind."""
+
+    status_interval: float = 30.0
+    """Seconds between reconciles of namespaces that hold ArksQuotas, to mirror usage from the counter
+    store (which sends no events). Only used when ``redis_url`` is set."""
+
+    max_concurrent: int = 4
+    """Namespaces reconciled at the same time. Each reconcile holds a few API requests in flight."""
+
+    retry_backoff: tuple[float, float] = (1.0, 300.0)
+    """First and largest delay, in seconds, before retrying a failed reconcile (doubling in between)."""
+
+    download_backoff: tuple[float, float] = (60.0, 3600.0)
+    """First and largest delay before re-creating a failed model download Job (doubling per failure).
+    The Job already retried its pod ``backoffLimit`` times, so these are long."""
+
+
+@dataclasses.dataclass
+class NetworkingSettings:
+    """Timeouts of API requests, for kopf's watches and for the operator's own client.
+
+    Set explicitly, as dask-kubernetes does: kopf's defaults wait for the server (minutes) and a
+    half-open connection then stalls the operator silently (nolar/kopf#585, #847)."""
+
+    request_timeout: float = 30.0
+    """Seconds for one API request (reads and writes) before it is abandoned and retried."""
+
+    connect_timeout: float = 10.0
+    """Seconds to establish a connection to the API server."""
+
+    watch_server_timeout: float = 300.0
+    """Seconds the API server keeps one watch request open; kopf then re-establishes it."""
+
+    watch_client_timeout: float = 330.0
+    """Seconds the client waits on one watch request (a little more than the server's)."""
+
+
+@dataclasses.dataclass
+class ControllerSettings:
+    """Everything the operator process needs that no Arks object carries."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch. Empty means cluster-wide (the chart's default, with a ClusterRole)."""
+
+    field_manager: str = FIELD_MANAGER
+    """Server-side-apply field manager of every write, so ``kubectl`` shows who owns which field."""
+
+    finalizer: str = FINALIZER
+    """Finalizer on ArksApplications (and disaggregated ones): deletion waits until the Serve
+    application is gone from the RayService."""
+
+    redis_url: str | None = None
+    """Counter store to mirror quota usage from into ``ArksQuota.status``. None: no mirroring (the
+    embedded in-memory store lives inside the gateway, out of the operator's reach)."""
+
+    render: RenderOptions = dataclasses.field(default_factory=RenderOptions)
+    """Images, head sizing and gateway settings passed to ``arks_ray.render``."""
+
+    timing: TimingSettings = dataclasses.field(default_factory=TimingSettings)
+    """Debounce, drift and status intervals, and retry backoffs."""
+
+    networking: NetworkingSettings = dataclasses.field(default_factory=NetworkingSettings)
+    """API request and watch timeouts."""
+
+    standalone: bool = True
+    """Run without kopf peering. The chart runs one replica with ``strategy: Recreate``; two operators
+    at once would both write (kopf's peering would instead freeze both at equal priority)."""
+
+    watch_secrets: bool = True
+    """Watch Secrets, so a rotated ``tokenSecretRef`` reaches the gateway in seconds. Off: rotation
+    takes effect at the next drift reconcile, and the RBAC needs only ``get``/``list`` on Secrets."""
+
+    dynamic_scanning: bool = False
+    """Let kopf watch CustomResourceDefinitions and Namespaces. Off (default): the CRDs (and KubeRay's)
+    must exist when the operator starts, and the RBAC needs no access to either."""
+
+    metrics_port: int | None = 8080
+    """Port of the Prometheus ``/metrics`` endpoint; None disables it."""
+
+    health_port: int | None = 8081
+    """Port of kopf's liveness endpoint (``/healthz``); None disables it."""
+
+    kubeconfig: str | None = None
+    """Kubeconfig file outside a cluster; None: in-cluster config, else ``$KUBECONFIG``/``~/.kube/config``."""
+
+    context: str | None = None
+    """Kubeconfig context to use (with ``kubeconfig``, or the default file)."""
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def from_env(env: Mapping[str, str], base: ControllerSettings | None = None) -> ControllerSettings:
+    """Overlay ``ARKS_*`` environment variables (as set by the Helm chart) on ``base``."""
+    s = dataclasses.replace(base) if base else ControllerSettings()
+    s.timing = dataclasses.replace(s.timing)
+    if env.get("ARKS_NAMESPACES"):
+        s.namespaces = _split(env["ARKS_NAMESPACES"])
+    if env.get("ARKS_REDIS_URL"):
+        s.redis_url = with_password(env["ARKS_REDIS_URL"], env.get("ARKS_REDIS_PASSWORD"))
+    if env.get("ARKS_WATCH_SECRETS"):
+        s.watch_secrets = env["ARKS_WATCH_SECRETS"].strip().lower() in ("1", "true", "yes")
+    if env.get("ARKS_DRIFT_INTERVAL"):
+        s.timing = dataclasses.replace(s.timing, drift_interval=float(env["ARKS_DRIFT_INTERVAL"]))
+    images: dict[str, str] = {}
+    for runtime in ("vllm", "sglang", "dynamo"):
+        value = env.get(f"ARKS_RUNTIME_IMAGE_{runtime.upper()}")
+        if value:
+            images[runtime] = value
+    changes: dict[str, object] = {}
+    if images:
+        changes["runtime_images"] = {**s.render.runtime_images, **images}
+    for var, key in (("ARKS_HEAD_IMAGE", "head_image"), ("ARKS_DOWNLOADER_IMAGE", "downloader_image"),
+                     ("ARKS_RAY_VERSION", "ray_version")):
+        if env.get(var):
+            changes[key] = env[var]
+    if env.get("ARKS_GATEWAY_REDIS_URL"):
+        # The gateway runs in the tenant's Ray pods: the URL (with the password) is part of its Serve config.
+        url = with_password(env["ARKS_GATEWAY_REDIS_URL"], env.get("ARKS_REDIS_PASSWORD"))
+        changes["gateway_settings"] = {**s.render.gateway_settings, "redis_url": url}
+    if changes:
+        s.render = dataclasses.replace(s.render, **changes)  # type: ignore[arg-type]
+    return s
+
+
+def with_password(url: str, password: str | None) -> str:
+    """Insert a password into a ``redis://host`` URL that has none (the chart keeps it in a Secret)."""
+    if not password or "@" in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://:{quote(password, safe='')}@{rest}"

@@ -1,0 +1,32 @@
+"""``Write``: one API write, as planned by the pure planners and carried out by the reconciler.
+
+Planners (``controller.plans``, ``controller.downloads``) return lists of ``Write``; the reconciler
+executes them in phases, and ``controller.memkube`` records the same type, so a unit test compares
+what was planned with what was written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Verb = Literal["apply", "create", "delete", "patch", "status"]
+
+
+@dataclass(frozen=True)
+class Write:
+    """One request that changes the cluster."""
+
+    verb: str
+    """apply (server-side), create, delete, patch (merge patch of the object) or status (of /status)."""
+    kind: str
+    namespace: str
+    name: str
+    body: dict[str, Any] | None = None
+    """The manifest (apply, create) or the merge patch (patch, status)."""
+    why: str = ""
+    """A short reason, for logs."""
+
+    def __str__(self) -> str:
+        why = f" ({self.why})" if self.why else ""
+        return f"{self.verb} {self.kind} {self.namespace}/{self.name}{why}"

@@ -1,0 +1,231 @@
+"""The Helm chart (charts/arks-ray) and the plain manifests (configs/deploy), without a helm binary.
+
+The chart's templates use a small subset of Helm on purpose: ``{{ .Values.x }}``, ``.Release.Namespace``,
+``.Chart.AppVersion``, ``toYaml X | nindent N``, ``required "msg" X`` and non-nested ``if``/``end``.
+``render_chart`` below implements exactly that subset, so what is tested here is what helm renders.
+The rendered objects are validated with kubernetes-validate (strict), the least-privilege RBAC is
+pinned verb by verb, and configs/deploy is checked to be the chart's output. Regenerate it with
+``.venv/bin/python tests/unit/test_controller_chart.py --write``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "arks-ray"
+DEPLOY = ROOT / "configs" / "deploy"
+NAMESPACE = "arks-system"
+K8S = "1.33.0"
+
+
+class ChartError(Exception):
+    pass
+
+
+def _lookup(context: dict[str, Any], path: str) -> Any:
+    value: Any = context
+    for part in path.strip(".").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _expression(expr: str, context: dict[str, Any]) -> str:
+    expr = expr.strip()
+    if m := re.fullmatch(r"toYaml (\S+) \| nindent (\d+)", expr):
+        text = yaml.safe_dump(_lookup(context, m[1]), sort_keys=False).rstrip("\n")
+        pad = " " * int(m[2])
+        return "\n" + "\n".join(pad + line for line in text.splitlines())
+    if m := re.fullmatch(r'required "([^"]*)" (\S+)', expr):
+        value = _lookup(context, m[2])
+        if value in (None, ""):
+            raise ChartError(m[1])
+        return _scalar(value)
+    if re.fullmatch(r"\.[A-Za-z][\w.]*", expr):
+        return _scalar(_lookup(context, expr))
+    raise ChartError(f"template construct outside the supported subset: {{{{ {expr} }}}}")
+
+
+def _render_text(text: str, context: dict[str, Any]) -> str:
+    def conditional(m: re.Match[str]) -> str:
+        return m[2] if _lookup(context, m[1]) else ""
+
+    # {{- trims the whitespace (and newline) before the action, as in Go templates.
+    text = re.sub(r"\s*\{\{-\s*if (\S+)\s*\}\}(.*?)\s*\{\{-\s*end\s*\}\}", lambda m: conditional(m), text,
+                  flags=re.S)
+    text = re.sub(r"\s*\{\{-(.*?)\}\}", lambda m: _expression(m[1], context), text)
+    return re.sub(r"\{\{(.*?)\}\}", lambda m: _expression(m[1], context), text)
+
+
+def chart_values(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = values
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return values
+
+
+def render_chart(values: dict[str, Any] | None = None, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    context = {"Values": values or chart_values(), "Release": {"Namespace": namespace, "Name": "arks-ray"},
+               "Chart": {"AppVersion": chart["appVersion"], "Version": chart["version"]}}
+    docs: list[dict[str, Any]] = []
+    for path in sorted((CHART / "templates").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(_render_text(path.read_text(), context)) if d]
+    return docs
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    context = {"Values": values or chart_values(), "Release": {"Namespace": NAMESPACE},
+               "Chart": {"AppVersion": chart["appVersion"]}}
+    return _render_text((CHART / "templates" / "NOTES.txt").read_text(), context)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+
+
+def test_default_chart_objects_are_valid() -> None:
+    docs = render_chart()
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == [("ClusterRole", "arks-ray-operator"), ("ClusterRole", "arks-ray-token-secrets"),
+                     ("ClusterRoleBinding", "arks-ray-operator"), ("ClusterRoleBinding", "arks-ray-token-secrets"),
+                     ("Deployment", "arks-ray-operator"), ("ServiceAccount", "arks-ray-operator")]
+    for d in docs:
+        kubernetes_validate.validate(d, K8S, strict=True)
+
+
+def test_redis_objects_are_valid_and_need_a_password() -> None:
+    with pytest.raises(ChartError, match=r"redis\.password is required"):
+        render_chart(chart_values(redis__enabled=True))
+    docs = render_chart(chart_values(redis__enabled=True, redis__password="s3cret"))
+    for d in docs:
+        kubernetes_validate.validate(d, K8S, strict=True)
+    redis = by_kind(docs, "StatefulSet", "arks-redis")
+    command = redis["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert by_kind(docs, "Secret", "arks-redis")["stringData"]["password"] == "s3cret"
+    env = {e["name"]: e for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ARKS_REDIS_URL"]["value"] == f"redis://arks-redis.{NAMESPACE}.svc:6379/0"
+    assert env["ARKS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "arks-redis", "key": "password"}
+
+
+def test_operator_runs_one_standalone_replica() -> None:
+    deployment = by_kind(render_chart(), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:4] == ["python", "-m", "controller", "--standalone"]
+    assert container["resources"] == chart_values()["operator"]["resources"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ARKS_RUNTIME_IMAGE_VLLM"] == chart_values()["images"]["vllm"]
+
+
+# The least-privilege contract: every verb here is used by the code (see the comments in rbac.yaml).
+EXPECTED_RULES = {
+    ("arks.ai", "arksapplications"): {"list", "watch", "patch"},
+    ("arks.ai", "arksdisaggregatedapplications"): {"list", "watch", "patch"},
+    ("arks.ai", "arksmodels"): {"list", "watch"},
+    ("arks.ai", "arksendpoints"): {"list", "watch"},
+    ("arks.ai", "arkstokens"): {"list", "watch"},
+    ("arks.ai", "arksquotas"): {"list", "watch"},
+    **{("arks.ai", f"{k}/status"): {"patch"} for k in ("arksapplications", "arksdisaggregatedapplications",
+                                                        "arksmodels", "arksendpoints", "arkstokens", "arksquotas")},
+    ("arks.ai", "arksmodels/finalizers"): {"update"},
+    ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},
+    ("batch", "jobs"): {"list", "watch", "create", "delete"},
+    ("", "events"): {"create"},
+}
+
+
+def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert (group, resource) not in out, f"{group}/{resource} is granted twice"
+                out[group, resource] = set(rule["verbs"])
+    return out
+
+
+def test_rbac_is_least_privilege() -> None:
+    docs = render_chart()
+    assert _rules(by_kind(docs, "ClusterRole", "arks-ray-operator")) == EXPECTED_RULES
+    assert _rules(by_kind(docs, "ClusterRole", "arks-ray-token-secrets")) == {("", "secrets"): {"list", "watch"}}
+    rbac_text = (CHART / "templates" / "rbac.yaml").read_text()
+    assert rbac_text.count("\n# ") >= len({r for r in EXPECTED_RULES if "/" not in r[1]}) // 2  # reasons written
+
+
+def test_secret_access_can_be_left_to_per_namespace_bindings() -> None:
+    docs = render_chart(chart_values(rbac__secretsClusterWide=False))
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["arks-ray-operator"]
+    env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["ARKS_WATCH_SECRETS"] == "false"
+
+
+def test_kuberay_is_named_as_a_prerequisite() -> None:
+    assert "KubeRay operator v1.7" in yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"][
+        "arks.ai/prerequisites"]
+    assert "KubeRay operator v1.7" in notes()
+    assert "--standalone" in notes()
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    generated = sorted(p.name for p in (ROOT / "configs" / "crds").glob("*.yaml"))
+    assert sorted(p.name for p in (CHART / "crds").glob("*.yaml")) == generated
+    for name in generated:
+        assert (CHART / "crds" / name).read_text() == (ROOT / "configs" / "crds" / name).read_text()
+
+
+def plain_manifests() -> dict[str, list[dict[str, Any]]]:
+    """configs/deploy as the chart renders it: defaults, then the Redis additions (without the Secret)."""
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    redis = [d for d in render_chart(chart_values(redis__enabled=True, redis__password="unused"))
+             if d["kind"] in ("Service", "StatefulSet", "Deployment")]
+    return {"operator.yaml": [namespace, *render_chart()], "redis.yaml": redis}
+
+
+def test_plain_manifests_equal_the_chart() -> None:
+    for name, docs in plain_manifests().items():
+        on_disk = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+        assert on_disk == docs, f"configs/deploy/{name} is stale: run {Path(__file__).name} --write"
+        for d in on_disk:
+            kubernetes_validate.validate(d, K8S, strict=True)
+
+
+HEADERS = {
+    "operator.yaml": "# The arks-ray operator: namespace, service account, RBAC and Deployment. Generated from\n"
+                     "# charts/arks-ray with its default values (see README.md here).\n",
+    "redis.yaml": "# Optional Redis (AOF) and the operator Deployment wired to it. Create the Secret first:\n"
+                  "#   kubectl -n arks-system create secret generic arks-redis --from-literal=password=...\n"
+                  "# Generated from charts/arks-ray with redis.enabled=true (see README.md here).\n",
+}
+
+
+def write_plain_manifests() -> None:
+    for name, docs in plain_manifests().items():
+        body = yaml.safe_dump_all(docs, sort_keys=False, width=120)
+        (DEPLOY / name).write_text(HEADERS[name] + body)
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    write_plain_manifests()

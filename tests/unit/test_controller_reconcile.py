@@ -1,0 +1,226 @@
+"""``reconcile_namespace`` against ``MemoryKube`` (mocked at our own ``KubeClient`` seam, as kopf's tests
+mock at theirs): what a reconcile writes, in which order, and that a converged namespace costs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from arks_ray.api.gateway import GatewayConfig
+from controller import errors
+from controller.memkube import MemoryKube
+from controller.plans import live_apps
+from controller.reconcile import Outcome, reconcile_namespace
+from controller.settings import ControllerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = list(yaml.safe_load_all((ROOT / "tests/fixtures/arks/quickstart.yaml").read_text()))
+NS = "default"
+NOW = 1_800_000_000.0
+RS = ("RayService", NS, "arks")
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    before = asyncio.all_tasks()
+    yield
+    remains = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
+    if remains:
+        pytest.fail(f"Unattended asyncio tasks detected: {remains!r}")
+
+
+def quickstart_kube() -> MemoryKube:
+    kube = MemoryKube()
+    for doc in QUICKSTART:
+        kube.put(copy.deepcopy(doc))
+    return kube
+
+
+async def run(kube: MemoryKube, now: float = NOW, **kw: Any) -> Outcome:
+    return await reconcile_namespace(kube, NS, ControllerSettings(), now=now, **kw)
+
+
+async def converge(kube: MemoryKube, now: float = NOW, **kw: Any) -> Outcome:
+    for i in range(6):
+        out = await run(kube, now + i, **kw)
+        if not out.writes:
+            return out
+    raise AssertionError(f"no convergence: {[str(w) for w in out.writes]}")
+
+
+def finish_download(kube: MemoryKube) -> None:
+    job = kube.objects[("Job", NS, "arks-model-qwen-7b")]
+    job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+
+
+def rs(kube: MemoryKube) -> dict[str, Any]:
+    return kube.objects[RS]
+
+
+async def test_first_reconcile_then_nothing() -> None:
+    kube = quickstart_kube()
+    first = await run(kube)
+    assert [(w.verb, w.kind) for w in first.writes] == [
+        ("patch", "ArksApplication"),  # the finalizer, before anything depends on it
+        ("create", "PersistentVolumeClaim"), ("create", "Job"),
+        ("apply", "RayService"),
+        *[("status", k) for k in ("ArksApplication", "ArksEndpoint", "ArksModel", "ArksQuota", "ArksToken")]]
+    await converge(kube)
+    before = len(kube.writes)
+    noop = await run(kube, NOW + 100)
+    assert noop.writes == []
+    assert len(kube.writes) == before
+
+
+async def test_apps_wait_for_their_model_and_stay_through_a_redownload() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    assert live_apps(rs(kube)) == {"gateway"}
+    assert kube.objects[("ArksApplication", NS, "app-qwen")]["status"]["phase"] == "Loading"
+    finish_download(kube)
+    await converge(kube)
+    assert live_apps(rs(kube)) == {"gateway", "app-qwen"}
+    assert kube.objects[("ArksApplication", NS, "app-qwen")]["status"]["phase"] == "Creating"
+    # A new model id means a new download; the serving app is not taken down meanwhile.
+    kube.objects[("ArksModel", NS, "qwen-7b")]["spec"]["model"] = "Qwen/Qwen2.5-7B-Instruct"
+    out = await run(kube, NOW + 50)
+    assert ("create", "Job", "arks-model-qwen-7b-attempt-2") in [(w.verb, w.kind, w.name) for w in out.writes]
+    await converge(kube, NOW + 60)
+    assert "app-qwen" in live_apps(rs(kube))
+
+
+async def test_rayservice_is_owned_by_the_applications() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    app = kube.objects[("ArksApplication", NS, "app-qwen")]
+    (ref,) = rs(kube)["metadata"]["ownerReferences"]
+    assert (ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (app["metadata"]["uid"], False, False)
+    assert app["metadata"]["finalizers"] == ["arks.ai/serve-app"]
+
+
+async def test_deleting_an_app_applies_the_rayservice_before_releasing_the_finalizer() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    finish_download(kube)
+    await converge(kube)
+    kube.remove(("ArksApplication", NS, "app-qwen"))  # kubectl delete: held by the finalizer
+    out = await run(kube, NOW + 10)
+    assert [(w.verb, w.kind) for w in out.writes][:2] == [("apply", "RayService"), ("patch", "ArksApplication")]
+    assert ("ArksApplication", NS, "app-qwen") not in kube.objects
+    assert live_apps(rs(kube)) == {"gateway"}
+    assert "ownerReferences" not in rs(kube)["metadata"] or not rs(kube)["metadata"]["ownerReferences"]
+
+
+async def test_a_failed_apply_keeps_the_finalizer() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    finish_download(kube)
+    await converge(kube)
+    kube.remove(("ArksApplication", NS, "app-qwen"))
+    kube.fail[("apply", "RayService")] = errors.ApiUnavailable(503, "Unavailable")
+    with pytest.raises(errors.ApiUnavailable):
+        await run(kube, NOW + 10)
+    assert kube.objects[("ArksApplication", NS, "app-qwen")]["metadata"]["finalizers"] == ["arks.ai/serve-app"]
+    del kube.fail[("apply", "RayService")]
+    await converge(kube, NOW + 20)
+    assert ("ArksApplication", NS, "app-qwen") not in kube.objects
+
+
+async def test_no_arks_objects_left_deletes_the_rayservice() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    for key in [k for k in kube.objects if k[0].startswith("Arks")]:
+        kube.remove(key)
+    out = await converge(kube, NOW + 10)
+    assert RS not in kube.objects
+    assert out.empty
+    assert ("delete", "RayService") in [(w.verb, w.kind) for w in kube.writes]
+
+
+async def test_drift_is_repaired_but_server_defaults_are_not_drift() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    head = rs(kube)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["terminationMessagePath"] = "/dev/termination-log"  # what a server may default
+    head["ports"][0]["protocol"] = "TCP"
+    assert (await run(kube, NOW + 10)).writes == []
+    head["image"] = "someone/else:latest"  # kubectl edit
+    out = await run(kube, NOW + 20)
+    assert [(w.verb, w.kind, w.why) for w in out.writes] == [("apply", "RayService", "drift")]
+
+
+async def test_a_pvc_created_meanwhile_is_not_an_error() -> None:
+    kube = quickstart_kube()
+    kube.fail[("create", "PersistentVolumeClaim")] = errors.Conflict(409, "AlreadyExists")
+    out = await run(kube)
+    assert "PersistentVolumeClaim" not in [w.kind for w in out.writes]
+    assert "RayService" in [w.kind for w in out.writes]
+
+
+class FixedUsage:
+    def __init__(self, used: dict[str, dict[str, int]]) -> None:
+        self.used = used
+        self.calls = 0
+
+    async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]:
+        self.calls += 1
+        return {q.name: dict(self.used.get(q.name, {})) for q in config.quotas}
+
+
+async def test_quota_usage_is_mirrored_and_restored_as_a_floor() -> None:
+    kube = quickstart_kube()
+    reader = FixedUsage({"basic-quota": {"prompt": 10, "response": 20, "total": 30}})
+    await converge(kube, usage=reader)
+    quota = kube.objects[("ArksQuota", NS, "basic-quota")]["status"]
+    assert {u["type"]: u["used"] for u in quota["quotaStatus"]} == {"prompt": 10, "response": 20, "total": 30}
+    # The recorded usage reaches the gateway as a floor, restored if the store loses its data.
+    gateway = yaml.safe_load(rs(kube)["spec"]["serveConfigV2"])["applications"][0]
+    floors = gateway["deployments"][0]["user_config"]["quotas"][0]["used"]
+    assert {f["type"]: f["value"] for f in floors} == {"prompt": 10, "response": 20, "total": 30}
+    reader.used = {}  # the store lost everything
+    assert (await run(kube, NOW + 100, usage=reader)).writes == []
+
+
+async def test_a_token_secret_is_read_and_rotation_changes_the_digest() -> None:
+    kube = quickstart_kube()
+    kube.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "k", "namespace": NS},
+              "data": {"token": "c2stb25l"}})  # sk-one
+    kube.put({"apiVersion": "arks.ai/v1", "kind": "ArksToken", "metadata": {"name": "alice", "namespace": NS},
+              "spec": {"tokenSecretRef": {"name": "k"}, "qos": [{"arksEndpoint": {"name": "qwen-7b"}}]}})
+    out = await converge(kube)
+    assert out.secrets == {"k"}
+    status = kube.objects[("ArksToken", NS, "alice")]["status"]
+    assert status["digestPrefix"]
+    assert status["conditions"][0]["status"] == "True"
+    kube.objects[("Secret", NS, "k")]["data"]["token"] = "c2stdHdv"  # sk-two
+    out = await run(kube, NOW + 10)
+    assert [(w.verb, w.kind) for w in out.writes] == [("apply", "RayService"), ("status", "ArksToken")]
+
+
+async def test_written_statuses_fit_the_crd_schemas(crd_json_schema: Any) -> None:
+    kube = quickstart_kube()
+    disagg = {"apiVersion": "arks.ai/v1", "kind": "ArksDisaggregatedApplication", "metadata": {"name": "pd"},
+              "spec": {"model": {"name": "qwen-7b"}, "router": {}, "prefill": {}, "decode": {}}}
+    kube.put(disagg)
+    kube.put({**copy.deepcopy(disagg), "metadata": {"name": "pd-bad"}, "spec": {"model": {"name": "gone"}}})
+    await converge(kube)
+    finish_download(kube)
+    await converge(kube, usage=FixedUsage({"basic-quota": {"total": 5}}))
+    checked = set()
+    for (kind, _, _name), obj in kube.objects.items():
+        if not kind.startswith("Arks"):
+            continue
+        crd = yaml.safe_load((ROOT / "configs/crds" / f"arks.ai_{kind.lower()}s.yaml").read_text())
+        status_schema = crd_json_schema(crd)["properties"]["status"]
+        status_schema.pop("x-kubernetes-preserve-unknown-fields", None)
+        status_schema["additionalProperties"] = kind == "ArksEndpoint"  # conditions: preserved, not declared
+        jsonschema.Draft7Validator(status_schema).validate(obj["status"])
+        checked.add(kind)
+    assert len(checked) == 6
