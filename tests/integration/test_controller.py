@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from tests.integration.harness import Kubectl, Operators, eventually, settled, writes
+from tests.support.paths import KUBERAY_RAYSERVICE_CRD
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = list(yaml.safe_load_all((ROOT / "tests/fixtures/arks/quickstart.yaml").read_text()))
-KUBERAY = ROOT.parent / "shared/schemas/kuberay-v1.7.0/ray.io_rayservices.yaml"
 
 
 def doc(kind: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ async def test_apply_renders_a_valid_rayservice(operators: Operators, kubectl: K
 
     await finish_download(kubectl)
     rs = await rayservice_with(kubectl, "app-qwen")
-    schema = crd_json_schema(yaml.safe_load(KUBERAY.read_text()))
+    schema = crd_json_schema(yaml.safe_load(KUBERAY_RAYSERVICE_CRD.read_text()))
     jsonschema.Draft7Validator(schema).validate(rs)
     assert rs["metadata"]["annotations"]["arks.ai/spec-hash"]
     app = await kubectl.get("ArksApplication", "app-qwen")
