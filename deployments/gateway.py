@@ -13,59 +13,38 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from arks_ray.api.gateway import GATEWAY_APP, Backend, GatewayConfig
+from arks_ray.api.gateway import GATEWAY_APP, Backend, Endpoint, GatewayConfig
 from arks_ray.engines import protocol
 from arks_ray.errors import BackendUnavailable, InvalidRequest, RequestError, RequestTooLarge, to_openai_error
 from arks_ray.gateway.governor import Admission, Governor
+from arks_ray.gateway.health import BreakerSettings
 from arks_ray.gateway.index import GatewayIndex
 from arks_ray.gateway.limits import Usage, estimate_usage, usage_from
-from arks_ray.gateway.routing import choose_backend
+from arks_ray.gateway.routing import Router, RouteView, Ticket
 from arks_ray.gateway.settings import GatewaySettings
+from arks_ray.gateway.signals import SloSettings
 from arks_ray.stores.base import CounterStore
 from arks_ray.stores.memory import MemoryStore
+from deployments.backends import Backends
+from deployments.gateway_metrics import Metrics, NoMetrics
 
 logger = logging.getLogger("ray.serve.arks.gateway")
 
 DEPLOYMENT_NAME = "ArksGateway"
 
 
-class EngineStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[Any]: ...
+class Prober(Protocol):
+    """Active health checks (``deployments.backends.RoutedBackends``)."""
 
-
-class Backends(Protocol):
-    """How the gateway reaches a backend: returns the protocol stream of one request."""
-
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool) -> Any: ...
-
-
-class ServeBackends:
-    """Backends reached through Serve deployment handles, one cached handle per application."""
-
-    def __init__(self) -> None:
-        self._handles: dict[str, Any] = {}
-
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool) -> Any:
-        if backend.kind != "app":
-            raise BackendUnavailable(f"backend {backend.name!r} of kind {backend.kind} is not supported yet")
-        handle = self._handles.get(backend.name)
-        if handle is None:
-            from ray import serve
-
-            try:
-                # One configured handle per app, reused: options() builds a new handle each call.
-                handle = serve.get_app_handle(backend.name).options(stream=True, method_name="generate")
-            except Exception as exc:  # the app is missing or not deployed yet
-                raise BackendUnavailable(f"backend {backend.name!r} is not available: {exc}") from None
-            self._handles[backend.name] = handle
-        return handle.remote(kind, body, client_usage)
+    async def probe_apps(self) -> dict[str, tuple[bool, str]]: ...
+    async def probe_http(self, backend: Backend) -> tuple[bool, str]: ...
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -98,18 +77,13 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-class Metrics(Protocol):
-    def request(self, model: str, status: int) -> None: ...
-    def tokens(self, model: str, usage: Usage) -> None: ...
-    def limited(self, model: str, kind: str) -> None: ...
-    def store_failure(self, operation: str) -> None: ...
+class _Failed(Exception):
+    """A backend failed one request before its first byte: retry elsewhere, or answer with ``answer``."""
 
-
-class NoMetrics:
-    def request(self, model: str, status: int) -> None: ...
-    def tokens(self, model: str, usage: Usage) -> None: ...
-    def limited(self, model: str, kind: str) -> None: ...
-    def store_failure(self, operation: str) -> None: ...
+    def __init__(self, reason: str, answer: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answer = answer
 
 
 class Gateway:
@@ -125,6 +99,11 @@ class Gateway:
             store or MemoryStore(), policy=settings.failure_policy, algorithm=settings.rate_limit_algorithm,
             default_max_tokens=settings.default_max_tokens, lease_ms=settings.lease_seconds * 1000,
             on_store_failure=self.metrics.store_failure)
+        self.router = Router(
+            BreakerSettings(failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s,
+                            max_cooldown_s=settings.breaker_max_cooldown_s),
+            SloSettings(tolerance=settings.slo_tolerance, max_change_per_s=settings.slo_max_change_per_s,
+                        queue_target=settings.slo_queue_target))
         self.index = GatewayIndex(GatewayConfig())
         self.rng = random.Random(settings.seed)  # noqa: S311 - load spreading, not security
         self._settling: set[asyncio.Task[None]] = set()
@@ -137,6 +116,7 @@ class Gateway:
             logger.error("gateway config refused, keeping the previous one: %s", exc)
             raise
         self.index = GatewayIndex(config)
+        self.router.retain(config.endpoints)
         logger.info("gateway config applied: %d endpoints, %d tokens, %d quotas",
                     len(config.endpoints), len(config.tokens), len(config.quotas))
         return config
@@ -171,51 +151,99 @@ class Gateway:
                 self.metrics.limited(model, exc.type)
             raise
         try:
-            return await self._forward(kind, body, endpoint, admission)
+            return await self._forward(kind, body, endpoint, admission, request.headers)
         except BaseException:
             self._settle(admission, model, Usage(0, 0))
             raise
 
-    async def _forward(self, kind: str, body: dict[str, Any], endpoint: Any, admission: Admission) -> Response:
-        backend = choose_backend(endpoint, self.rng)
+    async def _forward(self, kind: str, body: dict[str, Any], endpoint: Endpoint, admission: Admission,
+                       headers: Mapping[str, str]) -> Response:
+        """Open the request on a backend; one retry elsewhere if the first fails before its first byte."""
         stream = body.get("stream") is True and kind != "embeddings"
-        gen = self.backends.open(backend, kind, body, protocol.wants_usage(body))
-        iterator = gen.__aiter__()
+        tried: list[str] = []
+        while True:
+            backend = self.router.choose(endpoint, self.rng, self.clock(), exclude=tried)
+            ticket = self.router.start(endpoint.name, backend.name, self.clock(), stream)
+            try:
+                return await self._attempt(kind, body, backend, ticket, endpoint, admission, headers, stream)
+            except _Failed as failure:
+                self.router.failed(ticket, self.clock(), failure.reason)
+                forget = getattr(self.backends, "forget", None)
+                if forget is not None:
+                    forget(backend)
+                tried.append(backend.name)
+                if self._can_retry(endpoint, tried):
+                    logger.warning("backend %s failed before its first byte (%s); retrying on another backend",
+                                   backend.name, failure.reason)
+                    self.metrics.retried(endpoint.name, backend.name)
+                    continue
+                logger.warning("backend %s failed before its first byte: %s", backend.name, failure.reason)
+                if failure.answer is not None:
+                    return self._whole(failure.answer, endpoint, admission, backend, ticket=None)
+                raise BackendUnavailable(f"backend {backend.name!r} failed: {failure.reason}") from None
+            except BaseException:
+                self.router.released(ticket, self.clock())
+                raise
+
+    def _can_retry(self, endpoint: Endpoint, tried: list[str]) -> bool:
+        if not self.settings.retry_before_first_byte or len(tried) > 1:
+            return False
+        return any(b.weight > 0 and b.name not in tried for b in endpoint.backends)
+
+    async def _attempt(self, kind: str, body: dict[str, Any], backend: Backend, ticket: Ticket, endpoint: Endpoint,
+                       admission: Admission, headers: Mapping[str, str], stream: bool) -> Response:
+        session = headers.get(backend.session_header) if backend.session_header else None
+        gen: Any = None
         try:
-            first = await iterator.__anext__()
+            gen = self.backends.open(backend, kind, body, protocol.wants_usage(body), session)
+            iterator = gen.__aiter__()
+            first = await asyncio.wait_for(iterator.__anext__(), self.settings.first_byte_timeout_s)
         except asyncio.CancelledError:
             _cancel(gen)  # the client left before the first byte: stop the engine too
             raise
         except StopAsyncIteration:
-            raise BackendUnavailable(f"backend {backend.name!r} returned nothing") from None
-        except RequestError:
-            raise
+            raise _Failed("it returned nothing") from None
+        except TimeoutError:
+            _cancel(gen)
+            raise _Failed(f"no first byte within {self.settings.first_byte_timeout_s:g}s") from None
         except Exception as exc:
-            logger.warning("backend %s failed before its first byte: %s", backend.name, exc)
-            raise BackendUnavailable(f"backend {backend.name!r} failed: {type(exc).__name__}") from None
+            raise _Failed(f"{type(exc).__name__}: {exc}"[:300]) from None
+        self.router.first_byte(ticket, self.clock())
         if isinstance(first, dict):
             # A whole response or an error is the engine's last item: nothing left to cancel.
-            status = int(first.get("status", 502))
-            payload = first.get("body", {})
-            est = admission.estimate
-            used = usage_from(payload.get("usage"), est.prompt_tokens, est.completion_tokens) if status < 400 \
-                else Usage(0, 0)
-            self._settle(admission, endpoint.name, used)
-            self.metrics.request(endpoint.name, status)
-            return JSONResponse(payload, status_code=status, headers=admission.headers)
+            if int(first.get("status", 502)) >= 500:
+                raise _Failed(_error_message(first), answer=first)
+            return self._whole(first, endpoint, admission, backend, ticket)
         if not stream:
             _cancel(gen)
-            raise BackendUnavailable(f"backend {backend.name!r} answered a non-streaming request with a stream")
-        headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **admission.headers}
-        return StreamingResponse(self._relay(first, iterator, gen, admission, endpoint.name),
-                                 media_type="text/event-stream", headers=headers)
+            raise _Failed("it answered a non-streaming request with a stream")
+        out = {"cache-control": "no-cache", "x-accel-buffering": "no", **admission.headers,
+               **self._backend_header(backend)}
+        return StreamingResponse(self._relay(first, iterator, gen, admission, endpoint.name, ticket),
+                                 media_type="text/event-stream", headers=out)
+
+    def _backend_header(self, backend: Backend) -> dict[str, str]:
+        return {"x-arks-backend": backend.name} if self.settings.backend_header else {}
+
+    def _whole(self, item: dict[str, Any], endpoint: Endpoint, admission: Admission, backend: Backend,
+               ticket: Ticket | None) -> JSONResponse:
+        status = int(item.get("status", 502))
+        payload = item.get("body", {})
+        est = admission.estimate
+        used = usage_from(payload.get("usage"), est.prompt_tokens, est.completion_tokens) if status < 400 \
+            else Usage(0, 0)
+        if ticket is not None:
+            self.router.succeeded(ticket, self.clock(), used.completion_tokens)
+        self._settle(admission, endpoint.name, used)
+        self.metrics.request(endpoint.name, status)
+        return JSONResponse(payload, status_code=status, headers={**admission.headers, **self._backend_header(backend)})
 
     async def _relay(self, first: str, iterator: AsyncIterator[Any], gen: Any, admission: Admission,
-                     model: str) -> AsyncIterator[str]:
+                     model: str, ticket: Ticket) -> AsyncIterator[str]:
         final: dict[str, Any] | None = None
         events = first.count("data: {")
         status = 200
-        finished = False
+        verdict: str | None = None  # "ok", or why the backend failed; None: the client left
         try:
             yield first
             async for item in iterator:
@@ -226,17 +254,31 @@ class Gateway:
                     final = item
                 elif item.get("arks") == "error":
                     status = int(item.get("status", 500))
+                    verdict = _error_message(item) if status >= 500 else "ok"
                     # Headers are gone: report in-band, as vLLM does, then end the stream properly.
                     yield f"data: {json.dumps(item.get('body', {}))}\n\n" + protocol.DONE
                     return
-            finished = True
+            verdict = "ok"
+        except Exception as exc:
+            status, verdict = 502, f"stream broke: {type(exc).__name__}: {exc}"[:300]
+            logger.warning("backend %s: %s", ticket.backend, verdict)
+            body = {"error": {"message": f"the backend failed mid-stream ({type(exc).__name__})",
+                              "type": "server_error", "code": None, "param": None}}
+            yield f"data: {json.dumps(body)}\n\n" + protocol.DONE
         finally:
-            if not finished:
+            if verdict is None or verdict != "ok":
                 _cancel(gen)  # the client left, or the stream failed: stop the engine's work
             # Disconnects and failures are charged what was generated: the engine's own count when it
             # finished, else the events relayed (the first carries only the role: a 1-token overcount).
             counted = int(final["completion_tokens"]) if final else events
             used = usage_from(final.get("usage") if final else None, admission.estimate.prompt_tokens, counted)
+            now = self.clock()
+            if verdict == "ok":
+                self.router.succeeded(ticket, now, used.completion_tokens)
+            elif verdict is None:
+                self.router.released(ticket, now)
+            else:
+                self.router.failed(ticket, now, verdict)
             self._settle(admission, model, used)
             self.metrics.request(model, status)
 
@@ -249,10 +291,32 @@ class Gateway:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    async def check_health(self, prober: Prober) -> None:
+        """One round of active health checks over every backend of every endpoint."""
+        endpoints = self.index.config.endpoints
+        apps = [(e.name, b) for e in endpoints for b in e.backends if b.kind == "app"]
+        https = [(e.name, b) for e in endpoints for b in e.backends if b.kind == "http"]
+        app_status = await prober.probe_apps() if apps else {}
+        results = await asyncio.gather(*(prober.probe_http(b) for _, b in https))
+        now = self.clock()
+        for name, backend in apps:
+            ok, why = app_status.get(backend.name, (False, "Serve app not found"))
+            self.router.health_check(name, backend.name, now, ok, why)
+        for (name, backend), (ok, why) in zip(https, results, strict=True):
+            self.router.health_check(name, backend.name, now, ok, why)
+
+    def routes(self) -> list[RouteView]:
+        return self.router.snapshot(self.index.config.endpoints, self.clock())
+
     async def drain(self) -> None:
         """Wait for pending settlements (tests, shutdown)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def _error_message(item: dict[str, Any]) -> str:
+    err = (item.get("body") or {}).get("error") or {}
+    return f"HTTP {item.get('status')}: {err.get('message', 'error')}"[:300]
 
 
 def _cancel(gen: Any) -> None:
@@ -292,67 +356,15 @@ def make_api(gateway: Gateway) -> FastAPI:
     return api
 
 
-class ServeMetrics:
-    """Gateway metrics through ``ray.serve.metrics`` (exported by Ray's metrics agent, ``ray_`` prefix)."""
-
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        self._requests = metrics.Counter("arks_gateway_requests", "Requests by model and status.",
-                                         tag_keys=("model", "status"))
-        self._tokens = metrics.Counter("arks_gateway_tokens", "Tokens by model and type.", tag_keys=("model", "type"))
-        self._limited = metrics.Counter("arks_gateway_limited", "Requests refused by limits.",
-                                        tag_keys=("model", "kind"))
-        self._store = metrics.Counter("arks_gateway_store_failures", "Counter store failures by operation.",
-                                      tag_keys=("operation",))
-
-    def request(self, model: str, status: int) -> None:
-        self._requests.inc(tags={"model": model, "status": str(status)})
-
-    def tokens(self, model: str, usage: Usage) -> None:
-        if usage.prompt_tokens:
-            self._tokens.inc(usage.prompt_tokens, tags={"model": model, "type": "prompt"})
-        if usage.completion_tokens:
-            self._tokens.inc(usage.completion_tokens, tags={"model": model, "type": "completion"})
-
-    def limited(self, model: str, kind: str) -> None:
-        self._limited.inc(tags={"model": model, "kind": kind})
-
-    def store_failure(self, operation: str) -> None:
-        self._store.inc(tags={"operation": operation})
-
-
-def make_store(settings: GatewaySettings) -> CounterStore:
-    if settings.redis_url:
-        from arks_ray.stores.redis import RedisStore
-
-        return RedisStore(settings.redis_url, timeout_s=settings.store_timeout_s)
-    return MemoryStore()
-
-
-class GatewayDeployment:
-    """The Serve deployment: one ``Gateway`` per replica, its HTTP app built inside the replica."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.gateway = Gateway(settings, ServeBackends(), store=make_store(settings), metrics=ServeMetrics())
-        self._restoring: asyncio.Task[int] | None = None
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.gateway.reconfigure(user_config)
-        # In the background: a restore may have to wait for Redis, and reconfigure must not block.
-        self._restoring = asyncio.get_running_loop().create_task(self.gateway.restore_quota_usage())
-
-    async def __serve_build_asgi_app__(self) -> FastAPI:
-        return make_api(self.gateway)
-
-
 def build_app(args: dict[str, Any]) -> Any:
     """Serve's entry point for the ``gateway`` application."""
     from ray import serve
+
+    from deployments.gateway_replica import GatewayDeployment
 
     settings = GatewaySettings.model_validate(args.get("settings") or {})
     deployment = serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=1000)(serve.ingress()(GatewayDeployment))
     return deployment.bind(settings)
 
 
-__all__ = ["GATEWAY_APP", "Gateway", "GatewayDeployment", "build_app", "make_api"]
+__all__ = ["GATEWAY_APP", "Gateway", "build_app", "make_api"]

@@ -30,6 +30,10 @@ class Backend(_Frozen):
     name: str = Field(description="Serve application name, or a label for an http backend.")
     weight: int = Field(ge=0, description="Relative weight; 0 drains.")
     url: str | None = Field(None, description="Base URL (without /v1) of an http backend.")
+    slo_ttft_ms: float | None = Field(None, gt=0, description="The app's TTFT target; breaching it lowers the weight.")
+    slo_tpot_ms: float | None = Field(None, gt=0, description="The app's TPOT target; breaching it lowers the weight.")
+    session_header: str | None = Field(
+        None, description="Request header whose value keys the app's consistent-hash replica routing.")
 
 
 class Endpoint(_Frozen):

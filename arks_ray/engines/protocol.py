@@ -14,6 +14,7 @@ text unless the client asked for it (``client_usage``), so metering never depend
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -101,3 +102,44 @@ class StreamMeter:
 
     def final(self) -> dict[str, Any]:
         return usage(self.usage, self.completion_tokens)
+
+
+class RequestBody(dict[str, Any]):
+    """The raw OpenAI body as sent to an engine deployment: a plain dict to the engine.
+
+    Ray's prefix-cache-affinity request router reads ``.messages`` or ``.prompt`` off the request's
+    arguments to pick a replica; this gives the dict those attributes, present only when the key is.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("messages", "prompt") and name in self:
+            return self[name]
+        raise AttributeError(name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RequestBody, (dict(self),))
+
+
+class SseSplitter:
+    """Cuts a byte stream of Server-Sent Events into whole events (``data: ...\\n\\n`` text).
+
+    HTTP chunks split events anywhere; ``StreamMeter`` and the gateway need whole ones."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        # Incremental: a chunk may end in the middle of a multi-byte character.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, chunk: bytes) -> str:
+        """The whole events completed by ``chunk`` (possibly none), as text."""
+        self._buffer += self._decoder.decode(chunk).replace("\r\n", "\n")
+        cut = self._buffer.rfind("\n\n")
+        if cut < 0:
+            return ""
+        whole, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2:]
+        return whole
+
+    def rest(self) -> str:
+        """What is left when the stream ends: an event without its blank line is still an event."""
+        rest, self._buffer = (self._buffer + self._decoder.decode(b"", final=True)).strip("\n"), ""
+        return rest + "\n\n" if rest else ""

@@ -28,3 +28,24 @@ class GatewaySettings(BaseModel):
         256, gt=0, description="Completion tokens reserved when a request sets no max_tokens.")
     store_timeout_s: float = Field(0.5, gt=0, description="Bound on one store round trip.")
     lease_seconds: int = Field(900, gt=0, description="Concurrency lease; frees a slot if a replica dies.")
+
+    # Routing across an endpoint's backends (arks_ray.gateway.routing).
+    retry_before_first_byte: bool = Field(
+        True, description="Retry a request once on another backend when its backend fails before the first byte.")
+    breaker_failures: int = Field(3, gt=0, description="Consecutive backend failures that take it out of rotation.")
+    breaker_cooldown_s: float = Field(5.0, gt=0, description="First time out of rotation; doubles up to the max.")
+    breaker_max_cooldown_s: float = Field(60.0, gt=0, description="Longest time out of rotation between probes.")
+    health_check_interval_s: float = Field(5.0, ge=0, description="Active health checks of backends; 0 disables.")
+    health_check_timeout_s: float = Field(2.0, gt=0, description="Bound on one HTTP backend health check.")
+    http_health_path: str = Field("/v1/models", description="Path probed on HTTP backends (any status < 500 is up).")
+    http_connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout to HTTP backends.")
+    http_read_timeout_s: float = Field(600.0, gt=0, description="Longest silence on an HTTP backend's answer.")
+    first_byte_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for a backend's first byte, queueing included, before it has failed.")
+    slo_tolerance: float = Field(2.0, ge=1, description="Slowness against the best peer that costs no weight.")
+    slo_max_change_per_s: float = Field(0.5, gt=0, description="Bound on how fast an SLO factor moves.")
+    slo_queue_target: int = Field(64, gt=0, description="In-flight requests per backend above which its weight drops.")
+    backend_header: bool = Field(
+        False, description="Name the backend that answered in an x-arks-backend response header.")
+    route_report_interval_s: float = Field(
+        10.0, gt=0, description="How often effective weights are published (metrics; the store, for status).")

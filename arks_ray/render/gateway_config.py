@@ -42,6 +42,19 @@ def _backend_for(ref_name: str, port: int | None, namespace: str) -> Backend:
     return Backend(kind="http", name=ref_name, weight=0, url=f"http://{host}:{port or 80}")
 
 
+def app_backend(app: ArksApplication | ArksDisaggregatedApplication, weight: int) -> Backend:
+    """An app backend, with the app's SLO (it lowers the weight when breached) and session header."""
+    fields: dict[str, object] = {}
+    if isinstance(app, ArksApplication):
+        spec = app.spec
+        slo = spec.autoscaling.slo if spec.autoscaling else None
+        if slo is not None:
+            fields.update(slo_ttft_ms=slo.ttft_ms, slo_tpot_ms=slo.tpot_ms)
+        if spec.routing is not None and spec.routing.router == "consistentHash":
+            fields["session_header"] = spec.routing.session_header.lower()
+    return Backend(kind="app", name=app.metadata.name, weight=weight, **fields)
+
+
 def compile_endpoint(
     endpoint: ArksEndpoint, apps: Iterable[ArksApplication | ArksDisaggregatedApplication], namespace: str
 ) -> tuple[Endpoint, list[Problem]]:
@@ -49,7 +62,8 @@ def compile_endpoint(
     name = endpoint.metadata.name
     spec = endpoint.spec
     problems: list[Problem] = []
-    matching = sorted(a.metadata.name for a in apps if a.spec.model_name == name)
+    serving = {a.metadata.name: a for a in apps if a.spec.model_name == name}
+    matching = sorted(serving)
     weights = {app: spec.default_weight for app in matching}
     backends: list[Backend] = []
     for i, ref in enumerate(spec.route_configs):
@@ -62,7 +76,7 @@ def compile_endpoint(
         else:
             ns = ref.namespace or namespace
             backends.append(_backend_for(ref.name, ref.port, ns).model_copy(update={"weight": ref.weight}))
-    discovered = [Backend(kind="app", name=app, weight=w) for app, w in weights.items()]
+    discovered = [app_backend(serving[app], w) for app, w in weights.items()]
     if not discovered and not backends:
         problems.append(Problem("ArksEndpoint", name, "metadata.name",
                                 "no ArksApplication serves this model name and no routeConfigs are set", "warning"))

@@ -52,5 +52,11 @@ class CounterStore(Protocol):
     async def delete(self, keys: Sequence[str]) -> None:
         """Remove counters (deliberate reset)."""
 
+    async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
+        """Store a short-lived report (one gateway replica's effective weights), replacing the last one."""
+
+    async def collect(self, prefix: str, now_ms: int) -> dict[str, str]:
+        """Every report under ``prefix`` that has not expired."""
+
     async def close(self) -> None:
         """Release connections."""

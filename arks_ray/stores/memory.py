@@ -32,6 +32,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._data: dict[str, _Entry] = {}
+        self._reports: dict[str, tuple[str, int]] = {}
         if not MemoryStore._warned:
             MemoryStore._warned = True
             logger.warning("arks-ray: no Redis configured; rate limits and quotas are kept in memory, which is "
@@ -126,5 +127,13 @@ class MemoryStore:
         for k in keys:
             self._data.pop(k, None)
 
+    async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
+        self._reports[key] = (value, now_ms + ttl_ms)
+
+    async def collect(self, prefix: str, now_ms: int) -> dict[str, str]:
+        self._reports = {k: v for k, v in self._reports.items() if v[1] > now_ms}
+        return {k: v for k, (v, _) in self._reports.items() if k.startswith(prefix)}
+
     async def close(self) -> None:
         self._data.clear()
+        self._reports.clear()

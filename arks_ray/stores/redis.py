@@ -29,6 +29,15 @@ def _script(name: str) -> str:
     return resources.files("arks_ray.stores").joinpath("lua", name).read_text()
 
 
+def _glob(prefix: str) -> str:
+    """A SCAN pattern matching keys that start with ``prefix`` (its glob characters escaped)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisStore:
     """Counters in Redis (7+), one round trip per reservation and per settlement."""
 
@@ -86,7 +95,7 @@ class RedisStore:
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix`` (a deliberate reset); returns how many."""
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        pattern = _glob(prefix)
 
         async def scan_and_delete() -> int:
             keys = [k async for k in self._redis.scan_iter(match=pattern, count=500)]
@@ -96,6 +105,18 @@ class RedisStore:
 
         count: int = await self._call(scan_and_delete())
         return count
+
+    async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
+        await self._call(self._redis.set(key, value, px=max(1, ttl_ms)))
+
+    async def collect(self, prefix: str, now_ms: int) -> dict[str, str]:
+        async def scan_and_get() -> dict[str, str]:
+            keys = [k async for k in self._redis.scan_iter(match=_glob(prefix), count=500)]
+            values = await self._redis.mget(keys) if keys else []
+            return {_text(k): _text(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+        found: dict[str, str] = await self._call(scan_and_get())
+        return found
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -541,3 +541,21 @@ async def test_memory_and_redis_agree_on_a_random_workload(redis_store: RedisSto
         if mine.admitted:
             pending.append((counters, f"s{step}", now))
     assert min(outcomes.values()) >= 30, outcomes  # both paths exercised, not a vacuous agreement
+
+
+async def test_reports_replace_each_other_and_expire(store: CounterStore) -> None:
+    now = int(time.time() * 1000)
+    await store.publish("t:routes:a", "one", 60_000, now)
+    await store.publish("t:routes:a", "two", 60_000, now)
+    await store.publish("t:routes:b", "short", 50, now)
+    await store.publish("t:other:c", "elsewhere", 60_000, now)
+    assert await store.collect("t:routes:", now) == {"t:routes:a": "two", "t:routes:b": "short"}
+    await asyncio.sleep(0.12)
+    assert await store.collect("t:routes:", int(time.time() * 1000)) == {"t:routes:a": "two"}
+
+
+async def test_collect_escapes_glob_characters_in_the_prefix(store: CounterStore) -> None:
+    now = int(time.time() * 1000)
+    await store.publish("t:r*:x", "starred", 60_000, now)
+    await store.publish("t:rX:y", "plain", 60_000, now)
+    assert await store.collect("t:r*:", now) == {"t:r*:x": "starred"}

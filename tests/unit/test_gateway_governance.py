@@ -55,7 +55,8 @@ class FakeBackends:
         self.script = [protocol.response({"usage": {"prompt_tokens": prompt_tokens,
                                                     "completion_tokens": completion_tokens}})]
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool) -> AsyncIterator[Any]:
+    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
+             session: str | None = None) -> AsyncIterator[Any]:
         script, fail, hold, hang = list(self.script), self.fail, self.hold, self.hang_after_first
 
         async def gen() -> AsyncIterator[Any]:

@@ -25,7 +25,8 @@ class FakeBackends:
         self.script: list[Any] = []
         self.fail: Exception | None = None
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool) -> AsyncIterator[Any]:
+    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
+             session: str | None = None) -> AsyncIterator[Any]:
         self.calls.append((backend.name, kind, body, client_usage))
         script, fail = list(self.script), self.fail
 
