@@ -45,6 +45,8 @@ class Observed:
     jobs: Sequence[dict[str, Any]] = ()
     usage: Mapping[str, Mapping[str, int]] | None = None
     """Quota usage by quota name and type; None when no counter store is configured."""
+    routes: Mapping[tuple[str, str], float] | None = None
+    """Effective weights the gateway replicas reported, by (endpoint, backend); None without a store."""
 
 
 @dataclass
@@ -228,7 +230,7 @@ def _other_statuses(snap: Snapshot, applied: Rendered, serving: set[str], seen: 
         obj = snap.typed(kind, name)
         if kind == "ArksEndpoint":
             endpoint = endpoints.get(name) if isinstance(obj, ArksEndpoint) else None
-            out[kind, name] = st.endpoint_status(endpoint, problems, serving, prev, gen, now)
+            out[kind, name] = st.endpoint_status(endpoint, problems, serving, prev, gen, now, seen.routes)
         elif kind == "ArksToken":
             token = tokens.get(name) if isinstance(obj, ArksToken) else None
             expires = token.expires_at if token else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from arks_ray.api import load_documents
+from arks_ray.api.endpoint import ArksEndpoint
 from arks_ray.api.gateway import GatewayConfig
 from arks_ray.render.names import RAYSERVICE_NAME
 from arks_ray.stores.base import StoreUnavailable
@@ -37,6 +38,12 @@ class UsageReader(Protocol):
     """Quota usage per quota and type (``arks_ray.gateway.governor.Governor`` is one)."""
 
     async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]: ...
+
+
+class RoutesReader(Protocol):
+    """The gateway replicas' effective weights, by (endpoint, backend) (``arks_ray.gateway.reports``)."""
+
+    async def routes(self, namespace: str, now: float) -> dict[tuple[str, str], float]: ...
 
 
 @dataclass
@@ -81,21 +88,35 @@ async def _usage(reader: UsageReader | None, config: GatewayConfig | None, now: 
         return None
 
 
+async def _routes(reader: RoutesReader | None, ns: str, wanted: bool, now: float,
+                  metrics: Metrics | None) -> dict[tuple[str, str], float] | None:
+    if reader is None or not wanted:
+        return None
+    try:
+        return await reader.routes(ns, now)
+    except StoreUnavailable as exc:
+        logger.warning("effective weights not mirrored in %s: %s", ns, exc)
+        if metrics is not None:
+            metrics.store_failures.inc()
+        return None
+
+
 async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: float,
-                  metrics: Metrics | None = None) -> tuple[Snapshot, Observed]:
+                  metrics: Metrics | None = None, routes: RoutesReader | None = None) -> tuple[Snapshot, Observed]:
     """Both rounds of reads."""
     lists, rayservice = await asyncio.gather(asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
                                              kube.get("RayService", ns, RAYSERVICE_NAME))
     snap = take(ns, [o for items in lists for o in items])
-    secrets, pvcs, jobs, usage = await asyncio.gather(
+    secrets, pvcs, jobs, usage, weights = await asyncio.gather(
         _secrets(kube, ns, snap.secret_names()),
         asyncio.gather(*(_pvc(kube, ns, n) for n in sorted(snap.pvc_names()))),
         kube.list("Job", ns, MANAGED_BY) if snap.downloads() else _nothing(),
-        _usage(reader, snap.quota_config(), now, metrics))
+        _usage(reader, snap.quota_config(), now, metrics),
+        _routes(routes, ns, any(isinstance(o, ArksEndpoint) for o in snap.loaded.objects), now, metrics))
     if secrets:
         found = load_documents(secrets, ns)
         snap.loaded.secrets.extend(found.secrets)
-    return snap, Observed(rayservice, dict(pvcs), jobs, usage)
+    return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights)
 
 
 async def _nothing() -> list[dict[str, Any]]:
@@ -146,11 +167,11 @@ async def execute(kube: KubeClient, plan: Plan) -> list[Write]:
 
 async def reconcile_namespace(kube: KubeClient, namespace: str, settings: ControllerSettings, *,
                               usage: UsageReader | None = None, now: float | None = None,
-                              metrics: Metrics | None = None) -> Outcome:
+                              metrics: Metrics | None = None, routes: RoutesReader | None = None) -> Outcome:
     """Bring one namespace to the state its Arks objects describe; return what was written."""
     now = time.time() if now is None else now
     started = time.perf_counter()
-    snap, seen = await observe(kube, namespace, usage, now, metrics)
+    snap, seen = await observe(kube, namespace, usage, now, metrics, routes)
     read = time.perf_counter()
     plan = plan_namespace(snap, seen, options=settings.render, now=now, finalizer=settings.finalizer,
                           download_backoff=settings.timing.download_backoff)

@@ -20,7 +20,7 @@ import kubernetes.client
 from controller.handlers import register
 from controller.kube import KubeClient, OfficialKubeClient
 from controller.metrics import Metrics
-from controller.reconcile import Outcome, UsageReader, reconcile_namespace
+from controller.reconcile import Outcome, RoutesReader, UsageReader, reconcile_namespace
 from controller.scheduling import Scheduler
 from controller.settings import ControllerSettings
 
@@ -36,6 +36,7 @@ class Runtime:
     kube: KubeClient
     metrics: Metrics
     usage: UsageReader | None = None
+    routes: RoutesReader | None = None
     scheduler: Scheduler = dataclasses.field(init=False)
     closers: list[Callable[[], Any]] = dataclasses.field(default_factory=list)
 
@@ -44,7 +45,8 @@ class Runtime:
                                    mirror_quotas=self.usage is not None)
 
     async def reconcile(self, namespace: str) -> Outcome:
-        return await reconcile_namespace(self.kube, namespace, self.settings, usage=self.usage, metrics=self.metrics)
+        return await reconcile_namespace(self.kube, namespace, self.settings, usage=self.usage, metrics=self.metrics,
+                                        routes=self.routes)
 
     async def close(self) -> None:
         await self.scheduler.close()
@@ -53,6 +55,18 @@ class Runtime:
             result = closer()
             if asyncio.iscoroutine(result):
                 await result
+
+
+@dataclasses.dataclass
+class StoreRoutes:
+    """``RoutesReader`` over the counter store the gateway replicas publish their route reports to."""
+
+    store: Any
+
+    async def routes(self, namespace: str, now: float) -> dict[tuple[str, str], float]:
+        from arks_ray.gateway.reports import read_routes
+
+        return await read_routes(self.store, namespace, now)
 
 
 def build_runtime(settings: ControllerSettings, configuration: kubernetes.client.Configuration,
@@ -68,6 +82,7 @@ def build_runtime(settings: ControllerSettings, configuration: kubernetes.client
 
         store = RedisStore(settings.redis_url)
         runtime.usage = Governor(store)
+        runtime.routes = StoreRoutes(store)
         runtime.scheduler.mirror_quotas = True
         runtime.closers.append(store.close)
     return runtime

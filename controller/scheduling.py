@@ -45,7 +45,8 @@ class NamespaceState:
     failures: int = 0
     reconciles: int = 0
     last: Outcome | None = None
-    has_quotas: bool = False
+    mirrored: bool = False
+    """It has quotas or endpoints, whose status mirrors the counter store (usage, effective weights)."""
 
 
 @dataclass
@@ -135,7 +136,8 @@ class Scheduler:
         state.failures = 0
         state.reconciles += 1
         plan = outcome.plan
-        state.has_quotas = bool(plan and plan.rendered and plan.rendered.gateway.quotas)
+        gateway = plan.rendered.gateway if plan and plan.rendered else None
+        state.mirrored = bool(gateway and (gateway.quotas or gateway.endpoints))
         state.last = dataclasses.replace(outcome, plan=None)  # the render is big; keep the summary only
         self._count("ok", None, started)
         if outcome.requeue_after is not None:
@@ -165,7 +167,7 @@ class Scheduler:
             if full:
                 elapsed = 0.0
             for namespace, state in list(self.namespaces.items()):
-                if full or state.has_quotas:
+                if full or state.mirrored:
                     self.schedule(namespace)
 
     def busy(self) -> bool:

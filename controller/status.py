@@ -189,14 +189,22 @@ def disaggregated_status(view: AppView, roles: Mapping[str, int], now: float) ->
 
 
 def endpoint_status(endpoint: Endpoint | None, problems: Sequence[Problem], serving: set[str],
-                    previous: Mapping[str, Any] | None, generation: int | None, now: float) -> Status:
+                    previous: Mapping[str, Any] | None, generation: int | None, now: float,
+                    reported: Mapping[tuple[str, str], float] | None = None) -> Status:
     """``ArksEndpoint.status``: the backends the gateway routes to, each with its effective weight.
 
-    An app backend counts with its weight only while its Serve application is Running; static URL
-    or Service backends always count (the operator cannot see their health)."""
+    The effective weight is what the gateway replicas reported (configured weight x health x SLO
+    factor, averaged over replicas, rounded to 2 decimals so noise does not rewrite the status) when
+    they report through a shared store. Otherwise it is what the operator can see itself: an app
+    counts with its weight only while its Serve application is Running; static URL or Service
+    backends always count."""
     routes: list[dict[str, Any]] = []
     for b in endpoint.backends if endpoint else ():
-        effective = b.weight if b.kind == "http" or b.name in serving else 0
+        seen = (reported or {}).get((endpoint.name, b.name)) if endpoint else None
+        if seen is not None:
+            effective: float = round(seen, 2)
+        else:
+            effective = b.weight if b.kind == "http" or b.name in serving else 0
         routes.append({"name": b.name, "kind": "ArksApplication" if b.kind == "app" else "Service",
                        "weight": b.weight, "effectiveWeight": float(effective)})
     errors = errors_in(problems)

@@ -224,3 +224,26 @@ async def test_written_statuses_fit_the_crd_schemas(crd_json_schema: Any) -> Non
         jsonschema.Draft7Validator(status_schema).validate(obj["status"])
         checked.add(kind)
     assert len(checked) == 6
+
+
+class FixedRoutes:
+    def __init__(self, weights: dict[tuple[str, str], float]) -> None:
+        self.weights = weights
+
+    async def routes(self, namespace: str, now: float) -> dict[tuple[str, str], float]:
+        return dict(self.weights)
+
+
+async def test_endpoint_status_shows_the_effective_weights_the_gateway_reported() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    finish_download(kube)
+    routes = FixedRoutes({("qwen-7b", "app-qwen"): 3.7112})  # weight 5 x health 1 x SLO factor 0.74
+    await converge(kube, routes=routes)
+    status = kube.objects[("ArksEndpoint", NS, "qwen-7b")]["status"]
+    assert [(r["name"], r["weight"], r["effectiveWeight"]) for r in status["routes"]] == [("app-qwen", 5, 3.71)]
+    routes.weights = {("qwen-7b", "app-qwen"): 3.7088}  # noise below the status precision: no write
+    assert (await run(kube, NOW + 50, routes=routes)).writes == []
+    routes.weights = {}  # no report (the gateway restarted): what the operator sees itself
+    out = await run(kube, NOW + 60, routes=routes)
+    assert [(w.verb, w.kind) for w in out.writes] == [("status", "ArksEndpoint")]
