@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -46,14 +45,16 @@ from typing import Any
 import httpx2 as httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.vllm_server import ENGINE_ENV, VllmServer  # noqa: E402
+
 DEMO_CONFIG = REPO / "configs" / "examples" / "local-demo.yaml"
 MODEL_PATH = "/tmp/arks-ray/models/tiny-qwen2"
 MODEL_NAME = "tiny"
 DEMO_TOKEN = "sk-arks-demo-local-only"  # the public demo token of local-demo.yaml
 # The demo app's engine: configs/examples/local-demo.yaml (runtimeCommonArgs and instanceSpec.env).
-ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.1", "--enforce-eager"]
 ENGINE_KWARGS = {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.1, "enforce_eager": True}
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 # Ray starts its workers (proxy, gateway, engine replicas) at this niceness; the raw server gets the same
 # by default so that both compete alike with the load generator for the 2 cores.
 RAY_WORKER_NICENESS = 15
@@ -173,56 +174,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RawVllm:
-    """A ``vllm serve`` child in its own session; ``stop`` kills the whole process group."""
+class RawVllm(VllmServer):
+    """The raw ``vllm serve`` compared against, logged like the rest of the benchmark."""
 
     def __init__(self, model_path: str, port: int, log_path: Path, nice: int) -> None:
-        self.port = port
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-               "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS]
-        env = {**os.environ, **ENGINE_ENV}
         log(f"starting raw vLLM on 127.0.0.1:{port} (nice {nice}, log {log_path})")
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
-        self.started = time.monotonic()
-
-    def wait_healthy(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"raw vLLM exited with {self.proc.returncode}; last log lines:\n{self.tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
-                        return time.monotonic() - self.started
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"raw vLLM not healthy after {timeout_s:.0f}s; last log lines:\n{self.tail()}")
-                time.sleep(0.5)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        super().__init__(model_path, MODEL_NAME, port, log_path, nice)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             log("stopping raw vLLM")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log("raw vLLM ignored SIGTERM for 20s; killing its process group")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        # Children (EngineCore, Worker) share the group; make sure none outlives the leader.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
+        super().stop()
 
 
 # ------------------------------------------------------------------------------- the stock Ray ingress

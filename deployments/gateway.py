@@ -168,6 +168,9 @@ class Gateway:
                 return await self._attempt(kind, body, backend, ticket, endpoint, admission, headers, stream)
             except _Failed as failure:
                 self.router.failed(ticket, self.clock(), failure.reason)
+                if self.router.state(endpoint.name, backend.name).breaker.view(self.clock()) == "open":
+                    logger.warning("backend %s of %s is out of rotation: %s", backend.name, endpoint.name,
+                                   failure.reason)
                 forget = getattr(self.backends, "forget", None)
                 if forget is not None:
                     forget(backend)
@@ -299,11 +302,17 @@ class Gateway:
         app_status = await prober.probe_apps() if apps else {}
         results = await asyncio.gather(*(prober.probe_http(b) for _, b in https))
         now = self.clock()
-        for name, backend in apps:
-            ok, why = app_status.get(backend.name, (False, "Serve app not found"))
+        checked = [(name, b, *app_status.get(b.name, (False, "Serve app not found"))) for name, b in apps]
+        checked += [(name, b, ok, why) for (name, b), (ok, why) in zip(https, results, strict=True)]
+        for name, backend, ok, why in checked:
+            breaker = self.router.state(name, backend.name).breaker
+            before = breaker.view(now)
             self.router.health_check(name, backend.name, now, ok, why)
-        for (name, backend), (ok, why) in zip(https, results, strict=True):
-            self.router.health_check(name, backend.name, now, ok, why)
+            after = breaker.view(now)
+            if (before == "closed") != (after == "closed"):  # in or out of rotation, not every probe
+                log = logger.info if after == "closed" else logger.warning
+                log("backend %s of %s: %s -> %s after a health check%s", backend.name, name, before, after,
+                    f" ({why})" if why and not ok else "")
 
     def routes(self) -> list[RouteView]:
         return self.router.snapshot(self.index.config.endpoints, self.clock())

@@ -9,6 +9,10 @@ method takes the current time, so tests drive it with a fake clock.
   recovered in between, up to ``max_cooldown_s``.
 - **half-open**: after the cooldown, or as soon as a health check passes, the backend takes at most
   ``half_open_probes`` requests at a time. One success closes the breaker; one failure re-opens it.
+
+A breaker that only health checks opened (an app still deploying, a server not up yet) closes as soon
+as a check passes: there is no request failure to doubt it by, and probing one request at a time
+would starve a backend that just came up.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Breaker:
         self.opened_at = 0.0
         self.cooldown_s = settings.cooldown_s
         self.probes = 0
+        self.by_requests = False
+        """Whether request failures (not only health checks) opened the breaker."""
 
     def _tick(self, now: float) -> None:
         if self.state == "open" and now - self.opened_at >= self.cooldown_s:
@@ -72,7 +78,7 @@ class Breaker:
 
     def on_success(self, now: float) -> None:
         self.state, self.failures, self.probes, self.reason = "closed", 0, 0, ""
-        self.cooldown_s = self.settings.cooldown_s
+        self.cooldown_s, self.by_requests = self.settings.cooldown_s, False
 
     def on_failure(self, now: float, reason: str) -> None:
         self._tick(now)
@@ -81,8 +87,10 @@ class Breaker:
         if self.state == "half_open":
             # The probe failed: back out, for longer.
             self._open(now, min(self.cooldown_s * 2, self.settings.max_cooldown_s))
+            self.by_requests = True
         elif self.state == "closed" and self.failures >= self.settings.failure_threshold:
             self._open(now, self.settings.cooldown_s)
+            self.by_requests = True
 
     def on_health_check(self, now: float, ok: bool, reason: str = "") -> None:
         """An active health check: a failure opens the breaker at once, a pass lets probes through."""
@@ -91,6 +99,8 @@ class Breaker:
             if self.state != "open":
                 self._open(now, self.cooldown_s if self.state == "half_open" else self.settings.cooldown_s)
             self.reason = reason or "health check failed"
+        elif not self.by_requests and self.state != "closed":
+            self.on_success(now)
         elif self.state == "open":
             self.state, self.probes = "half_open", 0
 

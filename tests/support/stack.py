@@ -13,9 +13,15 @@ DEMO = ROOT / "configs/examples/local-demo.yaml"
 DEMO_TOKEN = "sk-arks-demo-local-only"
 
 
-def make_plan(extra: str, port: int, **kwargs: Any) -> runner.LocalPlan:
-    """The demo objects plus ``extra`` YAML, planned for a local run on ``port``."""
-    loaded = load_yaml(DEMO.read_text() + "\n---\n" + extra)
+def demo_without(*kinds: str) -> str:
+    """The demo manifest without its documents of these kinds (to replace them with a test's own)."""
+    docs = DEMO.read_text().split("\n---\n")
+    return "\n---\n".join(d for d in docs if not any(f"kind: {k}\n" in d for k in kinds))
+
+
+def make_plan(extra: str, port: int, *, base: str | None = None, **kwargs: Any) -> runner.LocalPlan:
+    """The demo objects (or ``base``) plus ``extra`` YAML, planned for a local run on ``port``."""
+    loaded = load_yaml((DEMO.read_text() if base is None else base) + "\n---\n" + extra)
     assert not loaded.errors, loaded.errors
     runner.ensure_local_models(loaded)
     return runner.plan(loaded, "default", port, **kwargs)

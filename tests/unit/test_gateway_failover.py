@@ -173,7 +173,7 @@ def test_health_checks_move_backends_out_of_and_back_into_rotation() -> None:
     prober.http["ext"] = (True, "")
     now[0] += 1
     asyncio.run(gateway.check_health(prober))
-    assert {v.backend: v.health for v in gateway.routes()}["ext"] == "half_open"
+    assert {v.backend: v.health for v in gateway.routes()}["ext"] == "closed"
 
 
 @pytest.mark.parametrize("stream", [False, True])

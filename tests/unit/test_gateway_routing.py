@@ -73,12 +73,24 @@ def test_a_released_probe_frees_its_slot() -> None:
     assert b.available(1)
 
 
-def test_health_checks_open_at_once_and_a_pass_lets_probes_through() -> None:
+def test_health_checks_open_at_once_and_a_pass_closes_what_only_they_opened() -> None:
     b = Breaker(BreakerSettings(cooldown_s=30))
-    b.on_health_check(0, False, "Serve app DEPLOY_FAILED")
-    assert (b.view(0), b.reason) == ("open", "Serve app DEPLOY_FAILED")
+    b.on_health_check(0, False, "Serve app DEPLOYING")
+    assert (b.view(0), b.reason) == ("open", "Serve app DEPLOYING")
     b.on_health_check(1, True)
-    assert b.view(1) == "half_open"  # no need to wait out 30 s once the check passes
+    assert b.view(1) == "closed"  # it came up: no need to wait out 30 s, nor to probe one request at a time
+
+
+def test_a_passing_health_check_only_half_opens_a_breaker_that_requests_opened() -> None:
+    b = Breaker(BreakerSettings(failure_threshold=1, cooldown_s=30))
+    b.on_failure(0, "HTTP 500")
+    b.on_health_check(1, True)  # alive, but it failed real requests: probe before trusting it
+    assert b.view(1) == "half_open"
+    b.on_start(1)
+    b.on_success(2)
+    b.on_health_check(3, False, "down")
+    b.on_health_check(4, True)
+    assert b.view(4) == "closed"  # this time only the check had doubts
 
 
 # --- SLO factors ---------------------------------------------------------------------------------
