@@ -6,8 +6,9 @@ paths and helpers, because ``conftest`` is not importable as a module under pyte
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -50,3 +51,14 @@ def crd_json_schema() -> Callable[[dict[str, Any]], dict[str, Any]]:
         return schema
 
     return convert
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves an asyncio task running (kopf's own suite does the same)."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0.01)  # let tasks that are finishing finish
+    remains = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
+    if remains:
+        pytest.fail(f"Unattended asyncio tasks detected: {remains!r}")

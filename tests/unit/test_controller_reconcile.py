@@ -3,9 +3,7 @@ mock at theirs): what a reconcile writes, in which order, and that a converged n
 
 from __future__ import annotations
 
-import asyncio
 import copy
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,9 @@ NS = "default"
 NOW = 1_800_000_000.0
 RS = ("RayService", NS, "arks")
 
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    remains = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
-    if remains:
-        pytest.fail(f"Unattended asyncio tasks detected: {remains!r}")
+
 
 
 def quickstart_kube() -> MemoryKube:

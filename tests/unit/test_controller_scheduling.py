@@ -16,14 +16,9 @@ from controller.settings import TimingSettings
 
 FAST = TimingSettings(debounce=0.01, drift_interval=3600, retry_backoff=(0.02, 0.1), max_concurrent=2)
 
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    remains = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
-    if remains:
-        pytest.fail(f"Unattended asyncio tasks detected: {remains!r}")
+
 
 
 class Recorder:
