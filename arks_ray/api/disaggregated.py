@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from arks_ray.api.application import ApplicationPhase, runtime_or_default
+from arks_ray.api.application import ApplicationPhase, Dynamo, runtime_or_default
 from arks_ray.api.common import (
     Condition,
     InstanceSpec,
@@ -87,6 +87,8 @@ class ArksDisaggregatedApplicationSpec(Spec):
     prefill: DisaggregatedWorkload = Field(description="Prefill workers.")
     decode: DisaggregatedWorkload = Field(description="Decode workers.")
     pod_group_policy: PodGroupPolicy | None = Field(None, description="Gang scheduling policy.")
+    dynamo: Dynamo | None = Field(
+        None, description="Dynamo worker engine and extra worker arguments, when runtime is dynamo (extension).")
 
     @field_validator("runtime", mode="before")
     @classmethod

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from arks_ray.api.application import ArksApplication
+from arks_ray.api.application import ArksApplication, Dynamo
 from arks_ray.api.disaggregated import ArksDisaggregatedApplication, DisaggregatedWorkload
 from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
+from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
 from arks_ray.render.engine_args import OWNED_FLAGS, ArgsError, parse_engine_args
 from arks_ray.render.options import RenderOptions
@@ -106,8 +107,7 @@ def engine_app(
         llm_config["accelerator_type"] = spec.accelerator
     args: dict[str, Any] = {"name": app.metadata.name, "runtime": spec.runtime, "llm_config": llm_config}
     if spec.runtime == "dynamo":
-        dyn = spec.dynamo
-        args["dynamo"] = {"engine": dyn.engine if dyn else "vllm", "args": list(dyn.args) if dyn else []}
+        args["dynamo"] = dynamo_args(spec.dynamo, spec.runtime_common_args, app.metadata.name, namespace, ("agg",))
     out: dict[str, Any] = {
         "name": app.metadata.name,
         "route_prefix": None,
@@ -118,6 +118,19 @@ def engine_app(
     if env:
         out["runtime_env"] = {"env_vars": env}
     return out
+
+
+def dynamo_args(dyn: Dynamo | None, common_args: list[str], name: str, namespace: str, modes: tuple[str, ...],
+                where: str = "spec.runtimeCommonArgs + spec.dynamo.args") -> dict[str, Any]:
+    """A Dynamo app's worker engine, its worker args (``runtimeCommonArgs`` then ``dynamo.args``) and
+    Dynamo namespace. Raises ArgsError if the args cannot make a worker command line."""
+    dyn = dyn or Dynamo()
+    worker_args = [*common_args, *dyn.args]
+    try:
+        check_worker_args(dyn.engine, worker_args, where, modes)
+    except LaunchError as exc:
+        raise ArgsError(str(exc)) from None
+    return {"engine": dyn.engine, "args": worker_args, "namespace": dynamo_namespace(namespace, name)}
 
 
 def pd_engine_kwargs(side: DisaggregatedWorkload, runtime: str) -> dict[str, Any]:
@@ -153,13 +166,25 @@ def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, names
     """A PD application: prefill and decode engines behind a router. Raises ArgsError on bad args."""
     spec = app.spec
     source = model_source(model, namespace, options)
-    args = {
+    args: dict[str, Any] = {
         "name": app.metadata.name,
         "runtime": spec.runtime,
         "prefill": _pd_side(spec.prefill, spec.model_name, source, spec.runtime),
         "decode": _pd_side(spec.decode, spec.model_name, source, spec.runtime),
         "router": {"replicas": spec.router.replicas, "args": list(spec.router.router_args)},
     }
+    if spec.runtime == "dynamo":
+        # Worker args per side, as given (TP/PP flags in any spelling become the engine's own).
+        for role in ("prefill", "decode"):
+            side_args = getattr(spec, role).runtime_common_args
+            args[role]["args"] = list(side_args)
+            dynamo_args(spec.dynamo, side_args, app.metadata.name, namespace, (role,),
+                        f"spec.{role}.runtimeCommonArgs + spec.dynamo.args")
+        args["dynamo"] = dynamo_args(spec.dynamo, [], app.metadata.name, namespace, ("prefill", "decode"))
+        try:
+            check_frontend_args(spec.router.router_args, "spec.router.routerArgs")
+        except LaunchError as exc:
+            raise ArgsError(str(exc)) from None
     return {"name": app.metadata.name, "route_prefix": None, "import_path": DISAGG_IMPORT, "args": args}
 
 
