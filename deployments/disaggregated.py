@@ -16,5 +16,9 @@ from ray.serve import Application
 def build_app(raw: dict[str, Any]) -> Application:
     """Serve's entry point for a disaggregated application."""
     name, runtime = raw.get("name", "?"), raw.get("runtime", "vllm")
+    if runtime == "dynamo":
+        from deployments.dynamo_apps import build_dynamo_pd
+
+        return build_dynamo_pd(raw)
     raise ValueError(f"application {name}: disaggregated serving with runtime {runtime!r} is not available in "
                      "this build")

@@ -38,6 +38,10 @@ def build_app(raw: dict[str, Any]) -> Application:
         from deployments.vllm_engine import build_vllm
 
         return build_vllm(args)
+    if args.runtime == "dynamo":
+        from deployments.dynamo_apps import build_dynamo
+
+        return build_dynamo(args)
     raise ValueError(
         f"application {args.name}: runtime {args.runtime!r} is not available in this build "
         "(supported here: vllm)"

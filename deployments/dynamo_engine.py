@@ -1,0 +1,313 @@
+"""Dynamo engine applications: Serve replicas that run NVIDIA Dynamo as sidecar processes.
+
+Built into applications by ``deployments.dynamo_apps`` (``runtime: dynamo``, aggregated or PD).
+
+- ``DynamoServer`` is an app's ingress replica. It runs ``python -m dynamo.frontend`` on a loopback port
+  (plus the worker, for an aggregated app), waits until the frontend lists the model, and speaks the
+  gateway protocol (``arks_ray.engines.protocol``): ``generate`` proxies the raw OpenAI body to the
+  frontend over HTTP, streaming, with the usage chunk always requested and metered.
+- ``DynamoWorker`` is a prefill or decode replica of a PD app: one worker sidecar.
+
+Dynamo's Python lives in its own virtualenv (it pins older kubernetes and pydantic): ``ARKS_DYNAMO_PYTHON``
+names its interpreter; the default is the repository's ``.venv-dynamo`` (``make dynamo-venv``). In a
+cluster, the Dynamo image sets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from arks_ray.engines import dynamo, protocol
+from arks_ray.engines.sidecars import RestartPolicy
+from deployments.dynamo_sidecars import Sidecar
+
+logger = logging.getLogger("ray.serve.arks.dynamo")
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+REPO_PYTHON = Path(__file__).resolve().parents[1] / ".venv-dynamo/bin/python"
+LIVENESS_MISSES = 3
+
+
+class SidecarConfig(BaseModel):
+    """What one Dynamo replica runs (the init args of its deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(description="The Arks application, named in every error.")
+    engine: str = "vllm"
+    model_path: str
+    served_name: str
+    namespace: str = Field(description="Dynamo namespace of the app.")
+    run_id: str = Field(description="One per deployment: names the discovery directory the app's replicas share.")
+    mode: str = Field("agg", description="agg, prefill or decode (the worker's role); frontend: no worker.")
+    worker_args: list[str] = Field(default_factory=list)
+    frontend_args: list[str] = Field(default_factory=list)
+    run_frontend: bool = True
+    run_worker: bool = True
+    expect_prefill: bool = False
+    python: str | None = Field(None, description="Dynamo's interpreter; default ARKS_DYNAMO_PYTHON, then .venv-dynamo.")
+    startup_timeout_s: float = 900.0
+    max_restarts: int = Field(5, description="Sidecar restarts allowed within 5 minutes before the replica fails.")
+    initial_backoff_s: float = 0.5
+
+
+def dynamo_python(config: SidecarConfig) -> str:
+    path = config.python or os.environ.get("ARKS_DYNAMO_PYTHON") or str(REPO_PYTHON)
+    if not os.access(path, os.X_OK):
+        raise dynamo.LaunchError(f"application {config.app}: Dynamo's python {path} is not there; set "
+                                 "ARKS_DYNAMO_PYTHON or run `make dynamo-venv`")
+    return path
+
+
+def state_dir(config: SidecarConfig) -> Path:
+    base = Path(os.environ.get("ARKS_DYNAMO_STATE_DIR") or Path(tempfile.gettempdir()) / "arks-ray-dynamo")
+    return base / f"{config.namespace}-{config.run_id}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Sidecars:
+    """The sidecars of one replica, built from its config."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        python = dynamo_python(config)
+        root = state_dir(config)
+        cluster = dynamo.cluster_from_env(os.environ, config.namespace, str(root / "discovery"))
+        if cluster.file_dir:
+            Path(cluster.file_dir).mkdir(parents=True, exist_ok=True)
+        specs: list[dynamo.LaunchSpec] = []
+        self.port: int | None = None
+        if config.run_frontend:
+            self.port = free_port()
+            specs.append(dynamo.frontend_spec(python, self.port, cluster, config.frontend_args))
+        if config.run_worker:
+            specs.append(dynamo.worker_spec(python, config.engine, config.model_path, config.served_name,
+                                            cluster, mode=config.mode, args=config.worker_args))
+        logs = root / "logs" / f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        policy = RestartPolicy(initial_backoff_s=config.initial_backoff_s, max_restarts=config.max_restarts)
+        self.items = [Sidecar(spec, logs, policy=policy) for spec in specs]
+        self.config = config
+        self.stopping = False
+
+    def start(self) -> None:
+        for sidecar in self.items:
+            sidecar.start()
+
+    def failure(self) -> str | None:
+        for s in self.items:
+            if s.failed:
+                return (f"application {self.config.app}: {s.tracker.last_reason}\n"
+                        f"--- last lines of {s.log_path}:\n{s.log_tail()}")
+        return None
+
+    def role(self, role: str) -> Sidecar | None:
+        return next((s for s in self.items if s.spec.role == role), None)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await asyncio.gather(*(s.stop() for s in self.items), return_exceptions=True)
+
+    def stop_once(self) -> Any:
+        """``stop()`` the first time (a coroutine to await), None after."""
+        if self.stopping:
+            return None
+        self.stopping = True
+        return self.stop()
+
+
+class DynamoWorker:
+    """A prefill or decode replica of a Dynamo PD app: one supervised worker process."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.config = SidecarConfig.model_validate(config)
+        self.sidecars = _Sidecars(self.config)
+        self.sidecars.start()
+
+    async def check_health(self) -> None:
+        failure = self.sidecars.failure()
+        if failure:
+            raise RuntimeError(failure)
+
+    async def status(self) -> dict[str, Any]:
+        return {"app": self.config.app, "mode": self.config.mode,
+                "sidecars": [s.status() for s in self.sidecars.items]}
+
+    def __del__(self) -> Any:
+        # Serve awaits what this returns at graceful shutdown; by garbage collection nothing is left to do.
+        return self.sidecars.stop_once()
+
+
+class FrontendProxy:
+    """The gateway protocol on top of a Dynamo frontend's OpenAI HTTP API."""
+
+    def __init__(self, app: str, served_name: str, base: str, session: Any) -> None:
+        self.app, self.served_name, self.base, self.session = app, served_name, base, session
+
+    async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
+            str | dict[str, Any]]:
+        import aiohttp
+
+        if kind not in PATHS:
+            yield protocol.error(404, f"unknown endpoint {kind!r}")
+            return
+        payload = {**(protocol.with_usage(body) if kind != "embeddings" else body), "model": self.served_name}
+        streaming = payload.get("stream") is True and kind != "embeddings"
+        try:
+            async with self.session.post(self.base + PATHS[kind], json=payload) as resp:
+                if resp.status >= 400:
+                    yield self._error(resp.status, await resp.read())
+                    return
+                if not streaming:
+                    yield protocol.response(json.loads(await resp.read()), resp.status)
+                    return
+                async for item in self._relay(resp, protocol.StreamMeter(client_usage)):
+                    yield item
+        except aiohttp.ClientConnectorError as exc:
+            yield protocol.error(503, f"application {self.app}: the Dynamo frontend is not reachable "
+                                      f"({type(exc).__name__}); it is being restarted", "server_error")
+        except aiohttp.ClientError as exc:
+            yield protocol.error(502, f"application {self.app}: the Dynamo frontend failed mid-answer: "
+                                      f"{type(exc).__name__}: {exc}", "server_error")
+        except ValueError:
+            yield protocol.error(502, f"application {self.app}: Dynamo answered with invalid JSON",
+                                 "server_error")
+
+    def _error(self, status: int, raw: bytes) -> dict[str, Any]:
+        message, param = dynamo.dynamo_error(status, raw)
+        if status == 404 and "model" in message.lower():
+            # The frontend forgets a model while its worker restarts; the gateway only routes models we serve.
+            status, message = 503, f"no Dynamo worker serves {self.served_name!r} right now: {message}"
+        return protocol.error(status, f"application {self.app}: {message}" if status >= 500 else message,
+                              protocol.error_type(status), param)
+
+    async def _relay(self, resp: Any, meter: protocol.StreamMeter) -> AsyncIterator[str | dict[str, Any]]:
+        splitter = protocol.SseSplitter()
+        done = False
+        async for chunk in resp.content.iter_any():
+            text = splitter.feed(chunk)
+            done = done or protocol.DONE in text
+            forwarded = meter.filter(text) if text else ""
+            if forwarded:
+                yield forwarded
+        tail = splitter.rest()
+        done = done or protocol.DONE in tail
+        forwarded = meter.filter(tail) if tail else ""
+        if forwarded:
+            yield forwarded
+        if not done:
+            yield protocol.error(502, f"application {self.app}: the Dynamo stream ended before [DONE]",
+                                 "server_error")
+            return
+        yield meter.final()
+
+
+class DynamoServer:
+    """The ingress replica of a Dynamo app: the frontend sidecar (and the worker, when aggregated)."""
+
+    async def __init__(self, config: dict[str, Any], workers: list[Any] | None = None) -> None:
+        import aiohttp
+
+        self.config = SidecarConfig.model_validate(config)
+        self.workers = list(workers or [])
+        self.sidecars = _Sidecars(self.config)
+        self.base = f"http://127.0.0.1:{self.sidecars.port}"
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        self.proxy = FrontendProxy(self.config.app, self.config.served_name, self.base, self.session)
+        self._misses = 0
+        self.sidecars.start()
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _ready(self) -> bool:
+        import aiohttp
+
+        try:
+            async with self.session.get(self.base + "/v1/models", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                models = {m.get("id") for m in (await r.json()).get("data", [])} if r.status == 200 else set()
+            if self.config.served_name not in models:
+                return False
+            if not self.config.expect_prefill:
+                return True
+            async with self.session.get(self.base + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                health = await r.json()
+            return any(i.get("component") == "prefill" for i in health.get("instances", []))
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return False
+
+    async def _wait_ready(self) -> None:
+        started = time.monotonic()
+        while not await self._ready():
+            failure = self.sidecars.failure()
+            if failure:
+                raise RuntimeError(failure)
+            if time.monotonic() - started > self.config.startup_timeout_s:
+                raise TimeoutError(f"application {self.config.app}: the Dynamo frontend did not list model "
+                                   f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s")
+            await asyncio.sleep(0.25)
+        logger.info("application %s: Dynamo ready in %.1fs at %s", self.config.app, time.monotonic() - started,
+                    self.base)
+
+    async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
+            str | dict[str, Any]]:
+        async for item in self.proxy.generate(kind, body, client_usage):
+            yield item
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails once a sidecar has failed for good (Serve then replaces the replica).
+
+        A frontend process that lives but stops answering is killed here, and so restarted."""
+        import aiohttp
+
+        failure = self.sidecars.failure()
+        if failure:
+            raise RuntimeError(failure)
+        frontend = self.sidecars.role("frontend")
+        if frontend is None or frontend.pid is None:
+            return
+        try:
+            async with self.session.get(self.base + "/live", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                await r.read()
+            self._misses = 0
+        except (aiohttp.ClientError, TimeoutError):
+            self._misses += 1
+            if self._misses >= LIVENESS_MISSES:
+                logger.warning("application %s: the Dynamo frontend did not answer %d health checks; restarting it",
+                               self.config.app, self._misses)
+                self._misses = 0
+                await frontend.kill()
+
+    async def status(self) -> dict[str, Any]:
+        workers = [await w.status.remote() for w in self.workers]
+        return {"app": self.config.app, "url": self.base, "sidecars": [s.status() for s in self.sidecars.items],
+                "workers": workers}
+
+    async def close(self) -> None:
+        await self.sidecars.stop()
+        await self.session.close()
+
+    def __del__(self) -> Any:
+        # Serve awaits what this returns at graceful shutdown; by garbage collection nothing is left to do.
+        if self.sidecars.stopping:
+            return None
+        self.sidecars.stopping = True
+        return self.close()

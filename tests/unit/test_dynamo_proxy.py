@@ -1,0 +1,200 @@
+"""The Dynamo proxy (``deployments.dynamo_engine.FrontendProxy``): the gateway protocol on top of a fake
+Dynamo frontend (an aiohttp server on loopback that answers the way ``dynamo.frontend`` 1.6.1 does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from deployments.dynamo_apps import actor_options
+from deployments.dynamo_engine import DynamoWorker, FrontendProxy
+from tests.support.redis_server import free_port
+
+pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+
+
+def chunk(content: str | None = None, usage: dict[str, int] | None = None) -> str:
+    data: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "model": "served", "choices": []}
+    if content is not None:
+        data["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    if usage is not None:
+        data["usage"] = usage
+    return "data: " + json.dumps(data) + "\n\n"
+
+
+class FakeFrontend:
+    """Records what it was sent and answers per the request's ``mode`` field."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        mode = body.get("mode", "ok")
+        if mode == "not-found":
+            return web.json_response({"message": "Model not found", "type": "Not Found", "code": 404}, status=404)
+        if mode == "bad":
+            return web.json_response({"message": "Failed to deserialize the JSON body", "type": "Bad Request",
+                                      "code": 400}, status=400)
+        if not body.get("stream"):
+            return web.json_response({"object": "chat.completion", "model": body["model"], "usage": USAGE,
+                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = chunk("he") + chunk("llo")
+        if body.get("stream_options", {}).get("include_usage"):
+            events += chunk(usage=USAGE)
+        if mode != "cut":
+            events += "data: [DONE]\n\n"
+        # Split mid-event, as TCP may: the proxy must reassemble whole events.
+        for i in range(0, len(events), 17):
+            await resp.write(events[i:i + 17].encode())
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def frontend() -> AsyncIterator[tuple[FakeFrontend, FrontendProxy]]:
+    fake = FakeFrontend()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    session = aiohttp.ClientSession()
+    try:
+        yield fake, FrontendProxy("dyn-app", "served", f"http://127.0.0.1:{port}", session)
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
+async def collect(proxy: FrontendProxy, body: dict[str, Any], client_usage: bool = False,
+                  kind: str = "chat") -> list[Any]:
+    return [item async for item in proxy.generate(kind, body, client_usage)]
+
+
+async def test_a_whole_answer_is_a_response_with_the_served_model(frontend: Any) -> None:
+    fake, proxy = frontend
+    (item,) = await collect(proxy, {"model": "endpoint-name", "messages": []})
+    assert item["arks"] == "response"
+    assert item["status"] == 200
+    assert item["body"]["usage"] == USAGE
+    assert fake.seen[0]["model"] == "served"  # the frontend knows the model by its served name
+    assert "stream_options" not in fake.seen[0]
+
+
+async def test_a_stream_always_asks_for_usage_and_strips_it_unless_wanted(frontend: Any) -> None:
+    fake, proxy = frontend
+    items = await collect(proxy, {"model": "m", "messages": [], "stream": True})
+    assert fake.seen[0]["stream_options"] == {"include_usage": True}
+    text = "".join(i for i in items if isinstance(i, str))
+    assert '"usage"' not in text
+    assert text.count("data: {") == 2
+    assert text.endswith("data: [DONE]\n\n")
+    assert items[-1] == {"arks": "usage", "usage": USAGE, "completion_tokens": 2}
+
+
+async def test_a_stream_keeps_the_usage_chunk_when_the_client_asked(frontend: Any) -> None:
+    _, proxy = frontend
+    items = await collect(proxy, {"messages": [], "stream": True, "stream_options": {"include_usage": True}},
+                          client_usage=True)
+    text = "".join(i for i in items if isinstance(i, str))
+    assert text.count('"usage"') == 1
+    assert items[-1]["usage"] == USAGE
+
+
+async def test_a_stream_cut_before_done_is_an_error_after_what_arrived(frontend: Any) -> None:
+    _, proxy = frontend
+    items = await collect(proxy, {"messages": [], "stream": True, "mode": "cut"})
+    assert "".join(i for i in items if isinstance(i, str)).count("data: {") == 2
+    assert items[-1]["arks"] == "error"
+    assert items[-1]["status"] == 502
+    assert "dyn-app" in items[-1]["body"]["error"]["message"]
+
+
+async def test_dynamo_errors_become_openai_errors(frontend: Any) -> None:
+    _, proxy = frontend
+    (bad,) = await collect(proxy, {"messages": [], "mode": "bad"})
+    assert bad["status"] == 400
+    assert bad["body"]["error"]["type"] == "invalid_request_error"
+    assert bad["body"]["error"]["message"] == "Failed to deserialize the JSON body"
+    (gone,) = await collect(proxy, {"messages": [], "mode": "not-found"})
+    # The frontend forgets the model while its worker restarts: that is unavailability, not a client error.
+    assert gone["status"] == 503
+    assert gone["body"]["error"]["type"] == "server_error"
+    assert "no Dynamo worker serves 'served' right now" in gone["body"]["error"]["message"]
+
+
+async def test_unknown_kinds_and_an_unreachable_frontend() -> None:
+    async with aiohttp.ClientSession() as session:
+        proxy = FrontendProxy("dyn-app", "served", f"http://127.0.0.1:{free_port()}", session)
+        (unknown,) = await collect(proxy, {}, kind="images")
+        assert unknown["status"] == 404
+        (down,) = await collect(proxy, {"messages": []})
+        assert down["status"] == 503
+        assert "application dyn-app: the Dynamo frontend is not reachable" in down["body"]["error"]["message"]
+
+
+def test_a_replica_holds_its_bundles_resources() -> None:
+    assert actor_options([{"arks-wg-x": 1, "CPU": 1.0}]) == {"num_cpus": 1.0, "num_gpus": 0,
+                                                               "resources": {"arks-wg-x": 1}}
+    pd = actor_options([{"arks-wg-x": 1, "GPU": 1}, {"arks-wg-x": 1, "GPU": 1}], "H100")
+    assert pd == {"num_cpus": 0, "num_gpus": 2, "resources": {"arks-wg-x": 2}, "accelerator_type": "H100"}
+
+
+async def test_a_worker_that_keeps_crashing_fails_the_health_check_naming_the_app(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\necho \"boom: $*\"\nexit 4\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setenv("ARKS_DYNAMO_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("ETCD_ENDPOINTS", raising=False)
+    worker = DynamoWorker.__new__(DynamoWorker)  # Serve builds replicas this way, then awaits __init__
+    await worker.__init__({"app": "dyn-app", "engine": "mocker", "model_path": "/m", "served_name": "served",
+                           "namespace": "arks-default-dyn-app", "run_id": "t1", "mode": "decode",
+                           "run_frontend": False, "python": str(fake_python), "max_restarts": 1,
+                           "initial_backoff_s": 0})
+    (sidecar,) = worker.sidecars.items
+    await asyncio.wait_for(sidecar.done.wait(), 30)
+    with pytest.raises(RuntimeError) as failed:
+        await worker.check_health()
+    message = str(failed.value)
+    assert message.startswith("application dyn-app: decode exited with code 4; 2 exits within 300s, giving up")
+    assert "boom: -m dynamo.mocker --model-path /m --model-name served --disaggregation-mode decode" in message
+    assert (tmp_path / "state/arks-default-dyn-app-t1/discovery").is_dir()
+    await worker.__del__()
+
+
+PD_ARGS: dict[str, Any] = {
+    "name": "pd", "runtime": "dynamo", "dynamo": {"engine": "mocker", "args": [], "namespace": "arks-default-pd"},
+    "router": {"replicas": 1, "args": []},
+    **{role: {"model_loading_config": {"model_id": "pd", "model_source": "/m"}, "engine_kwargs": {}, "args": [],
+              "deployment_config": {"num_replicas": 1},
+              "placement_group_config": {"bundles": [{"arks-wg-g": 1, "CPU": 1.0}], "strategy": "PACK"}}
+       for role in ("prefill", "decode")},
+}
+
+
+def test_pd_args_build_an_app_and_bad_ones_name_the_app() -> None:
+    from ray.serve import Application
+
+    from deployments.disaggregated import build_app
+
+    assert isinstance(build_app(PD_ARGS), Application)
+    with pytest.raises(ValueError, match=r"application pd: invalid Dynamo PD args \(KeyError: 'decode'\)"):
+        build_app({k: v for k, v in PD_ARGS.items() if k != "decode"})
+    bad = {**PD_ARGS, "dynamo": {"engine": "mocker", "args": ["--model-name x"]}}
+    with pytest.raises(ValueError, match=r"application pd: dynamo\.args: --model-name is set by servedModelName"):
+        build_app(bad)
