@@ -25,6 +25,29 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Dynamo (ai-dynamo 1.6.1) in its own virtualenv: it pins kubernetes<33 and pydantic<=2.13.5. Installed
+# --no-deps plus its listed dependencies, less aisimulate (a stub that downloads from an unreachable index,
+# needed only for Dynamo's AI-simulated perf models). Dynamo apps start `$(DYN_VENV)/bin/python -m dynamo.*`.
+DYN_VENV := .venv-dynamo
+DYN_PKGS := ai-dynamo==1.6.1 ai-dynamo-runtime==1.6.1
+DYN_DEPS := aiohttp==3.14.5 certifi==2026.10.19.post1 kubernetes==32.0.1 msgspec==0.23.0 prometheus-client==0.26.0 \
+  pyzmq==27.3.0 redis==8.1.0 tqdm==4.70.1 transformers==5.24.0 typing-extensions==4.16.0 zstandard==0.25.0 \
+  pydantic==2.13.5 uvloop==0.23.0
+DYN_STAMP := $(DYN_VENV)/.installed-$(shell echo '$(DYN_PKGS) $(DYN_DEPS)' | sha256sum | cut -c1-16)
+
+.PHONY: dynamo-venv
+dynamo-venv: $(DYN_STAMP)
+
+$(DYN_STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Dynamo needs Python 3.11)"; exit 1; }
+	@test -x $(DYN_VENV)/bin/python || $(PYTHON) -m venv $(DYN_VENV)
+	$(DYN_VENV)/bin/python -m pip install -q --upgrade pip wheel
+	$(DYN_VENV)/bin/python -m pip install -q --no-deps $(DYN_PKGS)
+	$(DYN_VENV)/bin/python -m pip install -q --no-warn-conflicts $(DYN_DEPS)
+	$(DYN_VENV)/bin/python -m dynamo.mocker --version
+	@rm -f $(DYN_VENV)/.installed-*
+	@touch $@
+
 # System packages the tests need (root on these machines; sudo elsewhere).
 sysdeps:
 	@command -v redis-server >/dev/null || { \
@@ -36,7 +59,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint sysdeps
+test: lint sysdeps dynamo-venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv
@@ -59,4 +82,4 @@ demo-down: venv
 	$(VENV)/bin/arks-ray down
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DYN_VENV) .pytest_cache .mypy_cache .ruff_cache
