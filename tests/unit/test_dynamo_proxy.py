@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from deployments.dynamo_apps import actor_options
-from deployments.dynamo_engine import DynamoWorker, FrontendProxy
+from deployments.dynamo_engine import DynamoServer, DynamoWorker, FrontendProxy, SidecarConfig
 from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
@@ -198,3 +198,42 @@ def test_pd_args_build_an_app_and_bad_ones_name_the_app() -> None:
     bad = {**PD_ARGS, "dynamo": {"engine": "mocker", "args": ["--model-name x"]}}
     with pytest.raises(ValueError, match=r"application pd: dynamo\.args: --model-name is set by servedModelName"):
         build_app(bad)
+
+
+class FakeFrontendSidecar:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.kills = 0
+
+    async def kill(self) -> None:
+        self.kills += 1
+
+
+class FakeSidecars:
+    stopping = True  # nothing to stop when the server is collected
+
+    def __init__(self) -> None:
+        self.frontend = FakeFrontendSidecar()
+
+    def failure(self) -> None:
+        return None
+
+    def role(self, role: str) -> FakeFrontendSidecar | None:
+        return self.frontend if role == "frontend" else None
+
+
+async def test_a_frontend_that_stops_answering_is_killed_after_three_health_checks() -> None:
+    server = DynamoServer.__new__(DynamoServer)
+    server.config = SidecarConfig(app="dyn-app", model_path="/m", served_name="s", namespace="n", run_id="r")
+    server.sidecars = FakeSidecars()  # type: ignore[assignment]
+    server.base = f"http://127.0.0.1:{free_port()}"  # nothing listens: /live never answers
+    server._misses = 0
+    async with aiohttp.ClientSession() as server.session:
+        await server.check_health()
+        await server.check_health()
+        assert server.sidecars.frontend.kills == 0  # type: ignore[attr-defined]
+        await server.check_health()  # the third miss: killed, so the supervisor restarts it
+        assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]
+        await server.check_health()
+        assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]  # the count starts over

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,44 @@ async def wait_for_pid(sidecar: Sidecar, not_this: int | None) -> int:
             return pid
         await asyncio.sleep(0.01)
     raise AssertionError("the sidecar did not start")
+
+
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+from arks_ray.engines.dynamo import LaunchSpec
+from deployments.dynamo_sidecars import Sidecar
+
+async def main():
+    sidecar = Sidecar(LaunchSpec("worker", (sys.executable, "-c", "import time; time.sleep(120)")), Path(sys.argv[1]))
+    sidecar.start()
+    while sidecar.pid is None:
+        await asyncio.sleep(0.01)
+    print(sidecar.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_a_sidecar_dies_with_its_replica_process_even_without_cleanup(tmp_path: Path) -> None:
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # alive
+        parent.kill()  # SIGKILL: no destructor, no cleanup code runs
+        parent.wait()
+        for _ in range(500):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the sidecar outlived its parent")
+    finally:
+        parent.kill()
