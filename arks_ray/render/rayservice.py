@@ -22,6 +22,7 @@ from arks_ray.api.model import ArksModel
 from arks_ray.api.quota import ArksQuota
 from arks_ray.api.token import ArksToken
 from arks_ray.errors import Problem
+from arks_ray.render import accelerators, placement
 from arks_ray.render.cluster import PodShape, WorkerGroup, gpus_per_pod, order_groups, previous_groups, ray_resources
 from arks_ray.render.engine_args import ArgsError
 from arks_ray.render.gateway_config import compile_gateway
@@ -106,20 +107,22 @@ def _app_problems(app: AnyApp, models: Mapping[str, ArksModel], names: set[str])
 def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespace: str,
                 options: RenderOptions) -> tuple[dict[str, Any] | None, list[Problem]]:
     spec, name = app.spec, app.metadata.name
-    problems: list[Problem] = []
     gpus = gpus_per_pod(spec.instance_spec)
-    world = spec.engine_workers
-    if gpus and spec.runtime != "dynamo" and spec.size * gpus < world:
-        problems.append(Problem("ArksApplication", name, "spec.tensorParallelSize",
-                                f"TP x PP = {world} GPUs per replica, but size x GPUs per pod = {spec.size * gpus}; "
-                                "the replica cannot be placed", "warning"))
+    problems = [Problem("ArksApplication", name, path, message, severity) for path, message, severity
+                in placement.problems(spec.runtime, spec.engine_workers, spec.size, gpus, placement.strategy_of(spec))]
+    accelerator = accelerators.resolve(spec.accelerator, spec.instance_spec.node_selector, gpus)
+    wrong = accelerators.problem(accelerator, gpus) if accelerator else None
+    if wrong:
+        problems.append(Problem("ArksApplication", name, "spec.accelerator", wrong))
+    if any(p.severity == "error" for p in problems):
+        return None, problems
     shape = _shape(spec.runtime_image, spec.runtime, spec.instance_spec, spec.runtime_image_pull_secrets, model,
-                   spec.accelerator, options)
+                   accelerator, options)
     low, high = (spec.autoscaling.min_replicas, spec.autoscaling.max_replicas) if spec.autoscaling else (
         spec.replicas, spec.replicas)
     # Validate engine args before placing, so a bad app leaves no worker group behind.
     try:
-        probe = WorkerGroup(name=shape.group_name(), template={})
+        probe = WorkerGroup(name=shape.group_name(), template={}, accelerator=accelerator)
         engine_app(app, model, probe, namespace, options)
     except ArgsError as exc:
         return None, [*problems, Problem("ArksApplication", name, "spec.runtimeCommonArgs", str(exc))]
@@ -153,7 +156,11 @@ def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, g
             "bundles": [dict(bundle) for _ in range(world)],
             "strategy": "PACK",
         }
-    return rendered, []
+    notes = []
+    if spec.runtime == "vllm" and (spec.router.router_args or spec.router.command_override):
+        notes.append(Problem(app.kind, name, "spec.router", "ignored for runtime vllm: each decode replica "
+                             "sends the prefill to a prefill replica itself, through Serve", "warning"))
+    return rendered, notes
 
 
 def _head(options: RenderOptions) -> dict[str, Any]:

@@ -15,8 +15,15 @@ from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
 from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
-from arks_ray.render.engine_args import OWNED_FLAGS, ArgsError, parse_engine_args
+from arks_ray.render.engine_args import (
+    OWNED_FLAGS,
+    ArgsError,
+    kv_transfer_config,
+    parse_engine_args,
+    sglang_server_args,
+)
 from arks_ray.render.options import RenderOptions
+from arks_ray.render.placement import sglang_placement, strategy_of
 
 GATEWAY_IMPORT = "deployments.gateway:build_app"
 ENGINE_IMPORT = "deployments.engines:build_app"
@@ -51,19 +58,20 @@ def model_source(model: ArksModel, namespace: str, options: RenderOptions) -> st
 def placement(app: ArksApplication, group: WorkerGroup, options: RenderOptions) -> dict[str, Any]:
     """One replica's placement group: TP x PP workers, each bundle pinned to the app's worker group.
 
-    A Dynamo replica is one bundle holding the whole pod's GPUs: its sidecar processes, not Ray, place
-    the engine ranks."""
+    SGLang takes one bundle per pod instead, in its own keys (``arks_ray.render.placement``). A Dynamo
+    replica is one bundle holding the whole pod's GPUs: its sidecar processes, not Ray, place the engine
+    ranks."""
     spec = app.spec
-    bundle: dict[str, float] = {group.ray_resource: 1}
     gpus = gpus_per_pod(spec.instance_spec)
+    strategy = strategy_of(spec)
+    if spec.runtime == "sglang":
+        return sglang_placement(spec.engine_workers, spec.size, gpus, group.ray_resource, options.bundle_cpus,
+                                strategy)
+    bundle: dict[str, float] = {group.ray_resource: 1}
     if gpus:
         bundle["GPU"] = gpus if spec.runtime == "dynamo" else 1
     else:
         bundle["CPU"] = options.bundle_cpus
-    if spec.placement is not None and spec.placement.strategy:
-        strategy = spec.placement.strategy
-    else:
-        strategy = "STRICT_PACK" if spec.size == 1 else "PACK"
     return {"bundles": [dict(bundle) for _ in range(spec.engine_workers)], "strategy": strategy}
 
 
@@ -92,19 +100,28 @@ def engine_app(
 ) -> dict[str, Any]:
     """The Serve application of one ArksApplication. Raises ArgsError on unparseable engine args."""
     spec = app.spec
-    engine_kwargs: dict[str, Any] = parse_engine_args(spec.runtime_common_args)
-    if spec.runtime != "dynamo":
+    source = model_source(model, namespace, options)
+    if spec.runtime == "sglang":
+        engine_kwargs = sglang_engine_kwargs(app, source)
+    else:
+        engine_kwargs = parse_engine_args(spec.runtime_common_args)
+    if spec.runtime == "vllm":
         engine_kwargs[_TP_KEY[spec.runtime]] = spec.tp
         if spec.pp > 1:
             engine_kwargs[_PP_KEY[spec.runtime]] = spec.pp
     llm_config: dict[str, Any] = {
-        "model_loading_config": {"model_id": spec.model_name, "model_source": model_source(model, namespace, options)},
+        "model_loading_config": {"model_id": spec.model_name, "model_source": source},
         "engine_kwargs": engine_kwargs,
         "placement_group_config": placement(app, group, options),
         "deployment_config": deployment_config(app),
     }
-    if spec.accelerator:
-        llm_config["accelerator_type"] = spec.accelerator
+    # The group's accelerator: spec.accelerator, or the one its node selector names.
+    if group.accelerator:
+        llm_config["accelerator_type"] = group.accelerator
+    if spec.runtime == "sglang" and gpus_per_pod(spec.instance_spec):
+        # LLMConfig infers the hardware from vLLM-style "bundles", which SGLang's placement lacks; without
+        # this it would take the app for CPU-only and refuse its accelerator_type.
+        llm_config["accelerator_config"] = {"kind": "gpu"}
     args: dict[str, Any] = {"name": app.metadata.name, "runtime": spec.runtime, "llm_config": llm_config}
     if spec.runtime == "dynamo":
         args["dynamo"] = dynamo_args(spec.dynamo, spec.runtime_common_args, app.metadata.name, namespace, ("agg",))
@@ -131,6 +148,20 @@ def dynamo_args(dyn: Dynamo | None, common_args: list[str], name: str, namespace
     except LaunchError as exc:
         raise ArgsError(str(exc)) from None
     return {"engine": dyn.engine, "args": worker_args, "namespace": dynamo_namespace(namespace, name)}
+
+
+def sglang_engine_kwargs(app: ArksApplication, source: str) -> dict[str, Any]:
+    """SGLang ``ServerArgs`` of one app: runtimeCommonArgs (CLI aliases resolved) plus what the spec sets.
+
+    ``nnodes`` is the pod count: SGLang's Ray engine lays its ranks out over that many bundles."""
+    spec = app.spec
+    kwargs = sglang_server_args(spec.runtime_common_args)
+    kwargs.update(model_path=source, served_model_name=spec.model_name, tp_size=spec.tp)
+    if spec.pp > 1:
+        kwargs["pp_size"] = spec.pp
+    if spec.size > 1:
+        kwargs["nnodes"] = spec.size
+    return kwargs
 
 
 def pd_engine_kwargs(side: DisaggregatedWorkload, runtime: str) -> dict[str, Any]:
@@ -173,6 +204,11 @@ def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, names
         "decode": _pd_side(spec.decode, spec.model_name, source, spec.runtime),
         "router": {"replicas": spec.router.replicas, "args": list(spec.router.router_args)},
     }
+    if spec.runtime == "vllm":
+        # Ray's PD needs a KV connector on both sides: the one given (--kv-transfer-config), else NIXL.
+        for role in ("prefill", "decode"):
+            kwargs = args[role]["engine_kwargs"]
+            kwargs["kv_transfer_config"] = kv_transfer_config(kwargs.get("kv_transfer_config"), f"spec.{role}")
     if spec.runtime == "dynamo":
         # Worker args per side, as given (TP/PP flags in any spelling become the engine's own).
         for role in ("prefill", "decode"):

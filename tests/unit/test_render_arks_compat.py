@@ -244,7 +244,9 @@ def test_sglang_sample_stale_extra_options_is_a_warning_and_still_honoured() -> 
     assert loaded.errors == []
     rendered = render_one(loaded)
     kwargs = engine_app(rendered, "app-qwen")["args"]["llm_config"]["engine_kwargs"]
-    assert kwargs == {"mem_fraction_static": 0.7, "tp_size": 2}
+    # SGLang's ServerArgs: the stale extraOptions, TP, and the model (Ray's SGLangServer passes no model).
+    assert kwargs == {"mem_fraction_static": 0.7, "tp_size": 2, "model_path": "/models/models/default/qwen-7b",
+                      "served_model_name": "qwen-7b"}
     assert engine_app(rendered, "app-qwen")["args"]["runtime"] == "sglang"
 
 

@@ -101,8 +101,11 @@ def application(draw: st.DrawFn, name: str, model_names: list[str]) -> dict[str,
         spec["autoscaling"] = {"minReplicas": low, "maxReplicas": draw(st.integers(max(low, 1), 6))}
     if draw(st.booleans()):
         spec["pipelineParallelSize"] = draw(st.integers(1, 2))
+    world = spec["tensorParallelSize"] * spec.get("pipelineParallelSize", 1)
+    if spec["runtime"] == "sglang" and world % spec["size"]:
+        spec["size"] = 1  # SGLang spreads its ranks evenly over the pods; other sizes are refused
     accelerator = draw(st.sampled_from([None, "A100", "H100", "L4"]))
-    if accelerator:
+    if accelerator and gpus:  # an accelerator type on CPU-only pods is refused (Ray would refuse it too)
         spec["accelerator"] = accelerator
     served = draw(st.one_of(st.none(), SERVED_NAMES))
     if served:
@@ -164,8 +167,15 @@ def engine_apps(rendered: Rendered) -> dict[str, dict[str, Any]]:
     return {a["name"]: a for a in rendered.serve_config["applications"] if a["name"] != "gateway"}
 
 
+def bundles_of(app: dict[str, Any]) -> list[dict[str, Any]]:
+    pg = app["args"]["llm_config"]["placement_group_config"]
+    key = "placement_group_bundles" if app["args"]["runtime"] == "sglang" else "bundles"
+    bundles: list[dict[str, Any]] = pg[key]
+    return bundles
+
+
 def group_of(app: dict[str, Any]) -> str:
-    bundles = app["args"]["llm_config"]["placement_group_config"]["bundles"]
+    bundles = bundles_of(app)
     (resource,) = {k for b in bundles for k in b if k.startswith(GROUP_RESOURCE_PREFIX)}
     return resource.removeprefix(GROUP_RESOURCE_PREFIX)
 
@@ -299,14 +309,19 @@ def test_resource_totals_are_consistent(docs: list[dict[str, Any]]) -> None:
                      if "autoscaling" in spec else (replicas, replicas))
         want_min[group_of(app)] += low * spec["size"]
         want_max[group_of(app)] += high * spec["size"]
-        pg = app["args"]["llm_config"]["placement_group_config"]
-        dynamo = spec.get("runtime") == "dynamo"
-        world = 1 if dynamo else spec["tensorParallelSize"] * spec.get("pipelineParallelSize", 1)
-        assert len(pg["bundles"]) == world
+        dynamo, sglang = spec.get("runtime") == "dynamo", spec.get("runtime") == "sglang"
+        world = spec["tensorParallelSize"] * spec.get("pipelineParallelSize", 1)
+        bundles = bundles_of(app)
         gpus = int(spec["instanceSpec"]["resources"]["limits"].get("nvidia.com/gpu", 0))
-        per_bundle = (gpus if dynamo else 1) if gpus else None
-        for bundle in pg["bundles"]:
-            assert (bundle.get("GPU"), "CPU" in bundle) == (per_bundle, not gpus), bundle
+        if sglang:  # one bundle per pod with its share of the ranks; bundle 0 also holds the replica actor
+            assert len(bundles) == spec["size"]
+            assert [b.get("GPU") for b in bundles] == [world // spec["size"] if gpus else None] * spec["size"]
+            assert [("CPU" in b) for b in bundles] == [True] + [not gpus] * (spec["size"] - 1)
+        else:
+            assert len(bundles) == (1 if dynamo else world)
+            per_bundle = (gpus if dynamo else 1) if gpus else None
+            for bundle in bundles:
+                assert (bundle.get("GPU"), "CPU" in bundle) == (per_bundle, not gpus), bundle
         deployment = app["args"]["llm_config"]["deployment_config"]
         if "autoscaling" in spec:
             auto = deployment["autoscaling_config"]
