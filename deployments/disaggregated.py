@@ -16,6 +16,10 @@ from ray.serve import Application
 def build_app(raw: dict[str, Any]) -> Application:
     """Serve's entry point for a disaggregated application."""
     name, runtime = raw.get("name", "?"), raw.get("runtime", "vllm")
+    if runtime == "vllm":
+        from deployments.pd_vllm import build_pd_vllm
+
+        return build_pd_vllm(raw)
     if runtime == "dynamo":
         from deployments.dynamo_apps import build_dynamo_pd
 

@@ -38,6 +38,10 @@ def build_app(raw: dict[str, Any]) -> Application:
         from deployments.vllm_engine import build_vllm
 
         return build_vllm(args)
+    if args.runtime == "sglang":
+        from deployments.sglang_engine import build_sglang
+
+        return build_sglang(args)
     if args.runtime == "dynamo":
         from deployments.dynamo_apps import build_dynamo
 

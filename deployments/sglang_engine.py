@@ -1,0 +1,107 @@
+"""SGLang engine applications: Ray's ``SGLangServer`` speaking the gateway protocol.
+
+Called by ``deployments.engines.build_app`` for ``runtime: sglang``. The deployment is built by Ray's
+``build_llm_deployment`` with a subclass of ``SGLangServer`` (``ray.llm._internal.serve.engines.sglang``),
+which runs ``sglang.srt.ray.engine.RayEngine(**engine_kwargs)`` in the replica: the engine kwargs are
+SGLang ``ServerArgs`` fields, rendered by ``arks_ray.render.serve_config.sglang_engine_kwargs``, and the
+placement group is one bundle per pod (``arks_ray.render.placement``). SGLang itself needs CUDA and is
+only in the SGLang worker image; importing this module imports neither SGLang nor vLLM.
+
+What the gateway protocol adds over Ray's server: one ``generate(kind, body, client_usage)`` method; the
+stream ends with ``data: [DONE]`` (Ray's SGLang server does not send it); and, because Ray's SGLang
+stream carries no usage chunk, a stream's final usage is the count of content chunks, which the gateway
+completes with its prompt estimate. Whole responses carry SGLang's own usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from arks_ray.engines import protocol
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from deployments.engines import EngineAppArgs
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{param}: {first['msg']}{extra}" if param else f"{first['msg']}{extra}", param
+
+
+def _sglang_server_class() -> type:
+    """Define the subclass lazily: Ray's SGLang module imports the OpenAI protocol models of an engine."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        EmbeddingChatRequest,
+        EmbeddingCompletionRequest,
+    )
+    from ray.llm._internal.serve.engines.sglang import SGLangServer
+
+    def parse(kind: str, body: dict[str, Any]) -> Any:
+        if kind == "chat":
+            return ChatCompletionRequest.model_validate(body)
+        if kind == "completions":
+            return CompletionRequest.model_validate(body)
+        cls = EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest
+        return cls.model_validate(body)
+
+    class ArksSGLangServer(SGLangServer):  # type: ignore[misc, valid-type]
+        """Ray's SGLangServer with the gateway protocol on top."""
+
+        async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
+                str | dict[str, Any]]:
+            if kind not in protocol.KINDS:
+                yield protocol.error(404, f"unknown endpoint {kind!r}")
+                return
+            try:
+                request = parse(kind, body)
+            except ValidationError as exc:
+                message, param = _validation_message(exc)
+                yield protocol.error(400, message, param=param)
+                return
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                yield protocol.error(400, f"invalid request: {type(exc).__name__}: {exc}")
+                return
+            meter = protocol.StreamMeter(client_usage)
+            streamed = False
+            try:
+                # Ray's SGLang methods are async generators (LLMServer's return one from a coroutine).
+                async for item in getattr(self, kind)(request):
+                    if isinstance(item, str):
+                        streamed = True
+                        text = meter.filter(item)
+                        if text:
+                            yield text
+                    elif isinstance(item, BaseModel):
+                        yield protocol.response(item.model_dump(mode="json", exclude_none=True))
+                        return
+            except ValueError as exc:
+                # SGLangServer raises ValueError for requests it cannot serve (e.g. an empty prompt list).
+                yield protocol.error(400, str(exc))
+                return
+            if streamed:
+                yield protocol.DONE
+            yield meter.final()
+
+    return ArksSGLangServer
+
+
+def build_sglang(args: EngineAppArgs) -> Application:
+    """The engine deployment of one SGLang ArksApplication (SGLang is imported only when it starts)."""
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    try:
+        config = LLMConfig.model_validate(args.llm_config)
+    except ValidationError as exc:
+        raise ValueError(f"application {args.name}: invalid engine config: {exc}") from None
+    if "model_path" not in config.engine_kwargs:
+        raise ValueError(f"application {args.name}: engine_kwargs has no model_path (SGLang's ServerArgs needs one)")
+    return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_sglang_server_class())
