@@ -2,15 +2,24 @@
 
 Called by ``deployments.engines.build_app`` for ``runtime: vllm``. The server subclass takes the raw
 OpenAI body in one ``generate`` method (``arks_ray.engines.protocol``), so the gateway never imports vLLM.
+
+It also feeds the SLO autoscaling policy (``deployments.autoscaling``): ``generate`` times every request
+(TTFT, TPOT, requests in flight), a stat logger added to vLLM's engine takes the scheduler's queue and
+KV-cache use after each step, and ``record_autoscaling_stats`` reports them to Serve
+(``arks_ray.autoscaling.replica``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from arks_ray.autoscaling.config import replica_stats
+from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import protocol
 
 if TYPE_CHECKING:
@@ -34,6 +43,50 @@ def _error_from_engine(err: Any) -> dict[str, Any]:
                           getattr(info, "param", None))
 
 
+logger = logging.getLogger("ray.serve.arks.engines")
+
+
+def _stat_logger(stats: ReplicaStats) -> Any:
+    """A vLLM stat logger passing each engine step's scheduler counters to ``stats`` (summed over DP ranks)."""
+    from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+    class ArksStatLogger(AggregateStatLoggerBase):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self._engines: dict[int, tuple[int, int, float]] = {}
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is None:
+                return
+            self._engines[engine_idx] = (
+                scheduler_stats.num_running_reqs,
+                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                scheduler_stats.kv_cache_usage)
+            running, waiting, kv = zip(*self._engines.values(), strict=True)
+            stats.scheduler(sum(running), sum(waiting), max(kv), time.monotonic())
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return ArksStatLogger()
+
+
+def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
+    """Add the stat logger to the running vLLM ``AsyncLLM`` behind Ray's ``VLLMEngine``.
+
+    vLLM's AsyncLLM takes stat loggers only when built (Ray builds it), so this appends to its logger
+    manager's list. Without one (``disable_log_stats``, another engine) the queue and KV-cache signals are
+    absent, which the policy tolerates, and the log says so."""
+    manager = getattr(getattr(engine, "_engine_client", None), "logger_manager", None)
+    loggers = getattr(manager, "stat_loggers", None)
+    if not isinstance(loggers, list):
+        logger.warning("vLLM engine stats are unavailable (no stat logger manager): autoscaling gets no "
+                       "queue or KV-cache signal from this replica")
+        return False
+    loggers.append(_stat_logger(stats))
+    return True
+
+
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
     from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -46,7 +99,20 @@ def _llm_server_class() -> type:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     class ArksLLMServer(LLMServer):  # type: ignore[misc, valid-type]
-        """Ray's LLMServer with the gateway protocol on top."""
+        """Ray's LLMServer with the gateway protocol on top, reporting autoscaling stats."""
+
+        def _init_shared(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:
+            super()._init_shared(llm_config, *args, **kwargs)
+            self._arks_stats = replica_stats(llm_config.deployment_config or {})
+
+        async def start(self) -> None:
+            await super().start()
+            if self.engine is not None:
+                attach_engine_stats(self.engine, self._arks_stats)
+
+        async def record_autoscaling_stats(self) -> dict[str, float]:
+            """Serve's hook: this replica's TTFT/TPOT percentiles, queue depth and KV-cache use."""
+            return self._arks_stats.report(time.monotonic())
 
         def _batch_output_stream(self, generator: Any) -> Any:
             # Ray batches stream chunks every 50 ms, which also holds back the first one; send the first
@@ -86,25 +152,32 @@ def _llm_server_class() -> type:
                 # for messages); pydantic only wraps ValueError. Either way it is the client's mistake.
                 yield protocol.error(400, f"invalid request: {type(exc).__name__}: {exc}")
                 return
-            stream = await getattr(self, kind)(request)
             meter = protocol.StreamMeter(client_usage)
-            async for item in stream:
-                batch = item if isinstance(item, list) else [item]
-                texts: list[str] = []
-                for part in batch:
-                    if isinstance(part, str):
-                        texts.append(meter.filter(part))
-                    elif isinstance(part, ErrorResponse):
-                        if texts:
-                            yield "".join(texts)
-                        yield _error_from_engine(part)
-                        return
-                    else:  # a whole response object (non-streaming)
-                        yield protocol.response(part.model_dump(mode="json", exclude_none=True))
-                        return
-                if texts:
-                    yield "".join(texts)
-            yield meter.final()
+            timer = self._arks_stats.start(time.monotonic())
+            try:
+                stream = await getattr(self, kind)(request)
+                async for item in stream:
+                    batch = item if isinstance(item, list) else [item]
+                    texts: list[str] = []
+                    for part in batch:
+                        if isinstance(part, str):
+                            texts.append(meter.filter(part))
+                        elif isinstance(part, ErrorResponse):
+                            if texts:
+                                yield "".join(texts)
+                            yield _error_from_engine(part)
+                            return
+                        else:  # a whole response object (non-streaming): no TTFT of its own
+                            yield protocol.response(part.model_dump(mode="json", exclude_none=True))
+                            return
+                    if texts:
+                        self._arks_stats.first_output(timer, time.monotonic())
+                        yield "".join(texts)
+                yield meter.final()
+            finally:
+                # However the request ends (done, engine error, client gone), it leaves the queue.
+                tokens = (meter.usage or {}).get("completion_tokens", meter.completion_tokens)
+                self._arks_stats.finish(timer, int(tokens), time.monotonic())
 
     return ArksLLMServer
 

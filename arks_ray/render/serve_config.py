@@ -13,6 +13,7 @@ from arks_ray.api.application import ArksApplication, Dynamo
 from arks_ray.api.disaggregated import ArksDisaggregatedApplication, DisaggregatedWorkload
 from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
+from arks_ray.autoscaling.config import serve_autoscaling_config
 from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
 from arks_ray.render.engine_args import (
@@ -79,15 +80,8 @@ def deployment_config(app: ArksApplication) -> dict[str, Any]:
     spec = app.spec
     out: dict[str, Any] = {}
     if spec.autoscaling is not None:
-        a = spec.autoscaling
-        out["autoscaling_config"] = {
-            "min_replicas": a.min_replicas,
-            "max_replicas": a.max_replicas,
-            "initial_replicas": max(a.min_replicas, min(spec.replicas, a.max_replicas)),
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_seconds,
-            "downscale_delay_s": a.downscale_delay_seconds,
-        }
+        # The arks-ray SLO policy (deployments.autoscaling), its windows from the spec.
+        out["autoscaling_config"] = serve_autoscaling_config(spec.autoscaling, spec.replicas)
     else:
         out["num_replicas"] = spec.replicas
     if spec.routing is not None:
