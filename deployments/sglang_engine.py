@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from arks_ray.engines import protocol
+from deployments.openai_requests import parse_request
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -28,47 +29,18 @@ if TYPE_CHECKING:
     from deployments.engines import EngineAppArgs
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{param}: {first['msg']}{extra}" if param else f"{first['msg']}{extra}", param
-
-
 def _sglang_server_class() -> type:
     """Define the subclass lazily: Ray's SGLang module imports the OpenAI protocol models of an engine."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        CompletionRequest,
-        EmbeddingChatRequest,
-        EmbeddingCompletionRequest,
-    )
     from ray.llm._internal.serve.engines.sglang import SGLangServer
-
-    def parse(kind: str, body: dict[str, Any]) -> Any:
-        if kind == "chat":
-            return ChatCompletionRequest.model_validate(body)
-        if kind == "completions":
-            return CompletionRequest.model_validate(body)
-        cls = EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest
-        return cls.model_validate(body)
 
     class ArksSGLangServer(SGLangServer):  # type: ignore[misc, valid-type]
         """Ray's SGLangServer with the gateway protocol on top."""
 
         async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
                 str | dict[str, Any]]:
-            if kind not in protocol.KINDS:
-                yield protocol.error(404, f"unknown endpoint {kind!r}")
-                return
-            try:
-                request = parse(kind, body)
-            except ValidationError as exc:
-                message, param = _validation_message(exc)
-                yield protocol.error(400, message, param=param)
-                return
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                yield protocol.error(400, f"invalid request: {type(exc).__name__}: {exc}")
+            request = parse_request(kind, body)
+            if isinstance(request, dict):
+                yield request
                 return
             meter = protocol.StreamMeter(client_usage)
             streamed = False

@@ -21,18 +21,12 @@ from pydantic import ValidationError
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import protocol
+from deployments.openai_requests import parse_request
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
     from deployments.engines import EngineAppArgs
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{param}: {first['msg']}{extra}" if param else f"{first['msg']}{extra}", param
 
 
 def _error_from_engine(err: Any) -> dict[str, Any]:
@@ -89,12 +83,6 @@ def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
 
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        CompletionRequest,
-        EmbeddingChatRequest,
-        EmbeddingCompletionRequest,
-    )
     from ray.serve.llm import LLMServer
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -132,25 +120,9 @@ def _llm_server_class() -> type:
 
         async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
                 str | dict[str, Any]]:
-            try:
-                if kind == "chat":
-                    request: Any = ChatCompletionRequest.model_validate(protocol.with_usage(body))
-                elif kind == "completions":
-                    request = CompletionRequest.model_validate(protocol.with_usage(body))
-                elif kind == "embeddings":
-                    cls = EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest
-                    request = cls.model_validate(body)
-                else:
-                    yield protocol.error(404, f"unknown endpoint {kind!r}")
-                    return
-            except ValidationError as exc:
-                message, param = _validation_message(exc)
-                yield protocol.error(400, message, param=param)
-                return
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                # vLLM's "before" validators can raise these directly on ill-typed input (e.g. a number
-                # for messages); pydantic only wraps ValueError. Either way it is the client's mistake.
-                yield protocol.error(400, f"invalid request: {type(exc).__name__}: {exc}")
+            request = parse_request(kind, protocol.with_usage(body) if kind != "embeddings" else body)
+            if isinstance(request, dict):
+                yield request
                 return
             meter = protocol.StreamMeter(client_usage)
             timer = self._arks_stats.start(time.monotonic())
