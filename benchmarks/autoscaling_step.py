@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT)]
 from arks_ray.local import runner  # noqa: E402
 from tests.support.autoscaling import LoadStep, policy_decisions, running_replicas, serve_upscales  # noqa: E402
 from tests.support.redis_server import free_port  # noqa: E402
-from tests.support.stack import DEMO_TOKEN, bring_up, demo_without, make_plan  # noqa: E402
+from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, bring_up, demo_without, make_plan  # noqa: E402
 
 APP = "tiny"
 SPEC = {"upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
@@ -47,11 +47,7 @@ kind: ArksApplication
 metadata: {{name: {APP}, namespace: default}}
 spec:
   servedModelName: tiny
-  model: {{name: tiny-qwen2}}
-  runtimeCommonArgs: [--dtype bfloat16, --max-model-len 2048, --gpu-memory-utilization 0.1, --enforce-eager]
-  instanceSpec:
-    env: [{{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}}, {{name: HF_HUB_OFFLINE, value: "1"}}]
-  autoscaling:
+{TINY_ENGINE}  autoscaling:
     minReplicas: 1
     maxReplicas: 2
     targetOngoingRequests: 8

@@ -34,15 +34,11 @@ from tests.support.autoscaling import (
     running_replicas,
 )
 from tests.support.redis_server import free_port
-from tests.support.stack import bring_up, demo_without, make_plan
+from tests.support.stack import TINY_ENGINE, bring_up, demo_without, make_plan
 
 pytestmark = pytest.mark.e2e
 
-ENGINE = """  model: {name: tiny-qwen2}
-  runtimeCommonArgs: [--dtype bfloat16, --max-model-len 2048, --gpu-memory-utilization 0.1, --enforce-eager]
-  instanceSpec:
-    env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}, {name: HF_HUB_OFFLINE, value: "1"}]
-"""
+ENGINE = TINY_ENGINE
 # The step (32 clients) is 4x targetOngoingRequests and, here, about 2x the TTFT SLO; light load (1 client)
 # is far below both. Whichever signal crosses first decides, and the log names it.
 OBJECTS = f"""

@@ -27,7 +27,7 @@ import pytest
 
 from arks_ray.local import runner
 from tests.support.redis_server import free_port
-from tests.support.stack import DEMO_TOKEN, bring_up, demo_without, make_plan
+from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, bring_up, demo_without, make_plan
 from tests.support.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
@@ -44,11 +44,7 @@ kind: ArksApplication
 metadata: {{name: tiny-b, namespace: default}}
 spec:
   servedModelName: tiny
-  model: {{name: tiny-qwen2}}
-  runtimeCommonArgs: [--dtype bfloat16, --max-model-len 2048, --gpu-memory-utilization 0.1, --enforce-eager]
-  instanceSpec:
-    env: [{{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}}, {{name: HF_HUB_OFFLINE, value: "1"}}]
----
+{TINY_ENGINE}---
 apiVersion: arks.ai/v1
 kind: ArksEndpoint
 metadata: {{name: tiny, namespace: default}}

@@ -11,6 +11,12 @@ from arks_ray.local import runner
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs/examples/local-demo.yaml"
 DEMO_TOKEN = "sk-arks-demo-local-only"
+# The demo app's engine on CPU, as the lines of an ArksApplication spec (model, args, env), for test apps.
+TINY_ENGINE = """  model: {name: tiny-qwen2}
+  runtimeCommonArgs: [--dtype bfloat16, --max-model-len 2048, --gpu-memory-utilization 0.1, --enforce-eager]
+  instanceSpec:
+    env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}, {name: HF_HUB_OFFLINE, value: "1"}]
+"""
 
 
 def demo_without(*kinds: str) -> str:
