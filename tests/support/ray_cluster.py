@@ -1,6 +1,6 @@
 """A local multi-node Ray cluster: one head and several worker raylets on this machine, for e2e tests.
 
-Used by ``tests/e2e/test_placement.py``. Each node is a real raylet started by ``ray start`` with its own
+Used by ``tests/e2e/test_multinode_placement.py``. Each node is a real raylet started by ``ray start`` with its own
 logical CPUs and custom resources, the way a KubeRay pod advertises its worker group's ``arks-wg-…``
 resource, plus a marker resource (``arks-test-node-<name>``) that tells the nodes apart. The head serves
 the dashboard on the port the local runner talks to, so ``runner.deploy`` and ``runner.wait_ready`` work
