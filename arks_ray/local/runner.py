@@ -130,8 +130,17 @@ def dashboard_url() -> str:
 
 def _auth_env() -> None:
     # Ray 2.60 protects the dashboard with a token by default; its clients send the token only when
-    # told the mode. Keep auth on (the dashboard can deploy code) and say so explicitly.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # told the mode. Keep auth on (the dashboard can deploy code) and say so explicitly, unless the
+    # user chose a mode.
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        # Ray reads the mode once, when it is imported: a process that imported Ray before this point
+        # would send no token (and get 401s from the dashboard) unless its config is read again.
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
 
 
 def _ensure_auth_token() -> None:
