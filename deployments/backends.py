@@ -23,8 +23,6 @@ from arks_ray.engines import protocol
 from arks_ray.errors import BackendUnavailable
 from arks_ray.gateway.settings import GatewaySettings
 
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-
 
 class Backends(Protocol):
     """How the gateway reaches a backend: returns the protocol stream of one request."""
@@ -103,12 +101,12 @@ class HttpBackends:
 
     async def _exchange(self, backend: Backend, kind: str, body: dict[str, Any],
                         client_usage: bool) -> AsyncIterator[Any]:
-        if kind not in PATHS or backend.url is None:
+        if kind not in protocol.PATHS or backend.url is None:
             yield protocol.error(404, f"unknown endpoint {kind!r}")
             return
         payload = protocol.with_usage(body) if kind != "embeddings" else body
         streaming = payload.get("stream") is True and kind != "embeddings"
-        async with self._client().post(backend.url + PATHS[kind], json=payload) as resp:
+        async with self._client().post(backend.url + protocol.PATHS[kind], json=payload) as resp:
             if resp.status >= 400:
                 yield _error_body(resp.status, await resp.read(), backend.name)
                 return
@@ -119,34 +117,14 @@ class HttpBackends:
                 except ValueError:
                     yield protocol.error(502, f"backend {backend.name!r} answered with invalid JSON", "server_error")
                 return
-            async for item in _relay_sse(resp, protocol.StreamMeter(client_usage), backend.name):
+            cut_short = f"backend {backend.name!r} ended its stream before [DONE]"
+            async for item in protocol.relay_sse(resp.content.iter_any(), protocol.StreamMeter(client_usage),
+                                                 cut_short):
                 yield item
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-async def _relay_sse(resp: Any, meter: protocol.StreamMeter, name: str) -> AsyncIterator[Any]:
-    splitter = protocol.SseSplitter()
-    done = False
-    async for chunk in resp.content.iter_any():
-        text = splitter.feed(chunk)
-        if text:
-            done = done or protocol.DONE in text
-            forwarded = meter.filter(text)
-            if forwarded:
-                yield forwarded
-    tail = splitter.rest()
-    if tail:
-        done = done or protocol.DONE in tail
-        forwarded = meter.filter(tail)
-        if forwarded:
-            yield forwarded
-    if not done:
-        yield protocol.error(502, f"backend {name!r} ended its stream before [DONE]", "server_error")
-        return
-    yield meter.final()
 
 
 class RoutedBackends:

@@ -34,7 +34,6 @@ from deployments.dynamo_sidecars import Sidecar
 
 logger = logging.getLogger("ray.serve.arks.dynamo")
 
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 REPO_PYTHON = Path(__file__).resolve().parents[1] / ".venv-dynamo/bin/python"
 LIVENESS_MISSES = 3
 
@@ -164,20 +163,22 @@ class FrontendProxy:
             str | dict[str, Any]]:
         import aiohttp
 
-        if kind not in PATHS:
+        if kind not in protocol.PATHS:
             yield protocol.error(404, f"unknown endpoint {kind!r}")
             return
         payload = {**(protocol.with_usage(body) if kind != "embeddings" else body), "model": self.served_name}
         streaming = payload.get("stream") is True and kind != "embeddings"
         try:
-            async with self.session.post(self.base + PATHS[kind], json=payload) as resp:
+            async with self.session.post(self.base + protocol.PATHS[kind], json=payload) as resp:
                 if resp.status >= 400:
                     yield self._error(resp.status, await resp.read())
                     return
                 if not streaming:
                     yield protocol.response(json.loads(await resp.read()), resp.status)
                     return
-                async for item in self._relay(resp, protocol.StreamMeter(client_usage)):
+                cut_short = f"application {self.app}: the Dynamo stream ended before [DONE]"
+                async for item in protocol.relay_sse(resp.content.iter_any(), protocol.StreamMeter(client_usage),
+                                                     cut_short):
                     yield item
         except aiohttp.ClientConnectorError as exc:
             yield protocol.error(503, f"application {self.app}: the Dynamo frontend is not reachable "
@@ -196,26 +197,6 @@ class FrontendProxy:
             status, message = 503, f"no Dynamo worker serves {self.served_name!r} right now: {message}"
         return protocol.error(status, f"application {self.app}: {message}" if status >= 500 else message,
                               protocol.error_type(status), param)
-
-    async def _relay(self, resp: Any, meter: protocol.StreamMeter) -> AsyncIterator[str | dict[str, Any]]:
-        splitter = protocol.SseSplitter()
-        done = False
-        async for chunk in resp.content.iter_any():
-            text = splitter.feed(chunk)
-            done = done or protocol.DONE in text
-            forwarded = meter.filter(text) if text else ""
-            if forwarded:
-                yield forwarded
-        tail = splitter.rest()
-        done = done or protocol.DONE in tail
-        forwarded = meter.filter(tail) if tail else ""
-        if forwarded:
-            yield forwarded
-        if not done:
-            yield protocol.error(502, f"application {self.app}: the Dynamo stream ended before [DONE]",
-                                 "server_error")
-            return
-        yield meter.final()
 
 
 class DynamoServer:

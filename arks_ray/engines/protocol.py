@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 KINDS = ("chat", "completions", "embeddings")
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+"""The OpenAI HTTP path of each kind, for engines reached over HTTP."""
 DONE = "data: [DONE]\n\n"
 
 
@@ -143,3 +146,27 @@ class SseSplitter:
         """What is left when the stream ends: an event without its blank line is still an event."""
         rest, self._buffer = (self._buffer + self._decoder.decode(b"", final=True)).strip("\n"), ""
         return rest + "\n\n" if rest else ""
+
+
+async def relay_sse(chunks: AsyncIterable[bytes], meter: StreamMeter, cut_short: str) -> AsyncIterator[Any]:
+    """An HTTP engine's SSE byte stream as protocol items: whole events through ``meter``, then the final
+    usage; or, if the stream ended before ``[DONE]``, a 502 saying ``cut_short``."""
+    splitter = SseSplitter()
+    done = False
+    async for chunk in chunks:
+        text = splitter.feed(chunk)
+        if text:
+            done = done or DONE in text
+            forwarded = meter.filter(text)
+            if forwarded:
+                yield forwarded
+    tail = splitter.rest()
+    if tail:
+        done = done or DONE in tail
+        forwarded = meter.filter(tail)
+        if forwarded:
+            yield forwarded
+    if not done:
+        yield error(502, cut_short, "server_error")
+        return
+    yield meter.final()
