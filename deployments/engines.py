@@ -27,6 +27,15 @@ class EngineAppArgs(BaseModel):
     llm_config: dict[str, Any]
     dynamo: dict[str, Any] | None = None
 
+    def ray_llm_config(self) -> Any:
+        """``llm_config`` as Ray's ``LLMConfig``; a config Ray refuses is an error naming the app."""
+        from ray.serve.llm import LLMConfig
+
+        try:
+            return LLMConfig.model_validate(self.llm_config)
+        except ValidationError as exc:
+            raise ValueError(f"application {self.name}: invalid engine config: {exc}") from None
+
 
 def build_app(raw: dict[str, Any]) -> Application:
     """Serve's entry point for an engine application; the runtime picks the engine server."""
@@ -48,5 +57,5 @@ def build_app(raw: dict[str, Any]) -> Application:
         return build_dynamo(args)
     raise ValueError(
         f"application {args.name}: runtime {args.runtime!r} is not available in this build "
-        "(supported here: vllm)"
+        "(supported here: vllm, sglang, dynamo)"
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from arks_ray.engines import protocol
 from deployments.openai_requests import parse_request
@@ -68,12 +68,9 @@ def _sglang_server_class() -> type:
 
 def build_sglang(args: EngineAppArgs) -> Application:
     """The engine deployment of one SGLang ArksApplication (SGLang is imported only when it starts)."""
-    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
 
-    try:
-        config = LLMConfig.model_validate(args.llm_config)
-    except ValidationError as exc:
-        raise ValueError(f"application {args.name}: invalid engine config: {exc}") from None
+    config = args.ray_llm_config()
     if "model_path" not in config.engine_kwargs:
         raise ValueError(f"application {args.name}: engine_kwargs has no model_path (SGLang's ServerArgs needs one)")
     return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_sglang_server_class())

@@ -16,8 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import protocol
@@ -156,10 +154,7 @@ def _llm_server_class() -> type:
 
 def build_vllm(args: EngineAppArgs) -> Application:
     """The engine deployment of one vLLM ArksApplication."""
-    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
 
-    try:
-        config = LLMConfig.model_validate(args.llm_config)
-    except ValidationError as exc:
-        raise ValueError(f"application {args.name}: invalid engine config: {exc}") from None
+    config = args.ray_llm_config()
     return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_llm_server_class())
