@@ -152,20 +152,19 @@ async def relay_sse(chunks: AsyncIterable[bytes], meter: StreamMeter, cut_short:
     """An HTTP engine's SSE byte stream as protocol items: whole events through ``meter``, then the final
     usage; or, if the stream ended before ``[DONE]``, a 502 saying ``cut_short``."""
     splitter = SseSplitter()
+
+    async def events() -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield splitter.feed(chunk)
+        yield splitter.rest()
+
     done = False
-    async for chunk in chunks:
-        text = splitter.feed(chunk)
+    async for text in events():
         if text:
             done = done or DONE in text
             forwarded = meter.filter(text)
             if forwarded:
                 yield forwarded
-    tail = splitter.rest()
-    if tail:
-        done = done or DONE in tail
-        forwarded = meter.filter(tail)
-        if forwarded:
-            yield forwarded
     if not done:
         yield error(502, cut_short, "server_error")
         return
