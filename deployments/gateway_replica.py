@@ -17,12 +17,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from arks_ray.gateway.reports import publish_routes
+from arks_ray.gateway.series import quota_levels
 from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.stores.base import CounterStore, StoreUnavailable
 from arks_ray.stores.memory import MemoryStore
 from deployments.backends import RoutedBackends
 from deployments.gateway import Gateway, make_api
-from deployments.gateway_metrics import ServeMetrics
+from deployments.gateway_metrics import build_metrics
 
 logger = logging.getLogger("ray.serve.arks.gateway")
 
@@ -45,7 +46,7 @@ class GatewayDeployment:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.backends = RoutedBackends(settings)
-        self.gateway = Gateway(settings, self.backends, store=make_store(settings), metrics=ServeMetrics())
+        self.gateway = Gateway(settings, self.backends, store=make_store(settings), metrics=build_metrics(settings))
         self.replica = uuid.uuid4().hex[:12]
         self._restoring: asyncio.Task[int] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -79,6 +80,14 @@ class GatewayDeployment:
         except StoreUnavailable as exc:
             self.gateway.metrics.store_failure("report")
             logger.debug("route report not published: %s", exc)
+        config = self.gateway.index.config
+        if config.quotas:  # quota usage as gauges, for the near-exhaustion alert and dashboards
+            try:
+                usage = await self.gateway.governor.usage(config, time.time())
+            except StoreUnavailable:
+                self.gateway.metrics.store_failure("quota_read")
+            else:
+                self.gateway.metrics.quotas(config.namespace, quota_levels(config, usage))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.gateway)

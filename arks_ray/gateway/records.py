@@ -52,3 +52,5 @@ class RequestRecord:
     gateway_s: float
     """Time spent in the gateway itself before the backend was asked: auth, parsing, admission, routing."""
     retries: int = 0
+    limit: str = ""
+    """For a 429: the limit that refused it (rpm, tpm, concurrency, ... as the governor names it); else empty."""

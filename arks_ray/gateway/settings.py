@@ -6,7 +6,9 @@ ingress deployment's constructor. Per-tenant data (tokens, endpoints, quotas) is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +21,11 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(4 << 20, gt=0, description="Largest request body accepted (413 beyond).")
     seed: int | None = Field(None, description="Seed of the backend-choice RNG (tests); None is random.")
     redis_url: str | None = Field(
-        None, description="Counter store shared by all replicas; without it, in memory (one replica only).")
+        None, description="Counter store shared by all replicas; without it, in memory (one replica only). "
+                          "Never with a password in it: that comes from redis_password_env.")
+    redis_password_env: str | None = Field(
+        "ARKS_REDIS_PASSWORD", description="Environment variable holding the Redis password (on a cluster, from "
+                                           "a Secret through secretKeyRef); with_secrets puts it into the URL.")
     failure_policy: Literal["failOpen", "failClosed"] = Field(
         "failOpen", description="When the store is down: admit uncounted, or refuse with 503.")
     rate_limit_algorithm: Literal["slidingWindow", "fixedWindow"] = Field(
@@ -49,3 +55,18 @@ class GatewaySettings(BaseModel):
         False, description="Name the backend that answered in an x-arks-backend response header.")
     route_report_interval_s: float = Field(
         10.0, gt=0, description="How often effective weights are published (metrics; the store, for status).")
+
+    # Observability (deployments.gateway_metrics).
+    access_log: bool = Field(True, description="One JSON line per finished request on stdout (no token, no prompt).")
+    metrics_max_token_names: int = Field(
+        100, ge=0, description="Distinct token names one replica labels in metrics; later ones count as '_other'.")
+
+    def with_secrets(self, environ: Mapping[str, str]) -> GatewaySettings:
+        """These settings with the secrets the replica's environment holds: the Redis password goes into
+        ``redis_url`` (unless the URL has credentials already). Called in the replica, never rendered."""
+        password = environ.get(self.redis_password_env, "") if self.redis_password_env else ""
+        url = self.redis_url
+        if not password or not url or "://" not in url or "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            return self
+        scheme, rest = url.split("://", 1)
+        return self.model_copy(update={"redis_url": f"{scheme}://:{quote(password, safe='')}@{rest}"})
