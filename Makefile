@@ -53,6 +53,10 @@ sysdeps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (apt)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus and promtool (apt)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null; }
 
 lint: venv
 	$(VENV)/bin/ruff check .
