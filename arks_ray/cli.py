@@ -140,6 +140,8 @@ def up_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every app to be RUNNING.")] = 900.0,
     redis_url: Annotated[str | None, typer.Option(help="Counter store for limits and quotas.")] = None,
     gateway_replicas: Annotated[int, typer.Option(help="Gateway ingress replicas.")] = 1,
+    num_gpus: Annotated[int | None, typer.Option(
+        "--num-gpus", min=0, help="GPUs to offer the local Ray (default: detected, e.g. by nvidia-smi).")] = None,
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
     rate_limit_algorithm: Annotated[str, typer.Option(help="slidingWindow or fixedWindow (Arks).")] = "slidingWindow",
 ) -> None:
@@ -165,8 +167,11 @@ def up_cmd(
         for note in runner.ensure_local_models(loaded):
             _step(note, t)
         t = time.monotonic()
-        started = runner.start_ray(plan.num_cpus, plan.resources)
-        _step(f"{'started' if started else 'attached to'} Ray ({plan.num_cpus} logical CPUs)", t)
+        plan.num_gpus = runner.detect_gpus() if num_gpus is None else num_gpus
+        runner.check_gpus(plan.gpus_needed, plan.num_gpus)
+        started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()))
+        _step(f"{'started' if started else 'attached to'} Ray ({plan.num_cpus} logical CPUs, "
+              f"{plan.num_gpus} GPU(s))", t)
         t = time.monotonic()
         runner.deploy(plan.serve_config)
         _step("deployed the Serve config; waiting for engines to load", t)

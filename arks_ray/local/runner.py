@@ -3,6 +3,8 @@
 Called by the CLI. It renders exactly what a cluster gets, adapts only what a single machine needs
 (loopback HTTP, one gateway replica, logical CPUs and the worker groups' custom resources on the one
 node), starts or attaches to Ray, deploys through the dashboard's Serve API and reports progress.
+The machine's GPUs are offered to Ray (``detect_gpus``: ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi``),
+and ``check_gpus`` refuses a config whose engine apps need more GPUs than that before anything starts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,12 @@ class LocalPlan:
     resources: dict[str, float]
     num_cpus: int
     port: int
+    num_gpus: int = 0
+
+    @property
+    def gpus_needed(self) -> dict[str, float]:
+        """GPUs each engine app holds at its starting replica count (Ray's placement bundles)."""
+        return gpus_needed(self.serve_config)
 
     @property
     def engine_apps(self) -> list[str]:
@@ -75,6 +83,47 @@ def _cpus_needed(config: dict[str, Any]) -> int:
         bundles = llm.get("placement_group_config", {}).get("bundles", [{}])
         total += int(replicas) * (1 + sum(int(b.get("CPU", 0) + 0.999) for b in bundles))
     return max(MIN_LOGICAL_CPUS, total)
+
+
+def gpus_needed(config: dict[str, Any]) -> dict[str, float]:
+    """GPUs per engine app: starting replicas x the GPUs of one replica's placement bundles."""
+    out: dict[str, float] = {}
+    for app in config["applications"]:
+        llm = app.get("args", {}).get("llm_config")
+        if not llm:
+            continue
+        deployment = llm.get("deployment_config", {})
+        scaling = deployment.get("autoscaling_config") or {}
+        replicas = deployment.get("num_replicas") or scaling.get("initial_replicas") or scaling.get("min_replicas")
+        per_replica = sum(float(b.get("GPU", 0)) for b in llm.get("placement_group_config", {}).get("bundles", []))
+        if per_replica:
+            out[app["name"]] = max(int(replicas or 1), 1) * per_replica
+    return out
+
+
+def detect_gpus(run: Callable[..., Any] = subprocess.run, env: Mapping[str, str] | None = None) -> int:
+    """The NVIDIA GPUs this machine offers: ``CUDA_VISIBLE_DEVICES`` when set, else ``nvidia-smi -L``, else 0."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        proc = run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0  # no driver tools: no GPUs to offer
+    if proc.returncode != 0:
+        return 0
+    return sum(1 for line in proc.stdout.splitlines() if line.startswith("GPU "))
+
+
+def check_gpus(needed: dict[str, float], available: int) -> None:
+    """A clear error when the engine apps need more GPUs than the local machine offers."""
+    total = sum(needed.values())
+    if total <= available:
+        return
+    apps = ", ".join(f"{name} needs {value:g}" for name, value in needed.items())
+    hint = "" if available else " (none detected: no nvidia-smi, or CUDA_VISIBLE_DEVICES is empty)"
+    raise LocalError(f"the engine apps need {total:g} GPU(s) ({apps}) but this machine offers {available}{hint}; "
+                     "lower replicas or the GPU requests, or pass --num-gpus if detection is wrong")
 
 
 def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[str, Any] | None = None,
@@ -182,15 +231,15 @@ def missing_resources(resources: dict[str, float]) -> list[str]:
     return sorted(name for name in resources if name not in total)
 
 
-def start_ray(num_cpus: int, resources: dict[str, float]) -> bool:
+def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpus_wanted: float = 0.0) -> bool:
     """Start a local head node unless one answers already; True if this call started it."""
     if ray_running():
-        missing = missing_resources(resources)
+        missing = missing_resources({**resources, **({"GPU": gpus_wanted} if gpus_wanted else {})})
         if missing:
             raise LocalError(f"the running Ray lacks the resources {', '.join(missing)} this config needs "
                              "(its worker groups changed); run `arks-ray down` first")
         return False
-    cmd = [_ray_bin(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+    cmd = [_ray_bin(), "start", "--head", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
            f"--resources={json.dumps(resources)}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
     _auth_env()
