@@ -287,15 +287,15 @@ RedisOpt = Annotated[str, typer.Option("--redis-url", help="The gateway's counte
 @quota_app.command("status")
 def quota_status_cmd(filename: FilesOpt, redis_url: RedisOpt, namespace: NamespaceOpt = None) -> None:
     """Usage of every quota in the manifests, for the current period, read from the store."""
-    from arks_ray.gateway.governor import Governor
+    from arks_ray.gateway.quotas import QuotaLedger
 
     _, results, problems = render_files(filename, namespace)
     _report([p for p in problems if p.severity == "error"])
 
     async def read(store: Any) -> list[tuple[str, str, dict[str, int]]]:
-        governor = Governor(store)
+        ledger = QuotaLedger(store)
         return [(r.namespace, name, usage) for r in results
-                for name, usage in (await governor.usage(r.gateway, time.time())).items()]
+                for name, usage in (await ledger.usage(r.namespace, r.gateway.quotas, time.time())).items()]
 
     for ns, name, usage in _with_store(redis_url, read, "cannot read the store"):
         typer.echo(f"{ns}/{name}: " + ", ".join(f"{k}={v}" for k, v in usage.items()))
@@ -309,10 +309,11 @@ def quota_reset_cmd(
 ) -> None:
     """Delete every counter of one quota (all types and periods): usage starts again from zero.
 
-    In a cluster, also clear the ArksQuota's status, or the gateway restores the recorded usage."""
+    In a cluster, also clear the ArksQuota's status, or the operator restores the recorded usage."""
+    from arks_ray.gateway.quotas import QuotaLedger
+
     async def reset(store: Any) -> int:
-        deleted: int = await store.delete_prefix(f"arks:{namespace}:quota:{name}:")
-        return deleted
+        return await QuotaLedger(store).reset(namespace, name)
 
     count = _with_store(redis_url, reset, "cannot reset the quota")
     typer.echo(f"reset {namespace}/{name}: {count} counter(s) deleted")

@@ -4,12 +4,12 @@ Raised by the core (spec validation, gateway policy) and by the Serve deployment
 any ``ArksError`` to an HTTP response through :func:`to_openai_error` and nowhere else.
 
     ArksError
-    ├── SpecError                 an Arks object (or a set of them) is invalid
     └── RequestError              a client's request was refused
         ├── InvalidRequest        400  malformed JSON, invalid fields
         ├── Unauthenticated       401  token missing, unknown, expired or disabled
         ├── PermissionDenied      403  model not in the token's qos
         ├── NotFound              404  unknown model or route
+        ├── MethodNotAllowed      405  a known route, another method
         ├── RequestTooLarge       413  body over the limit
         ├── RateLimited           429  rate_limit_exceeded
         ├── QuotaExceeded         429  insufficient_quota
@@ -20,10 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-
-class ArksWarning(UserWarning):
-    """A spec was accepted, but something in it is deprecated or has no effect."""
 
 
 class ArksError(Exception):
@@ -46,14 +42,6 @@ class Problem:
         return f"{self.severity}: {where}:{loc} {self.message}"
 
 
-class SpecError(ArksError):
-    """One or more Arks objects are invalid; ``problems`` lists every one with its field path."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
-
 @dataclass
 class RequestError(ArksError):
     """A request refused for a reason the client can act on. Subclasses fix status and type."""
@@ -61,6 +49,8 @@ class RequestError(ArksError):
     message: str
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    """Which rule refused it, for metrics and logs (a 429's limit: rpm, tpm, concurrency, quota)."""
 
     status: ClassVar[int] = 400
     type: ClassVar[str] = "invalid_request_error"
@@ -93,6 +83,12 @@ class NotFound(RequestError):
     """404: unknown model or route."""
 
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class MethodNotAllowed(RequestError):
+    """405: the route exists, but not for this method."""
+
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
 class RequestTooLarge(RequestError):

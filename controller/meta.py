@@ -58,10 +58,6 @@ def owner_ref(owner: Obj, *, controller: bool) -> dict[str, Any] | None:
     }
 
 
-def owner_uids(obj: Obj) -> set[str]:
-    return {str(r.get("uid")) for r in meta(obj).get("ownerReferences") or []}
-
-
 def contains(live: Any, desired: Any) -> bool:
     """Whether ``live`` holds everything ``desired`` sets, with the same values.
 

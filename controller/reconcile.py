@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from arks_ray.api import load_documents
 from arks_ray.api.endpoint import ArksEndpoint
-from arks_ray.api.gateway import GatewayConfig
+from arks_ray.api.gateway import GatewayConfig, Quota
+from arks_ray.gateway.ports import StoreUnavailable
+from arks_ray.gateway.quotas import Floor
 from arks_ray.render.names import RAYSERVICE_NAME
-from arks_ray.stores.base import StoreUnavailable
 from controller import errors
 from controller.kube import ARKS_KINDS, KubeClient
 from controller.meta import MANAGED_BY, name_of
@@ -35,9 +37,10 @@ logger = logging.getLogger("controller.reconcile")
 
 
 class UsageReader(Protocol):
-    """Quota usage per quota and type (``arks_ray.gateway.governor.Governor`` is one)."""
+    """Quota usage per quota and type, and its restore (``arks_ray.gateway.quotas.QuotaLedger`` is one)."""
 
-    async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]: ...
+    async def usage(self, namespace: str, quotas: Sequence[Quota], now: float) -> dict[str, dict[str, int]]: ...
+    async def restore(self, namespace: str, quotas: Sequence[Quota], floors: Iterable[Floor], now: float) -> int: ...
 
 
 class RoutesReader(Protocol):
@@ -74,12 +77,19 @@ async def _pvc(kube: KubeClient, ns: str, name: str) -> tuple[str, dict[str, Any
     return name, await kube.get("PersistentVolumeClaim", ns, name)
 
 
-async def _usage(reader: UsageReader | None, config: GatewayConfig | None, now: float,
+async def _usage(reader: UsageReader | None, config: GatewayConfig | None, floors: Sequence[Floor], now: float,
                  metrics: Metrics | None) -> dict[str, dict[str, int]] | None:
+    """Usage to mirror into the statuses. A counter reading lower than its status recorded (the store lost
+    its data) is raised back to it first: the store holds usage, the status is its durable copy."""
     if reader is None or config is None:
         return None
     try:
-        return await reader.usage(config, now)
+        usage = await reader.usage(config.namespace, config.quotas, now)
+        lost = [f for f in floors if usage.get(f.quota, {}).get(f.type, 0) < f.value]
+        if lost and await reader.restore(config.namespace, config.quotas, lost, now):
+            logger.warning("restored %d quota counter(s) in %s from ArksQuota status", len(lost), config.namespace)
+            usage = await reader.usage(config.namespace, config.quotas, now)
+        return usage
     except StoreUnavailable as exc:
         # Status keeps its last values; the next status tick tries again.
         logger.warning("quota usage not mirrored in %s: %s", config.namespace, exc)
@@ -111,7 +121,7 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
         _secrets(kube, ns, snap.secret_names()),
         asyncio.gather(*(_pvc(kube, ns, n) for n in sorted(snap.pvc_names()))),
         kube.list("Job", ns, MANAGED_BY) if snap.downloads() else _nothing(),
-        _usage(reader, snap.quota_config(), now, metrics),
+        _usage(reader, snap.quota_config(), snap.quota_floors(), now, metrics),
         _routes(routes, ns, any(isinstance(o, ArksEndpoint) for o in snap.loaded.objects), now, metrics))
     if secrets:
         found = load_documents(secrets, ns)

@@ -77,11 +77,11 @@ def build_runtime(settings: ControllerSettings, configuration: kubernetes.client
                               timeout=(net.connect_timeout, net.request_timeout))
     runtime = Runtime(settings, configuration, kube, metrics or Metrics())
     if settings.redis_url:
-        from arks_ray.gateway.governor import Governor
+        from arks_ray.gateway.quotas import QuotaLedger
         from arks_ray.stores.redis import RedisStore
 
         store = RedisStore(settings.redis_url)
-        runtime.usage = Governor(store)
+        runtime.usage = QuotaLedger(store)
         runtime.routes = StoreRoutes(store)
         runtime.scheduler.mirror_quotas = True
         runtime.closers.append(store.close)

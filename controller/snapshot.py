@@ -15,7 +15,9 @@ from typing import Any
 from arks_ray.api import ArksModel, ArksQuota, ArksToken, load_documents
 from arks_ray.api.gateway import GatewayConfig
 from arks_ray.api.loading import ArksObject, Loaded
+from arks_ray.api.quota import period_id
 from arks_ray.errors import Problem
+from arks_ray.gateway.quotas import Floor
 from arks_ray.render.gateway_config import compile_quota
 from controller.meta import is_deleting, key_of
 
@@ -73,10 +75,26 @@ class Snapshot:
             return None
         return GatewayConfig(namespace=self.namespace, quotas=tuple(compile_quota(q) for q in quotas))
 
+    def quota_floors(self) -> list[Floor]:
+        """The usage each ArksQuota's status recorded, per budget type, in the period it recorded it."""
+        out = []
+        for quota in (q for q in self.loaded.objects if isinstance(q, ArksQuota)):
+            status = quota.status
+            if status is None:
+                continue
+            start = status.period_start.timestamp() if status.period_start else None
+            period = "lifetime" if quota.spec.period == "lifetime" else (
+                period_id(quota.spec.period, start) if start is not None else None)
+            known = {b.type for b in quota.spec.quotas}
+            if period is not None:
+                out += [Floor(quota.metadata.name, u.type, u.used, period)
+                        for u in status.quota_status if u.type in known and u.used > 0]
+        return out
+
 
 def _for_loading(obj: Mapping[str, Any]) -> dict[str, Any]:
     # Status is ours and irrelevant to rendering, except ArksQuota's: its usage is the floor the
-    # gateway restores after the counter store lost data.
+    # operator restores into the counter store after the store lost data.
     doc = dict(obj)
     if doc.get("kind") != "ArksQuota":
         doc.pop("status", None)

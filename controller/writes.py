@@ -8,9 +8,7 @@ what was planned with what was written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-Verb = Literal["apply", "create", "delete", "patch", "status"]
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -1,82 +1,127 @@
-"""How the gateway reaches backends, and how it checks they are alive.
+"""How the gateway reaches backends, and how it checks they are alive: the ``Backends`` port's adapters.
 
-Used by the gateway deployment (``deployments.gateway``). Two kinds of backend, both speaking the
-gateway protocol of ``arks_ray.engines.protocol`` to the gateway:
+Used by the gateway pipeline (``deployments.pipeline``) through the ``Backends`` Protocol. Two kinds of
+backend, both answering in the typed items of ``arks_ray.engines.protocol``:
 
-- ``ServeBackends``: a Serve application (an ArksApplication's engine), through one cached
-  deployment handle per app; a consistent-hash app gets the request's session id on the handle;
-- ``HttpBackends``: any OpenAI-compatible HTTP service (an ArksEndpoint ``routeConfigs`` entry),
-  streamed through with aiohttp. The client's Authorization header is never forwarded.
+- ``ServeBackends``: a Serve application (an ArksApplication's engine), through one cached deployment
+  handle per app; a consistent-hash app gets the request's session id on the handle. Ray's exceptions
+  (a replica that died, back-pressure, no replica) become ``Failure`` items here, described without
+  Ray's internals, which go to the log;
+- ``HttpBackends``: any OpenAI-compatible HTTP service (an ArksEndpoint ``routeConfigs`` entry), through
+  ``deployments.upstream.Upstream``. The client's Authorization header is never forwarded.
 
-``probe`` is the active health check of either kind, run by the gateway deployment's health loop.
+``probe_*`` are the active health checks, run by the gateway deployment's health loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from arks_ray.api.gateway import Backend
-from arks_ray.engines import protocol
-from arks_ray.errors import BackendUnavailable
+from arks_ray.engines.protocol import EngineItem, EngineRequest, EngineStream, Failure
 from arks_ray.gateway.settings import GatewaySettings
+from deployments.upstream import Upstream
+
+logger = logging.getLogger("ray.serve.arks.gateway")
 
 
 class Backends(Protocol):
-    """How the gateway reaches a backend: returns the protocol stream of one request."""
+    """Every call the gateway makes on its backends."""
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
-             session: str | None = None) -> Any: ...
+    def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
+        """Start one request; its items come from the returned stream (which never raises but on cancel)."""
+
+    def forget(self, backend: Backend) -> None:
+        """Drop what is cached for a backend after it failed (it may have been redeployed)."""
+
+    async def probe_apps(self) -> dict[str, tuple[bool, str]]:
+        """Every Serve application: can it serve, and if not, why."""
+
+    async def probe_http(self, backend: Backend) -> tuple[bool, str]:
+        """One HTTP backend's health check."""
+
+    async def close(self) -> None: ...
+
+
+class ItemStream:
+    """An ``EngineStream`` over any async iterator of items; a failure to produce one is a ``Failure``.
+
+    ``describe`` turns an exception of the source into the failure a client sees (the exception itself
+    is logged); ``stop`` cancels the source's work."""
+
+    def __init__(self, source: Any, name: str, stop: Any = None) -> None:
+        self._source, self._name, self._stop = source, name, stop
+
+    async def _items(self) -> AsyncIterator[EngineItem]:
+        try:
+            async for item in self._source:
+                yield item
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield describe_failure(self._name, exc)
+
+    def __aiter__(self) -> AsyncIterator[EngineItem]:
+        return self._items()
+
+    def cancel(self) -> None:
+        if self._stop is not None:
+            self._stop()
+
+
+def describe_failure(name: str, exc: BaseException) -> Failure:
+    """A backend's exception as a client may see it: its class of failure, never its text."""
+    kind = type(exc).__name__
+    logger.warning("backend %s failed: %s: %s", name, kind, str(exc)[:2000])
+    if kind in ("BackPressureError", "DeploymentUnavailableError"):
+        return Failure("unavailable", 503, f"backend {name!r} cannot take more requests right now")
+    if isinstance(exc, TimeoutError) or kind == "GetTimeoutError":
+        return Failure("timeout", 504, f"backend {name!r} timed out")
+    if "ActorDied" in kind or "ActorError" in kind or "ActorUnavailable" in kind:
+        return Failure("unavailable", 503, f"backend {name!r} lost the replica serving this request")
+    return Failure("engine", 502, f"backend {name!r} failed")
 
 
 class ServeBackends:
-    """Backends reached through Serve deployment handles, one cached handle per application."""
+    """Serve applications through deployment handles, one cached handle per application."""
 
     def __init__(self) -> None:
         self._handles: dict[str, Any] = {}
+        self.down: dict[str, str] = {}
+        """Apps the last health check found with no running replica (answered 503 at once)."""
 
     def _handle(self, name: str) -> Any:
         handle = self._handles.get(name)
         if handle is None:
             from ray import serve
 
-            try:
-                # One configured handle per app, reused: options() builds a new handle each call.
-                handle = serve.get_app_handle(name).options(stream=True, method_name="generate")
-            except Exception as exc:  # the app is missing or not deployed yet
-                raise BackendUnavailable(f"backend {name!r} is not available: {exc}") from None
+            # One configured handle per app, reused: options() builds a new handle each call.
+            handle = serve.get_app_handle(name).options(stream=True, method_name="generate")
             self._handles[name] = handle
         return handle
 
     def forget(self, name: str) -> None:
-        """Drop a cached handle (after a failure: the app may have been redeployed)."""
         self._handles.pop(name, None)
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
-             session: str | None = None) -> Any:
-        handle = self._handle(backend.name)
-        if session is not None:
-            handle = handle.options(session_id=session)
-        return handle.remote(kind, protocol.RequestBody(body), client_usage)
+    def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
+        if backend.name in self.down:
+            return ItemStream(_once(Failure("unavailable", 503, f"backend {backend.name!r} has no replica ready "
+                                            "right now")), backend.name)
+        try:
+            handle = self._handle(backend.name)
+            if request.session is not None:
+                handle = handle.options(session_id=request.session)
+            gen = handle.remote(request)
+        except Exception as exc:  # the app is missing or not deployed yet
+            return ItemStream(_once(describe_failure(backend.name, exc)), backend.name)
+        return ItemStream(gen, backend.name, gen.cancel)
 
 
-def _error_body(status: int, raw: bytes, name: str) -> dict[str, Any]:
-    """An upstream HTTP error as a protocol error: its OpenAI message kept, 5xx reported as 502."""
-    message = raw.decode("utf-8", errors="replace")[:500] or f"HTTP {status}"
-    param = None
-    try:
-        err = json.loads(raw).get("error")
-        if isinstance(err, dict):
-            message, param = str(err.get("message") or message), err.get("param")
-        elif isinstance(err, str):
-            message = err
-    except (ValueError, AttributeError):
-        pass
-    if status >= 500:
-        return protocol.error(502, f"backend {name!r} failed with HTTP {status}: {message}", "server_error")
-    return protocol.error(status, message, protocol.error_type(status), param)
+async def _once(item: EngineItem) -> AsyncIterator[EngineItem]:
+    yield item
 
 
 class HttpBackends:
@@ -86,7 +131,7 @@ class HttpBackends:
         self.settings = settings
         self._session: Any = None
 
-    def _client(self) -> Any:
+    def client(self) -> Any:
         if self._session is None or self._session.closed:
             import aiohttp
 
@@ -95,32 +140,10 @@ class HttpBackends:
             self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=True)
         return self._session
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
-             session: str | None = None) -> AsyncIterator[Any]:
-        return self._exchange(backend, kind, body, client_usage)
-
-    async def _exchange(self, backend: Backend, kind: str, body: dict[str, Any],
-                        client_usage: bool) -> AsyncIterator[Any]:
-        if kind not in protocol.PATHS or backend.url is None:
-            yield protocol.error(404, f"unknown endpoint {kind!r}")
-            return
-        payload = protocol.with_usage(body) if kind != "embeddings" else body
-        streaming = payload.get("stream") is True and kind != "embeddings"
-        async with self._client().post(backend.url + protocol.PATHS[kind], json=payload) as resp:
-            if resp.status >= 400:
-                yield _error_body(resp.status, await resp.read(), backend.name)
-                return
-            if not streaming:
-                raw = await resp.read()
-                try:
-                    yield protocol.response(json.loads(raw), resp.status)
-                except ValueError:
-                    yield protocol.error(502, f"backend {backend.name!r} answered with invalid JSON", "server_error")
-                return
-            cut_short = f"backend {backend.name!r} ended its stream before [DONE]"
-            async for item in protocol.relay_sse(resp.content.iter_any(), protocol.StreamMeter(client_usage),
-                                                 cut_short):
-                yield item
+    def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
+        assert backend.url is not None
+        upstream = Upstream(f"backend {backend.name!r}", backend.url, self.client)
+        return ItemStream(upstream.generate(request), backend.name)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -135,24 +158,31 @@ class RoutedBackends:
         self.http = HttpBackends(settings)
         self.settings = settings
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
-             session: str | None = None) -> Any:
-        target: Backends = self.http if backend.kind == "http" else self.serve
-        return target.open(backend, kind, body, client_usage, session)
+    def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
+        if backend.kind == "http":
+            return self.http.open(backend, request)
+        return self.serve.open(backend, request)
 
     def forget(self, backend: Backend) -> None:
         if backend.kind == "app":
             self.serve.forget(backend.name)
 
     async def probe_apps(self) -> dict[str, tuple[bool, str]]:
-        """Every Serve application: can it serve (at least one running replica), and if not, why."""
+        """Every Serve application: can it serve (at least one running replica), and if not, why.
+
+        An app that is not RUNNING and has no running replica (deploying, restarting, unhealthy) is also
+        marked down for ``open``, which then answers 503 at once instead of queueing on the handle."""
         from ray import serve
 
         status = await asyncio.to_thread(serve.status)
         out: dict[str, tuple[bool, str]] = {}
+        down: dict[str, str] = {}
         for name, app in status.applications.items():
             running = sum(int(d.replica_states.get("RUNNING", 0)) for d in app.deployments.values())
             out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
+            if not running and app.status != "RUNNING":
+                down[name] = str(getattr(app.status, "value", app.status))
+        self.serve.down = down
         return out
 
     async def probe_http(self, backend: Backend) -> tuple[bool, str]:
@@ -162,12 +192,12 @@ class RoutedBackends:
         assert backend.url is not None
         try:
             timeout = aiohttp.ClientTimeout(total=self.settings.health_check_timeout_s)
-            async with self.http._client().get(backend.url + self.settings.http_health_path,
-                                               timeout=timeout) as resp:
+            async with self.http.client().get(backend.url + self.settings.http_health_path,
+                                              timeout=timeout) as resp:
                 await resp.read()
                 return (resp.status < 500), f"health check answered HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return False, f"health check failed: {type(exc).__name__}: {exc}"
+            return False, f"health check failed: {type(exc).__name__}"
 
     async def close(self) -> None:
         await self.http.close()

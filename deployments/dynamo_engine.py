@@ -16,7 +16,6 @@ cluster, the Dynamo image sets it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -28,9 +27,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from arks_ray.engines import dynamo, protocol
+from arks_ray.engines import dynamo
+from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sidecars import RestartPolicy
 from deployments.dynamo_sidecars import Sidecar
+from deployments.upstream import Upstream
 
 logger = logging.getLogger("ray.serve.arks.dynamo")
 
@@ -153,50 +154,16 @@ class DynamoWorker:
         return self.sidecars.stop_once()
 
 
-class FrontendProxy:
-    """The gateway protocol on top of a Dynamo frontend's OpenAI HTTP API."""
+def frontend_upstream(app: str, served_name: str, base: str, session: Any) -> Upstream:
+    """The Dynamo frontend sidecar as an ``Upstream`` serving ``served_name``."""
 
-    def __init__(self, app: str, served_name: str, base: str, session: Any) -> None:
-        self.app, self.served_name, self.base, self.session = app, served_name, base, session
-
-    async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
-            str | dict[str, Any]]:
-        import aiohttp
-
-        if kind not in protocol.PATHS:
-            yield protocol.error(404, f"unknown endpoint {kind!r}")
-            return
-        payload = {**(protocol.with_usage(body) if kind != "embeddings" else body), "model": self.served_name}
-        streaming = payload.get("stream") is True and kind != "embeddings"
-        try:
-            async with self.session.post(self.base + protocol.PATHS[kind], json=payload) as resp:
-                if resp.status >= 400:
-                    yield self._error(resp.status, await resp.read())
-                    return
-                if not streaming:
-                    yield protocol.response(json.loads(await resp.read()), resp.status)
-                    return
-                cut_short = f"application {self.app}: the Dynamo stream ended before [DONE]"
-                async for item in protocol.relay_sse(resp.content.iter_any(), protocol.StreamMeter(client_usage),
-                                                     cut_short):
-                    yield item
-        except aiohttp.ClientConnectorError as exc:
-            yield protocol.error(503, f"application {self.app}: the Dynamo frontend is not reachable "
-                                      f"({type(exc).__name__}); it is being restarted", "server_error")
-        except aiohttp.ClientError as exc:
-            yield protocol.error(502, f"application {self.app}: the Dynamo frontend failed mid-answer: "
-                                      f"{type(exc).__name__}: {exc}", "server_error")
-        except ValueError:
-            yield protocol.error(502, f"application {self.app}: Dynamo answered with invalid JSON",
-                                 "server_error")
-
-    def _error(self, status: int, raw: bytes) -> dict[str, Any]:
-        message, param = dynamo.dynamo_error(status, raw)
+    def on_error(status: int, message: str) -> tuple[int, str]:
         if status == 404 and "model" in message.lower():
             # The frontend forgets a model while its worker restarts; the gateway only routes models we serve.
-            status, message = 503, f"no Dynamo worker serves {self.served_name!r} right now: {message}"
-        return protocol.error(status, f"application {self.app}: {message}" if status >= 500 else message,
-                              protocol.error_type(status), param)
+            return 503, f"no Dynamo worker serves {served_name!r} right now: {message}"
+        return status, message
+
+    return Upstream(f"application {app}", base, lambda: session, model=served_name, on_error=on_error)
 
 
 class DynamoServer:
@@ -210,7 +177,7 @@ class DynamoServer:
         self.sidecars = _Sidecars(self.config)
         self.base = f"http://127.0.0.1:{self.sidecars.port}"
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
-        self.proxy = FrontendProxy(self.config.app, self.config.served_name, self.base, self.session)
+        self.proxy = frontend_upstream(self.config.app, self.config.served_name, self.base, self.session)
         self._misses = 0
         self.sidecars.start()
         try:
@@ -248,9 +215,8 @@ class DynamoServer:
         logger.info("application %s: Dynamo ready in %.1fs at %s", self.config.app, time.monotonic() - started,
                     self.base)
 
-    async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
-            str | dict[str, Any]]:
-        async for item in self.proxy.generate(kind, body, client_usage):
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        async for item in self.proxy.generate(request):
             yield item
 
     async def check_health(self) -> None:

@@ -7,7 +7,7 @@ SGLang ``ServerArgs`` fields, rendered by ``arks_ray.render.serve_config.sglang_
 placement group is one bundle per pod (``arks_ray.render.placement``). SGLang itself needs CUDA and is
 only in the SGLang worker image; importing this module imports neither SGLang nor vLLM.
 
-What the gateway protocol adds over Ray's server: one ``generate(kind, body, client_usage)`` method; the
+What the gateway protocol adds over Ray's server: one ``generate(EngineRequest)`` method; the
 stream ends with ``data: [DONE]`` (Ray's SGLang server does not send it); and, because Ray's SGLang
 stream carries no usage chunk, a stream's final usage is the count of content chunks, which the gateway
 completes with its prompt estimate. Whole responses carry SGLang's own usage.
@@ -16,12 +16,10 @@ completes with its prompt estimate. Whole responses carry SGLang's own usage.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
-from arks_ray.engines import protocol
-from deployments.openai_requests import parse_request
+from arks_ray.engines.protocol import EngineItem, EngineRequest
+from deployments.engine_stream import engine_items
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -36,32 +34,10 @@ def _sglang_server_class() -> type:
     class ArksSGLangServer(SGLangServer):  # type: ignore[misc, valid-type]
         """Ray's SGLangServer with the gateway protocol on top."""
 
-        async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
-                str | dict[str, Any]]:
-            request = parse_request(kind, body)
-            if isinstance(request, dict):
-                yield request
-                return
-            meter = protocol.StreamMeter(client_usage)
-            streamed = False
-            try:
-                # Ray's SGLang methods are async generators (LLMServer's return one from a coroutine).
-                async for item in getattr(self, kind)(request):
-                    if isinstance(item, str):
-                        streamed = True
-                        text = meter.filter(item)
-                        if text:
-                            yield text
-                    elif isinstance(item, BaseModel):
-                        yield protocol.response(item.model_dump(mode="json", exclude_none=True))
-                        return
-            except ValueError as exc:
-                # SGLangServer raises ValueError for requests it cannot serve (e.g. an empty prompt list).
-                yield protocol.error(400, str(exc))
-                return
-            if streamed:
-                yield protocol.DONE
-            yield meter.final()
+        async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
+            """The gateway's port (``arks_ray.engines.protocol``); Ray's SGLang methods are async generators."""
+            async for item in engine_items(self, request):
+                yield item
 
     return ArksSGLangServer
 

@@ -18,21 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
-from arks_ray.engines import protocol
-from deployments.openai_requests import parse_request
+from arks_ray.engines.protocol import EngineItem, EngineRequest
+from arks_ray.engines.sse import StreamMeter
+from deployments.engine_stream import engine_items
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
     from deployments.engines import EngineAppArgs
-
-
-def _error_from_engine(err: Any) -> dict[str, Any]:
-    """vLLM's ErrorResponse in OpenAI's terms (vLLM types errors by exception class name)."""
-    info = err.error
-    status = int(getattr(info, "code", 500) or 500)
-    return protocol.error(status, str(getattr(info, "message", "engine error")), protocol.error_type(status),
-                          getattr(info, "param", None))
 
 
 logger = logging.getLogger("ray.serve.arks.engines")
@@ -82,7 +75,6 @@ def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
     from ray.serve.llm import LLMServer
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     class ArksLLMServer(LLMServer):  # type: ignore[misc, valid-type]
         """Ray's LLMServer with the gateway protocol on top, reporting autoscaling stats."""
@@ -116,34 +108,14 @@ def _llm_server_class() -> type:
 
             return first_then_batched()
 
-        async def generate(self, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[
-                str | dict[str, Any]]:
-            request = parse_request(kind, protocol.with_usage(body) if kind != "embeddings" else body)
-            if isinstance(request, dict):
-                yield request
-                return
-            meter = protocol.StreamMeter(client_usage)
+        async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
+            """The gateway's port (``arks_ray.engines.protocol``), timed for the autoscaling policy."""
+            meter = StreamMeter(request.client_usage)
             timer = self._arks_stats.start(time.monotonic())
             try:
-                stream = await getattr(self, kind)(request)
-                async for item in stream:
-                    batch = item if isinstance(item, list) else [item]
-                    texts: list[str] = []
-                    for part in batch:
-                        if isinstance(part, str):
-                            texts.append(meter.filter(part))
-                        elif isinstance(part, ErrorResponse):
-                            if texts:
-                                yield "".join(texts)
-                            yield _error_from_engine(part)
-                            return
-                        else:  # a whole response object (non-streaming): no TTFT of its own
-                            yield protocol.response(part.model_dump(mode="json", exclude_none=True))
-                            return
-                    if texts:
-                        self._arks_stats.first_output(timer, time.monotonic())
-                        yield "".join(texts)
-                yield meter.final()
+                async for item in engine_items(
+                        self, request, lambda: self._arks_stats.first_output(timer, time.monotonic()), meter):
+                    yield item
             finally:
                 # However the request ends (done, engine error, client gone), it leaves the queue.
                 tokens = (meter.usage or {}).get("completion_tokens", meter.completion_tokens)

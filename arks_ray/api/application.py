@@ -24,7 +24,6 @@ from arks_ray.api.common import (
 )
 
 Runtime = Literal["vllm", "sglang", "dynamo"]
-RUNTIMES: tuple[str, ...] = ("vllm", "sglang", "dynamo")
 ApplicationPhase = Literal["Pending", "Checking", "Loading", "Creating", "Running", "Failed"]
 
 

@@ -76,21 +76,12 @@ class QuotaBudget(_Frozen):
     value: int = Field(ge=0)
 
 
-class QuotaFloor(_Frozen):
-    """Usage that ArksQuota status recorded for one type in one period; restored if the store lost it."""
-
-    type: QuotaType
-    value: int = Field(ge=0)
-    period: str = Field(description="Period id: 'lifetime', 'YYYY-MM-DD' or 'YYYY-MM'.")
-
-
 class Quota(_Frozen):
     """An ArksQuota as the gateway enforces it."""
 
     name: str
     period: QuotaPeriod = "lifetime"
     budgets: tuple[QuotaBudget, ...] = ()
-    used: tuple[QuotaFloor, ...] = ()
 
 
 class GatewayConfig(_Frozen):

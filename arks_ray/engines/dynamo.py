@@ -16,7 +16,6 @@ over the TCP request plane unless ``DYN_REQUEST_PLANE`` says otherwise.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Engine = Literal["vllm", "sglang", "trtllm", "mocker"]
-Mode = Literal["agg", "prefill", "decode"]
 ENGINES: tuple[str, ...] = ("vllm", "sglang", "trtllm", "mocker")
 MODES: tuple[str, ...] = ("agg", "prefill", "decode")
 
@@ -256,24 +254,3 @@ def sidecar_environ(base: Mapping[str, str], spec: LaunchSpec) -> dict[str, str]
     env = {k: v for k, v in base.items() if k not in _PYTHON_ENV}
     env.update(spec.env)
     return env
-
-
-def dynamo_error(status: int, raw: bytes) -> tuple[str, str | None]:
-    """Message and param of an error body from the Dynamo frontend.
-
-    Dynamo answers ``{"message", "type", "code"}``; OpenAI's shape ``{"error": {...}}`` is also read.
-    """
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return (text[:500] or f"HTTP {status}"), None
-    if isinstance(data, dict):
-        inner = data.get("error")
-        if isinstance(inner, dict):
-            return str(inner.get("message") or f"HTTP {status}"), inner.get("param")
-        if isinstance(inner, str):
-            return inner, None
-        if data.get("message"):
-            return str(data["message"]), None
-    return (text[:500] or f"HTTP {status}"), None

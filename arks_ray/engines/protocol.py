@@ -1,28 +1,125 @@
-"""The protocol between the gateway and engine deployments (vLLM, SGLang, Dynamo, HTTP backends).
+"""The typed port between the gateway and its backends (vLLM, SGLang, Dynamo, HTTP services).
 
-An engine's ``generate(kind, body, client_usage)`` is an async stream of items:
+A backend answers one ``EngineRequest`` with an async stream of ``EngineItem``:
 
-- ``str``: Server-Sent Events text, already framed (``data: {...}\\n\\n``), forwarded verbatim;
-- ``dict`` with an ``"arks"`` key: a control message, never forwarded as is:
-  - ``{"arks": "response", "status": 200, "body": {...}}``: a whole (non-streaming) response;
-  - ``{"arks": "error", "status": 4xx/5xx, "body": {"error": {...}}}``: the request failed;
-  - ``{"arks": "usage", "usage": {...}, "completion_tokens": n}``: the final usage of a stream.
+- ``Chunk``: Server-Sent Events text, already framed (``data: {...}\\n\\n``), forwarded verbatim;
+- ``Answer``: a whole (non-streaming) response, the stream's only item;
+- ``Failure``: the request failed; its ``kind`` says whose fault it was (``FailureKind``);
+- ``Final``: the usage of a stream, its last item, never forwarded.
 
-Engines always ask their backend for the usage chunk of a stream, and drop it from the forwarded
-text unless the client asked for it (``client_usage``), so metering never depends on the client.
+Engines always ask their backend for the usage chunk of a stream and drop it from the forwarded text
+unless the client asked for it (``EngineRequest.client_usage``), so metering never depends on the client.
+The types cross process boundaries (Serve handles pickle them), so they are small frozen dataclasses.
+
+Used by the gateway pipeline (``deployments.pipeline``), the engine servers (``deployments.engine_stream``)
+and the HTTP upstreams (``deployments.upstream``).
 """
 
 from __future__ import annotations
 
-import codecs
-import json
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
-KINDS = ("chat", "completions", "embeddings")
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+KINDS = ("chat", "completions", "embeddings", "responses")
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+         "responses": "/v1/responses"}
 """The OpenAI HTTP path of each kind, for engines reached over HTTP."""
 DONE = "data: [DONE]\n\n"
+
+FailureKind = Literal["invalid", "unavailable", "timeout", "engine"]
+"""Whose fault a failure is: ``invalid`` is the client's (4xx: no retry, no breaker, no traffic shift);
+``unavailable`` (no replica, unreachable), ``timeout`` and ``engine`` (it died, or a 5xx) count against
+the backend."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One OpenAI request as the gateway sends it to a backend."""
+
+    kind: str
+    body: dict[str, Any]
+    client_usage: bool = False
+    """Did the client ask for the usage chunk of a stream (``stream_options.include_usage``)?"""
+    session: str | None = None
+    """Session id for consistent-hash routing (Serve apps only)."""
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True and self.kind != "embeddings"
+
+    def __getattr__(self, name: str) -> Any:
+        # Ray's prefix-cache-affinity router reads ``.messages`` or ``.prompt`` off a request's arguments
+        # (present only when the body has them, so ``hasattr`` tells the two apart).
+        if name in ("messages", "prompt") and name in self.body:
+            return self.body[name]
+        raise AttributeError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """SSE text (one or more whole events) to forward as is."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole response: status (below 400) and its JSON body."""
+
+    body: dict[str, Any]
+    status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The request failed. ``message`` is safe to show the client: no host, URL, credential or trace."""
+
+    kind: FailureKind
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+    @property
+    def blames_backend(self) -> bool:
+        return self.kind != "invalid"
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error envelope."""
+        return {"error": {"message": self.message, "type": error_type(self.status), "code": self.code,
+                          "param": self.param}}
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The last item of a stream: the engine's usage object (None if it sent none) and the content-bearing
+    events it counted (what a stream is charged when the usage is missing)."""
+
+    usage: dict[str, Any] | None = None
+    completion_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+EngineItem = Chunk | Answer | Failure | Final
+
+
+class EngineStream(Protocol):
+    """One request's answer: the items, and a way to stop the engine's work early."""
+
+    def __aiter__(self) -> AsyncIterator[EngineItem]: ...
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    """What a backend server offers the gateway (the ``generate`` method of every engine deployment)."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]: ...
+
+
+def invalid(message: str, param: str | None = None, status: int = 400, code: str | None = None) -> Failure:
+    """The client's mistake."""
+    return Failure("invalid", status, message, param, code)
 
 
 def error_type(status: int) -> str:
@@ -31,18 +128,14 @@ def error_type(status: int) -> str:
         status, "invalid_request_error" if status < 500 else "server_error")
 
 
-def response(body: dict[str, Any], status: int = 200) -> dict[str, Any]:
-    return {"arks": "response", "status": status, "body": body}
-
-
-def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-          code: str | int | None = None) -> dict[str, Any]:
-    return {"arks": "error", "status": status,
-            "body": {"error": {"message": message, "type": type_, "code": code, "param": param}}}
-
-
-def usage(value: dict[str, Any] | None, completion_tokens: int) -> dict[str, Any]:
-    return {"arks": "usage", "usage": value, "completion_tokens": completion_tokens}
+def upstream_failure(status: int, message: str, param: str | None = None) -> Failure:
+    """An HTTP status from a backend as a failure: 4xx (but 408/429) is the client's, the rest the backend's."""
+    if 400 <= status < 500 and status not in (408, 429):
+        return Failure("invalid", status, message, param)
+    if status in (408, 504):
+        return Failure("timeout", 504, message)
+    return Failure("unavailable" if status in (429, 503) else "engine", 503 if status in (429, 503) else 502,
+                   message)
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -58,114 +151,3 @@ def with_usage(body: dict[str, Any]) -> dict[str, Any]:
     given = body.get("stream_options")
     opts: dict[str, Any] = given if isinstance(given, dict) else {}
     return {**body, "stream_options": {**opts, "include_usage": True}}
-
-
-class StreamMeter:
-    """Watches forwarded SSE events: finds the usage chunk, strips it if unwanted, counts output.
-
-    ``completion_tokens`` counts content-bearing chunks, which is exact for vLLM (one token per chunk)
-    and an estimate elsewhere; it is what a stream that ends early is charged for.
-    """
-
-    def __init__(self, client_usage: bool) -> None:
-        self.client_usage = client_usage
-        self.usage: dict[str, Any] | None = None
-        self.completion_tokens = 0
-
-    def filter(self, text: str) -> str:
-        """The part of ``text`` (one or more SSE events) to forward to the client."""
-        if '"usage"' not in text and '"choices":[]' not in text:
-            self.completion_tokens += text.count("data: {")
-            return text
-        kept = []
-        for event in text.split("\n\n"):
-            if not event:
-                continue
-            if self._is_usage_event(event):
-                if self.client_usage:
-                    kept.append(event)
-                continue
-            if event.startswith("data: {"):
-                self.completion_tokens += 1
-            kept.append(event)
-        return "".join(e + "\n\n" for e in kept)
-
-    def _is_usage_event(self, event: str) -> bool:
-        if not event.startswith("data: {") or '"usage"' not in event:
-            return False
-        try:
-            data = json.loads(event[6:])
-        except json.JSONDecodeError:
-            return False
-        found = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(found, dict) and not data.get("choices"):
-            self.usage = found
-            return True
-        return False
-
-    def final(self) -> dict[str, Any]:
-        return usage(self.usage, self.completion_tokens)
-
-
-class RequestBody(dict[str, Any]):
-    """The raw OpenAI body as sent to an engine deployment: a plain dict to the engine.
-
-    Ray's prefix-cache-affinity request router reads ``.messages`` or ``.prompt`` off the request's
-    arguments to pick a replica; this gives the dict those attributes, present only when the key is.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("messages", "prompt") and name in self:
-            return self[name]
-        raise AttributeError(name)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RequestBody, (dict(self),))
-
-
-class SseSplitter:
-    """Cuts a byte stream of Server-Sent Events into whole events (``data: ...\\n\\n`` text).
-
-    HTTP chunks split events anywhere; ``StreamMeter`` and the gateway need whole ones."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-        # Incremental: a chunk may end in the middle of a multi-byte character.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, chunk: bytes) -> str:
-        """The whole events completed by ``chunk`` (possibly none), as text."""
-        self._buffer += self._decoder.decode(chunk).replace("\r\n", "\n")
-        cut = self._buffer.rfind("\n\n")
-        if cut < 0:
-            return ""
-        whole, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2:]
-        return whole
-
-    def rest(self) -> str:
-        """What is left when the stream ends: an event without its blank line is still an event."""
-        rest, self._buffer = (self._buffer + self._decoder.decode(b"", final=True)).strip("\n"), ""
-        return rest + "\n\n" if rest else ""
-
-
-async def relay_sse(chunks: AsyncIterable[bytes], meter: StreamMeter, cut_short: str) -> AsyncIterator[Any]:
-    """An HTTP engine's SSE byte stream as protocol items: whole events through ``meter``, then the final
-    usage; or, if the stream ended before ``[DONE]``, a 502 saying ``cut_short``."""
-    splitter = SseSplitter()
-
-    async def events() -> AsyncIterator[str]:
-        async for chunk in chunks:
-            yield splitter.feed(chunk)
-        yield splitter.rest()
-
-    done = False
-    async for text in events():
-        if text:
-            done = done or DONE in text
-            forwarded = meter.filter(text)
-            if forwarded:
-                yield forwarded
-    if not done:
-        yield error(502, cut_short, "server_error")
-        return
-    yield meter.final()

@@ -1,24 +1,26 @@
 """Admission and settlement of one request against its rate limits and quota.
 
-Called by the ingress around every forwarded request: ``admit`` before (one store round trip), ``settle``
-after (one more), whatever happened in between: success, backend failure or client disconnect. Store
-failures follow the configured policy (failOpen admits without counting, failClosed refuses with 503);
-each one is reported to the ``on_store_failure`` hook, which the ingress turns into a metric.
+Called by the request lifecycle (``deployments.pipeline``) around every forwarded request: ``admit``
+before (one store round trip), ``settle`` after (one more), whatever happened in between: success,
+backend failure or client disconnect. Store failures at admission follow the configured policy (failOpen
+admits without counting, failClosed refuses with 503); a settlement the store cannot take is queued and
+retried (``arks_ray.gateway.settlement``). Concurrency leases are short and renewed, in one round trip for
+all, while their requests live (``renew``), so a lease whose holder died frees within one lease period.
+Every store failure is reported to the ``on_store_failure`` hook, which the ingress turns into a metric.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from arks_ray.api.endpoint import Pricing
 from arks_ray.api.gateway import GatewayConfig, Grant, Quota, Token
-from arks_ray.api.quota import period_end, period_id
+from arks_ray.api.quota import period_end
 from arks_ray.errors import BackendUnavailable, QuotaExceeded, RateLimited
 from arks_ray.gateway.limits import (
     Algorithm,
@@ -26,10 +28,10 @@ from arks_ray.gateway.limits import (
     Usage,
     counters_for,
     format_reset,
-    quota_key,
     settled_amounts,
 )
-from arks_ray.stores.base import CounterStore, Decision, StoreUnavailable
+from arks_ray.gateway.ports import CounterStore, Decision, Lease, StoreUnavailable
+from arks_ray.gateway.settlement import Settlement, Settlements
 
 logger = logging.getLogger("arks_ray.gateway")
 
@@ -48,6 +50,10 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     counted: bool = True
     """False when the store was down and the request was admitted under failOpen."""
+
+    @property
+    def leases(self) -> list[Lease]:
+        return [Lease(c.key, self.request_id) for c in self.counters if c.kind == "lease"] if self.counted else []
 
 
 def ratelimit_headers(counters: Sequence[Counter], decision: Decision) -> dict[str, str]:
@@ -71,8 +77,9 @@ class Governor:
 
     def __init__(self, store: CounterStore, *, policy: FailurePolicy = "failOpen",
                  algorithm: Algorithm = "slidingWindow", default_max_tokens: int = 256,
-                 lease_ms: int = 900_000, prefix: str = "arks",
-                 on_store_failure: Callable[[str], None] = lambda _op: None) -> None:
+                 lease_ms: int = 30_000, prefix: str = "arks",
+                 on_store_failure: Callable[[str], None] = lambda _op: None,
+                 settlements: Settlements | None = None) -> None:
         self.store = store
         self.policy = policy
         self.algorithm = algorithm
@@ -80,6 +87,9 @@ class Governor:
         self.lease_ms = lease_ms
         self.prefix = prefix
         self.on_store_failure = on_store_failure
+        self.settlements = settlements or Settlements(store, on_failure=on_store_failure)
+        self._live: dict[str, list[Lease]] = {}
+        """Leases of the requests in flight on this replica, renewed until they finish."""
 
     async def admit(self, *, config: GatewayConfig, token: Token, grant: Grant, quota: Quota | None,
                     pricing: Pricing | None, estimate: Usage, now: float) -> Admission:
@@ -105,6 +115,8 @@ class Governor:
         if not decision.admitted:
             assert decision.denied is not None
             raise self._refusal(counters[decision.denied], decision, admission, quota, now)
+        if admission.leases:
+            self._live[admission.request_id] = admission.leases
         return admission
 
     def _refusal(self, counter: Counter, decision: Decision, admission: Admission, quota: Quota | None,
@@ -116,67 +128,38 @@ class Governor:
                 headers["Retry-After"] = str(max(1, math.ceil(end - now)))
             return QuotaExceeded(f"{counter.label} is used up: this request needs {counter.amount}, "
                                  f"{decision.remaining[decision.denied or 0]} of {counter.limit} left",
-                                 headers=headers)
+                                 headers=headers, reason="quota")
         if decision.retry_after_ms < 0:
             return RateLimited(f"this request needs about {counter.amount} against the {counter.label} limit of "
-                               f"{counter.limit}, so it can never fit; lower max_tokens", headers=headers)
+                               f"{counter.limit}, so it can never fit; lower max_tokens", headers=headers,
+                               reason=counter.label)
         retry_s = max(1, math.ceil(decision.retry_after_ms / 1000))
         headers["Retry-After"] = str(retry_s)
-        return RateLimited(f"{counter.label} limit of {counter.limit} reached; retry in {retry_s}s", headers=headers)
+        return RateLimited(f"{counter.label} limit of {counter.limit} reached; retry in {retry_s}s", headers=headers,
+                           reason=counter.label)
 
     async def settle(self, admission: Admission, usage: Usage) -> None:
-        """Charge what was used and refund the rest; never raises (a lost settlement is logged)."""
+        """Charge what was used and refund the rest, exactly once per admission; never raises (a settlement
+        the store cannot take now is queued and retried until it lands)."""
+        self._live.pop(admission.request_id, None)
         if not admission.counted:
             return
         amounts = settled_amounts(admission.counters, usage, admission.pricing)
+        await self.settlements.submit(
+            Settlement(admission.counters, admission.request_id, admission.reserved_at_ms, amounts))
+
+    def live_leases(self) -> Iterable[Lease]:
+        for leases in self._live.values():
+            yield from leases
+
+    async def renew(self, now: float) -> int:
+        """Extend the leases of every request still in flight here to one lease period from ``now``."""
+        leases = list(self.live_leases())
+        if not leases:
+            return 0
         try:
-            await self.store.settle(admission.counters, admission.request_id, admission.reserved_at_ms, amounts)
+            return await self.store.renew(leases, int(now * 1000) + self.lease_ms)
         except StoreUnavailable as exc:
-            self.on_store_failure("settle")
-            logger.warning("settlement of %s lost (store unavailable): %s", admission.request_id, exc)
-
-    async def restore_floors(self, config: GatewayConfig, now: float) -> int:
-        """Raise quota counters to the usage ArksQuota status recorded (after Redis lost data).
-
-        Stops at the first store failure; ``restore_floors_until_done`` retries."""
-        raised, _ = await self._restore(config, now)
-        return raised
-
-    async def restore_floors_until_done(self, config: GatewayConfig, clock: Callable[[], float],
-                                        attempts: int = 10, delay_s: float = 1.0) -> int:
-        """``restore_floors`` until one pass completes: Redis is often just back when this is needed."""
-        total = 0
-        for _ in range(attempts):
-            raised, complete = await self._restore(config, clock())
-            total += raised
-            if complete:
-                return total
-            await asyncio.sleep(delay_s)
-        logger.error("quota usage from ArksQuota status could not be restored after %d attempts", attempts)
-        return total
-
-    async def _restore(self, config: GatewayConfig, now: float) -> tuple[int, bool]:
-        raised = 0
-        for quota in config.quotas:
-            end = period_end(quota.period, now)
-            ttl = 0 if end is None else int((end - now) * 1000) + 86_400_000
-            for floor in quota.used:
-                if floor.period != period_id(quota.period, now):
-                    continue
-                key = quota_key(config.namespace, quota.name, floor.type, quota.period, now, self.prefix)
-                try:
-                    raised += int(await self.store.raise_floor(key, floor.value, ttl))
-                except StoreUnavailable:
-                    self.on_store_failure("restore")
-                    return raised, False
-        return raised, True
-
-    async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]:
-        """Current usage per quota and type (for ArksQuota status and ``arks-ray quota``)."""
-        keys = {(q.name, b.type): quota_key(config.namespace, q.name, b.type, q.period, now, self.prefix)
-                for q in config.quotas for b in q.budgets}
-        values = await self.store.read(list(keys.values()))
-        out: dict[str, dict[str, int]] = {}
-        for (name, kind), key in keys.items():
-            out.setdefault(name, {})[kind] = values[key]
-        return out
+            self.on_store_failure("renew")
+            logger.warning("concurrency leases not renewed (store unavailable): %s", exc)
+            return 0

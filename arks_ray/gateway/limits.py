@@ -151,13 +151,17 @@ def settled_amounts(counters: list[Counter], usage: Usage, pricing: Pricing | No
 
 
 def _text_len(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(v) for v in value)
-    if isinstance(value, dict):
-        return _text_len(value.get("text") or value.get("content") or "")
-    return 0
+    """Characters of text in a prompt, message content or input (iterative: bodies may nest deeply)."""
+    total, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.append(item.get("text") or item.get("content") or "")
+    return total
 
 
 def estimate_usage(kind: str, body: dict[str, Any], default_max_tokens: int) -> Usage:
@@ -169,12 +173,21 @@ def estimate_usage(kind: str, body: dict[str, Any], default_max_tokens: int) -> 
         prompt = math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS * len(messages)
     elif kind == "completions":
         prompt = math.ceil(_text_len(body.get("prompt")) / CHARS_PER_TOKEN)
+    elif kind == "responses":
+        prompt = math.ceil(_text_len(body.get("input")) / CHARS_PER_TOKEN) + \
+            math.ceil(_text_len(body.get("instructions")) / CHARS_PER_TOKEN)
     else:
         prompt = math.ceil(_text_len(body.get("input")) / CHARS_PER_TOKEN)
         return Usage(prompt_tokens=max(prompt, 1))
-    requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    requested = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     completion = requested if isinstance(requested, int) and requested > 0 else default_max_tokens
-    return Usage(prompt_tokens=max(prompt, 1), completion_tokens=completion)
+    # Every choice (n) and every prompt of a batch generates up to max_tokens.
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    prompts = body.get("prompt")
+    batch = len(prompts) if kind == "completions" and isinstance(prompts, list) and prompts \
+        and not all(isinstance(p, int) for p in prompts) else 1
+    return Usage(prompt_tokens=max(prompt, 1), completion_tokens=completion * choices * batch)
 
 
 def usage_from(payload: dict[str, Any] | None, fallback_prompt: int, counted_completion: int) -> Usage:

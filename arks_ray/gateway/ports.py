@@ -1,8 +1,11 @@
-"""The ``CounterStore`` port and its result types.
+"""The ports the gateway's policy needs from a store: ``CounterStore`` and ``ReportBoard``, with their types.
 
-Used by the ingress (reserve at admission, settle at the end), the quota mirror (read usage, restore it
-after a data loss) and ``arks-ray quota reset``. Every implementation must make ``reserve`` atomic and
-all-or-nothing across all its counters: either every counter takes its amount or none does.
+The gateway policy (``governor``, ``quotas``, ``settlement``, ``reports``) is written against these
+Protocols and never imports an implementation; ``arks_ray.stores`` implements them (``MemoryStore``,
+the embedded default for one ingress replica, and ``RedisStore``, shared by every replica), and the
+import-linter contract ``stores-below-policy`` keeps it that way. Every ``CounterStore`` must make
+``reserve`` atomic and all-or-nothing across all its counters: either every counter takes its amount or
+none does. One contract suite (``tests/contract``) runs against every implementation.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ class Decision:
     """Per counter: time until it is back to its initial state (windows only; 0 otherwise)."""
 
 
+@dataclass(frozen=True)
+class Lease:
+    """One held concurrency slot: the lease counter's key and the request holding it."""
+
+    key: str
+    request_id: str
+
+
 class CounterStore(Protocol):
     """Atomic counters for rate limits and quotas."""
 
@@ -41,7 +52,13 @@ class CounterStore(Protocol):
 
     async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
                      amounts: Sequence[int]) -> None:
-        """Replace each reserved amount with the final one; release leases. One round trip."""
+        """Replace each reserved amount with the final one; release leases. One round trip.
+
+        Idempotent for leases; for amounts, the caller settles a reservation exactly once."""
+
+    async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
+        """Push the expiry of leases still held to ``until_ms`` (released ones stay released). One round
+        trip for all; returns how many were renewed."""
 
     async def read(self, keys: Sequence[str]) -> dict[str, int]:
         """Current values of total (quota) counters; missing keys read as 0."""
@@ -49,14 +66,18 @@ class CounterStore(Protocol):
     async def raise_floor(self, key: str, value: int, ttl_ms: int) -> bool:
         """Set a total counter to ``value`` if it is lower (restore after data loss); True if raised."""
 
-    async def delete(self, keys: Sequence[str]) -> None:
-        """Remove counters (deliberate reset)."""
-
-    async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
-        """Store a short-lived report (one gateway replica's effective weights), replacing the last one."""
-
-    async def collect(self, prefix: str, now_ms: int) -> dict[str, str]:
-        """Every report under ``prefix`` that has not expired."""
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every counter whose key starts with ``prefix`` (a deliberate reset); returns how many."""
 
     async def close(self) -> None:
         """Release connections."""
+
+
+class ReportBoard(Protocol):
+    """Short-lived reports (one gateway replica's effective weights), read back by the operator."""
+
+    async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
+        """Store a report, replacing the last one under ``key``."""
+
+    async def collect(self, prefix: str, now_ms: int) -> dict[str, str]:
+        """Every report under ``prefix`` that has not expired."""

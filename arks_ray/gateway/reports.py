@@ -13,8 +13,8 @@ import json
 import logging
 from collections.abc import Sequence
 
+from arks_ray.gateway.ports import ReportBoard
 from arks_ray.gateway.routing import RouteView
-from arks_ray.stores.base import CounterStore
 
 logger = logging.getLogger("arks_ray.gateway")
 
@@ -29,7 +29,7 @@ def encode(views: Sequence[RouteView]) -> str:
                       separators=(",", ":"), sort_keys=True)
 
 
-async def publish_routes(store: CounterStore, namespace: str, replica: str, views: Sequence[RouteView],
+async def publish_routes(store: ReportBoard, namespace: str, replica: str, views: Sequence[RouteView],
                          ttl_s: float, now: float) -> None:
     await store.publish(routes_prefix(namespace) + replica, encode(views), int(ttl_s * 1000), int(now * 1000))
 
@@ -48,6 +48,6 @@ def merge(reports: Sequence[str]) -> dict[tuple[str, str], float]:
     return {key: round(sum(values) / len(values), 4) for key, values in sums.items()}
 
 
-async def read_routes(store: CounterStore, namespace: str, now: float) -> dict[tuple[str, str], float]:
+async def read_routes(store: ReportBoard, namespace: str, now: float) -> dict[tuple[str, str], float]:
     found = await store.collect(routes_prefix(namespace), int(now * 1000))
     return merge(list(found.values()))

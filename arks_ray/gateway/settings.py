@@ -33,7 +33,14 @@ class GatewaySettings(BaseModel):
     default_max_tokens: int = Field(
         256, gt=0, description="Completion tokens reserved when a request sets no max_tokens.")
     store_timeout_s: float = Field(0.5, gt=0, description="Bound on one store round trip.")
-    lease_seconds: int = Field(900, gt=0, description="Concurrency lease; frees a slot if a replica dies.")
+    lease_seconds: int = Field(
+        30, ge=3, description="Concurrency lease, renewed every third of it while its request lives: how long a "
+        "slot stays taken after its holder died without settling (a replica crash, a settlement lost).")
+    max_pending_settlements: int = Field(
+        10_000, gt=0, description="Settlements kept for retry while the store is down (the oldest dropped beyond).")
+    max_n: int = Field(128, gt=0, description="Largest 'n' (choices per request) accepted, as OpenAI caps it.")
+    max_prompts: int = Field(
+        2048, gt=0, description="Largest number of prompts (or inputs) in one completions/embeddings request.")
 
     # Routing across an endpoint's backends (arks_ray.gateway.routing).
     retry_before_first_byte: bool = Field(

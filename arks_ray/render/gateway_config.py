@@ -1,16 +1,17 @@
 """Compile endpoints, tokens and quotas of one namespace into the gateway's ``GatewayConfig``.
 
-Called by ``arks_ray.render.rayservice``. Token values become SHA-256 digests here and go no further.
+Called by ``arks_ray.render.rayservice``. Token values become keyed digests here (HMAC-SHA256 under the
+namespace's key, ``arks_ray.api.digests``) and go no further; without a key, no token is rendered.
 Cross-object problems (a token for a missing endpoint, two tokens with the same value, a Secret that
 is absent) are reported per object; the offending token is left out, never half-included.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 
 from arks_ray.api.application import ArksApplication
+from arks_ray.api.digests import TokenKeys
 from arks_ray.api.disaggregated import ArksDisaggregatedApplication
 from arks_ray.api.endpoint import ArksEndpoint
 from arks_ray.api.gateway import (
@@ -21,18 +22,15 @@ from arks_ray.api.gateway import (
     Limit,
     Quota,
     QuotaBudget,
-    QuotaFloor,
     Token,
 )
 from arks_ray.api.loading import Secret
-from arks_ray.api.quota import ArksQuota, period_id
+from arks_ray.api.quota import ArksQuota
 from arks_ray.api.token import ArksToken
 from arks_ray.errors import Problem
 
-
-def token_digest(value: str) -> str:
-    """The SHA-256 hex digest under which the gateway knows a token."""
-    return hashlib.sha256(value.encode()).hexdigest()
+NO_KEY = ("no token key is configured, so no token can be rendered (the operator reads it from the Secret "
+          "named in the chart, `arks-ray up` keeps one under ~/.cache/arks-ray)")
 
 
 def _backend_for(ref_name: str, port: int | None, namespace: str) -> Backend:
@@ -84,11 +82,15 @@ def compile_endpoint(
 
 
 def compile_token(
-    token: ArksToken, secrets: Mapping[tuple[str, str], Secret], endpoints: set[str], quotas: set[str], namespace: str
+    token: ArksToken, secrets: Mapping[tuple[str, str], Secret], endpoints: set[str], quotas: set[str], namespace: str,
+    keys: TokenKeys | None = None,
 ) -> tuple[Token | None, list[Problem]]:
+    """One token, its value digested under ``keys`` (the namespace's, already derived)."""
     name = token.metadata.name
     spec = token.spec
     problems: list[Problem] = []
+    if keys is None:
+        return None, [Problem("ArksToken", name, "spec.token", NO_KEY)]
     value = spec.token
     if spec.token_secret_ref is not None:
         ref = spec.token_secret_ref
@@ -115,25 +117,15 @@ def compile_token(
             quota=qos.quota.name if qos.quota else None,
         ))
     expires = spec.expires_at.timestamp() if spec.expires_at else None
-    return Token(name=name, digest=token_digest(value), disabled=spec.disabled, expires_at=expires,
+    return Token(name=name, digest=keys.digest(value), disabled=spec.disabled, expires_at=expires,
                  grants=tuple(grants)), problems
 
 
 def compile_quota(quota: ArksQuota) -> Quota:
-    """Budgets, plus the usage the status recorded (the gateway restores it if its store lost it)."""
-    floors = []
-    status = quota.status
-    if status is not None:
-        start = status.period_start.timestamp() if status.period_start else None
-        period = "lifetime" if quota.spec.period == "lifetime" else (
-            period_id(quota.spec.period, start) if start is not None else None)
-        if period is not None:
-            known = {q.type for q in quota.spec.quotas}
-            floors = [QuotaFloor(type=u.type, value=u.used, period=period)
-                      for u in status.quota_status if u.type in known and u.used > 0]
+    """Budgets only: usage lives in the counter store (the operator restores it from the status there,
+    so a usage change never touches the RayService)."""
     return Quota(name=quota.metadata.name, period=quota.spec.period,
-                 budgets=tuple(QuotaBudget(type=q.type, value=q.value) for q in quota.spec.quotas),
-                 used=tuple(floors))
+                 budgets=tuple(QuotaBudget(type=q.type, value=q.value) for q in quota.spec.quotas))
 
 
 def compile_gateway(
@@ -143,7 +135,10 @@ def compile_gateway(
     tokens: list[ArksToken],
     quotas: list[ArksQuota],
     secrets: Mapping[tuple[str, str], Secret],
+    keys: TokenKeys | None = None,
 ) -> tuple[GatewayConfig, list[Problem]]:
+    """The namespace's gateway config; ``keys`` are the installation's (derived per namespace here)."""
+    ns_keys = keys.for_namespace(namespace) if keys is not None else None
     problems: list[Problem] = []
     compiled_endpoints = []
     for ep in sorted(endpoints, key=lambda e: e.metadata.name):
@@ -155,7 +150,7 @@ def compile_gateway(
     compiled_tokens: list[Token] = []
     owners: dict[str, str] = {}
     for tok in sorted(tokens, key=lambda t: t.metadata.name):
-        compiled, found = compile_token(tok, secrets, endpoint_names, quota_names, namespace)
+        compiled, found = compile_token(tok, secrets, endpoint_names, quota_names, namespace, ns_keys)
         problems += found
         if compiled is None:
             continue

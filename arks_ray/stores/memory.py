@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from arks_ray.gateway.limits import Counter, window_reset_ms, window_retry_after_ms, window_used
-from arks_ray.stores.base import Decision
+from arks_ray.gateway.ports import Decision, Lease
 
 logger = logging.getLogger("arks_ray.stores")
 
@@ -123,9 +123,21 @@ class MemoryStore:
         entry.total = value
         return True
 
-    async def delete(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            self._data.pop(k, None)
+    async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
+        renewed = 0
+        for lease in leases:
+            entry = self._data.get(lease.key)
+            if entry is not None and lease.request_id in entry.leases:
+                entry.leases[lease.request_id] = until_ms
+                entry.expires_ms = max(entry.expires_ms, until_ms)
+                renewed += 1
+        return renewed
+
+    async def delete_prefix(self, prefix: str) -> int:
+        doomed = [k for k in self._data if k.startswith(prefix)]
+        for k in doomed:
+            del self._data[k]
+        return len(doomed)
 
     async def publish(self, key: str, value: str, ttl_ms: int, now_ms: int) -> None:
         self._reports[key] = (value, now_ms + ttl_ms)

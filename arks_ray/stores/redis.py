@@ -1,5 +1,7 @@
 """``RedisStore``: counters shared by every gateway replica, reserved and settled by Lua scripts.
 
+It implements the ``CounterStore`` and ``ReportBoard`` ports of ``arks_ray.gateway.ports``.
+
 Used by the ingress when a Redis URL is configured. Each ``reserve`` and ``settle`` is one EVALSHA (the
 scripts in ``lua/`` are loaded once and reloaded automatically after a Redis restart). Every call is
 bounded by a timeout; any failure surfaces as ``StoreUnavailable`` for the caller's failure policy.
@@ -20,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from arks_ray.gateway.limits import Counter
-from arks_ray.stores.base import Decision, StoreUnavailable
+from arks_ray.gateway.ports import Decision, Lease, StoreUnavailable
 
 _KIND = {"window": 1, "lease": 2, "total": 3}
 
@@ -55,6 +57,7 @@ class RedisStore:
         self._reserve = self._redis.register_script(_script("reserve.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._floor = self._redis.register_script(_script("floor.lua"))
+        self._renew = self._redis.register_script(_script("renew.lua"))
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -80,6 +83,12 @@ class RedisStore:
             args += [_KIND[c.kind], c.bucket_ms or 1, c.amount, final]
         await self._call(self._settle(keys=[c.key for c in counters], args=args))
 
+    async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
+        if not leases:
+            return 0
+        args: list[Any] = [until_ms, *(lease.request_id for lease in leases)]
+        return int(await self._call(self._renew(keys=[lease.key for lease in leases], args=args)))
+
     async def read(self, keys: Sequence[str]) -> dict[str, int]:
         if not keys:
             return {}
@@ -88,10 +97,6 @@ class RedisStore:
 
     async def raise_floor(self, key: str, value: int, ttl_ms: int) -> bool:
         return bool(await self._call(self._floor(keys=[key], args=[value, ttl_ms])))
-
-    async def delete(self, keys: Sequence[str]) -> None:
-        if keys:
-            await self._call(self._redis.delete(*keys))
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix`` (a deliberate reset); returns how many."""

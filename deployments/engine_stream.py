@@ -1,0 +1,100 @@
+"""One stream adapter for the engines that run inside Ray's LLM servers (vLLM's ``LLMServer``, SGLang's).
+
+Called by the ``generate`` method of ``deployments.vllm_engine`` and ``deployments.sglang_engine``: it
+parses the raw OpenAI body into Ray's request model, calls the server's own method for the kind, and turns
+what comes back into the gateway's typed items (``arks_ray.engines.protocol``). Failures are classified
+here, at the boundary: what the engine refuses as invalid is the client's (400, a clean message, no Ray
+internals), anything else is the engine's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from arks_ray.engines.protocol import DONE, Answer, Chunk, EngineItem, EngineRequest, Failure, invalid, with_usage
+from arks_ray.engines.sse import StreamMeter
+from deployments.openai_requests import parse_request, validation_failure
+
+logger = logging.getLogger("ray.serve.arks.engines")
+
+CLIENT_ERRORS = (ValueError, TypeError, KeyError, OverflowError, UnicodeError, IndexError)
+"""What engines raise on input they cannot take (vLLM's validators and tokenizers, SGLang's checks)."""
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"invalid request: {text}"[:500]
+
+
+def engine_failure(part: Any) -> Failure:
+    """An engine's ``ErrorResponse`` (vLLM's or Ray's: both carry ``error`` with code, message, param)."""
+    info = part.error
+    status = int(getattr(info, "code", 500) or 500)
+    message = str(getattr(info, "message", "") or "engine error")[:500]
+    if status < 500:
+        return invalid(message, getattr(info, "param", None), status)
+    logger.warning("engine error %d: %s", status, message)
+    return Failure("engine", 500, "the engine failed to answer this request")
+
+
+def _is_error(part: Any) -> bool:
+    return type(part).__name__.endswith("ErrorResponse") and hasattr(part, "error")
+
+
+async def engine_items(server: Any, request: EngineRequest, on_first: Callable[[], None] = lambda: None,
+                       meter: StreamMeter | None = None) -> AsyncIterator[EngineItem]:
+    """The items of one request served by ``server`` (a Ray LLM server with chat/completions/embeddings)."""
+    body = with_usage(request.body) if request.kind != "embeddings" else request.body
+    parsed = parse_request(request.kind, body)
+    if isinstance(parsed, Failure):
+        yield parsed
+        return
+    meter = meter or StreamMeter(request.client_usage)
+    streamed = done = False
+    try:
+        result = getattr(server, request.kind)(parsed)
+        stream = await result if inspect.isawaitable(result) else result
+        async for item in stream:
+            batch = item if isinstance(item, list) else [item]
+            texts: list[str] = []
+            for part in batch:
+                if isinstance(part, str):
+                    texts.append(meter.filter(part))
+                elif _is_error(part):
+                    if texts:
+                        yield Chunk("".join(texts))
+                    yield engine_failure(part)
+                    return
+                elif isinstance(part, BaseModel):  # a whole response (non-streaming)
+                    yield Answer(part.model_dump(mode="json", exclude_none=True))
+                    return
+            text = "".join(texts)
+            if text:
+                done = done or DONE in text
+                if not streamed:
+                    streamed = True
+                    on_first()
+                yield Chunk(text)
+    except ValidationError as exc:
+        yield validation_failure(exc)
+        return
+    except CLIENT_ERRORS as exc:
+        # Before any output this is the engine refusing the input; after it, the engine broke.
+        if not streamed:
+            yield invalid(_message(exc))
+            return
+        logger.exception("engine failed mid-stream")
+        yield Failure("engine", 500, "the engine failed mid-stream")
+        return
+    except Exception:
+        logger.exception("engine failed")
+        yield Failure("engine", 500, "the engine failed to answer this request")
+        return
+    if streamed and not done:  # Ray's SGLang server ends its streams without [DONE]
+        yield Chunk(DONE)
+    yield meter.final()

@@ -1,0 +1,103 @@
+"""One OpenAI-compatible HTTP upstream, spoken to in the gateway's typed items.
+
+Used for both HTTP proxies: the gateway's static backends (``deployments.backends.HttpBackends``, an
+ArksEndpoint ``routeConfigs`` entry) and the Dynamo frontend a Dynamo replica runs as a sidecar
+(``deployments.dynamo_engine``). Streams are relayed whole-event by whole-event through the meter; errors
+are classified (a 4xx is the client's, the rest the upstream's) and described without the upstream's
+address: ``name`` is what a client may see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from arks_ray.engines.protocol import (
+    PATHS,
+    Answer,
+    EngineItem,
+    EngineRequest,
+    Failure,
+    invalid,
+    upstream_failure,
+    with_usage,
+)
+from arks_ray.engines.sse import StreamMeter, relay_sse
+
+logger = logging.getLogger("ray.serve.arks.upstream")
+
+
+def error_message(status: int, raw: bytes) -> tuple[str, str | None]:
+    """Message and param of an upstream's error body: OpenAI's ``{"error": {...}}``, a bare
+    ``{"message": ...}`` (Dynamo's), a string error, or the text itself."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return (text[:500] or f"HTTP {status}"), None
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            return str(inner.get("message") or f"HTTP {status}")[:500], inner.get("param")
+        if isinstance(inner, str):
+            return inner[:500], None
+        if data.get("message"):
+            return str(data["message"])[:500], None
+    return (text[:500] or f"HTTP {status}"), None
+
+
+class Upstream:
+    """An OpenAI HTTP API at ``base`` (never shown to clients), reached through one aiohttp session.
+
+    ``model`` replaces the request's model name (a Dynamo frontend serves its own name); ``on_error``
+    may rewrite an upstream's error before it is classified (Dynamo forgets a model while its worker
+    restarts: a 404 that is really a 503)."""
+
+    def __init__(self, name: str, base: str, session: Callable[[], Any], *, model: str | None = None,
+                 on_error: Callable[[int, str], tuple[int, str]] | None = None) -> None:
+        self.name, self.base, self._session, self.model = name, base, session, model
+        self.on_error = on_error
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        import aiohttp
+
+        if request.kind not in PATHS:
+            yield invalid(f"this model does not serve /v1/{request.kind}", status=404, code="unsupported_endpoint")
+            return
+        payload = with_usage(request.body) if request.kind != "embeddings" else request.body
+        if self.model is not None:
+            payload = {**payload, "model": self.model}
+        try:
+            async with self._session().post(self.base + PATHS[request.kind], json=payload) as resp:
+                if resp.status >= 400:
+                    yield self._failure(resp.status, await resp.read())
+                    return
+                if not request.stream:
+                    raw = await resp.read()
+                    try:
+                        yield Answer(json.loads(raw), resp.status)
+                    except ValueError:
+                        yield Failure("engine", 502, f"{self.name} answered with invalid JSON")
+                    return
+                cut_short = Failure("engine", 502, f"{self.name} ended its stream before [DONE]")
+                async for item in relay_sse(resp.content.iter_any(), StreamMeter(request.client_usage), cut_short):
+                    yield item
+        except aiohttp.ClientConnectorError as exc:
+            logger.warning("%s is not reachable: %s", self.name, exc)
+            yield Failure("unavailable", 503, f"{self.name} is not reachable")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("%s failed mid-answer: %s: %s", self.name, type(exc).__name__, exc)
+            timed_out = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
+            yield Failure("timeout" if timed_out else "engine", 502,
+                          f"{self.name} failed mid-answer ({type(exc).__name__})")
+
+    def _failure(self, status: int, raw: bytes) -> Failure:
+        message, param = error_message(status, raw)
+        if self.on_error is not None:
+            status, message = self.on_error(status, message)
+        if status >= 500:
+            logger.warning("%s answered HTTP %d: %s", self.name, status, message)
+            return upstream_failure(status, f"{self.name} failed with HTTP {status}")
+        return upstream_failure(status, message, param)
