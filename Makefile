@@ -48,6 +48,21 @@ $(DYN_STAMP):
 	@rm -f $(DYN_VENV)/.installed-*
 	@touch $@
 
+# moto's S3 server in its own virtualenv (botocore pins python-dateutil<3; kubernetes 37 needs >=3).
+# The model-source tests start `$(S3_VENV)/bin/moto_server` on loopback as a real S3 API.
+S3_VENV := .venv-s3
+S3_PKGS := moto[server]==5.2.5
+S3_STAMP := $(S3_VENV)/.installed-$(shell echo '$(S3_PKGS)' | sha256sum | cut -c1-16)
+
+.PHONY: s3-venv
+s3-venv: $(S3_STAMP)
+
+$(S3_STAMP):
+	@test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
+	$(S3_VENV)/bin/python -m pip install -q '$(S3_PKGS)'
+	@rm -f $(S3_VENV)/.installed-*
+	@touch $@
+
 # System packages the tests need (root on these machines; sudo elsewhere).
 sysdeps:
 	@command -v redis-server >/dev/null || { \
@@ -63,7 +78,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint sysdeps dynamo-venv
+test: lint sysdeps dynamo-venv s3-venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv

@@ -3,10 +3,15 @@
 Called by ``arks_ray.render.rayservice`` for every ArksModel with a download source. Fixes two Arks
 bugs: the PVC name defaults to the model name for the Job *and* the apps, and the downloader has
 resources.
+
+The Job runs ``python -m arks_ray.models`` (``arks_ray.models.job``), the same downloader as
+``arks-ray model pull``, for every source kind: huggingface, modelscope, s3 and http. Credentials reach
+it as environment variables from the source's Secret (``secretKeyRef``), never as values in the Job.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME
@@ -17,6 +22,12 @@ from arks_ray.render.names import label_value, model_job_name
 DOWNLOADER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 CREATE_ONLY = "arks.ai/create-only"
 HF_TOKEN_KEY = "HF_TOKEN"  # noqa: S105 - a Secret key name, not a secret
+# Secret keys each source reads; the optional ones may be absent from the Secret.
+SECRET_KEYS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "huggingface": ((HF_TOKEN_KEY, False),),
+    "modelscope": (("MODELSCOPE_API_TOKEN", False),),
+    "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)),
+}
 
 
 def _labels(model: ArksModel) -> dict[str, str]:
@@ -25,7 +36,7 @@ def _labels(model: ArksModel) -> dict[str, str]:
 
 def render_pvc(model: ArksModel, namespace: str) -> dict[str, Any] | None:
     name = model.pvc_name()
-    if name is None or model.spec.storage is None or model.spec.storage.pvc is None:
+    if name is None or not model.creates_pvc() or model.spec.storage is None or model.spec.storage.pvc is None:
         return None
     return {
         "apiVersion": "v1",
@@ -38,16 +49,29 @@ def render_pvc(model: ArksModel, namespace: str) -> dict[str, Any] | None:
     }
 
 
+def source_secret(model: ArksModel) -> str | None:
+    """The Secret holding the source's credentials, if it names one."""
+    source = model.spec.source
+    ref = None
+    if source is not None and source.huggingface is not None:
+        ref = source.huggingface.token_secret_ref
+    elif source is not None and source.modelscope is not None:
+        ref = source.modelscope.token_secret_ref
+    elif source is not None and source.s3 is not None:
+        ref = source.s3.credentials_secret_ref
+    return ref.name if ref is not None else None
+
+
 def render_download_job(model: ArksModel, namespace: str, image: str) -> dict[str, Any] | None:
     """A Job that downloads the weights into the PVC, idempotently (it skips a completed download)."""
-    hf = model.spec.source.huggingface if model.spec.source else None
+    source = model.spec.source
     pvc = model.pvc_name()
-    if hf is None or pvc is None:
+    if source is None or not model.spec.downloads or pvc is None:
         return None
-    command = ["python", "-m", "arks_ray.weights", "--repo", model.spec.model, "--dest",
-               model.model_path(namespace)]
-    if hf.revision:
-        command += ["--revision", hf.revision]
+    spec_json = json.dumps(source.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True,
+                                             mode="json"), sort_keys=True, separators=(",", ":"))
+    command = ["python", "-m", "arks_ray.models", "--model-id", model.spec.model, "--source", spec_json,
+               "--dest", model.model_path(namespace)]
     container: dict[str, Any] = {
         "name": "download",
         "image": image,
@@ -55,9 +79,12 @@ def render_download_job(model: ArksModel, namespace: str, image: str) -> dict[st
         "resources": DOWNLOADER_RESOURCES,
         "volumeMounts": [{"name": RESERVED_VOLUME, "mountPath": RESERVED_MOUNT_PATH}],
     }
-    if hf.token_secret_ref is not None:
-        container["env"] = [{"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
-            "name": hf.token_secret_ref.name, "key": HF_TOKEN_KEY}}}]
+    secret = source_secret(model)
+    if secret is not None:
+        container["env"] = [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, **(
+                {"optional": True} if optional else {})}}}
+            for key, optional in SECRET_KEYS.get(source.kind or "", ())]
     pod: dict[str, Any] = {
         "restartPolicy": "OnFailure",
         "containers": [container],

@@ -169,7 +169,7 @@ def _set(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
         (APP, ("spec", "podGroupPolicy", "kubeScheduling", "timeout"), "spec.podGroupPolicy.kubeScheduling.timeout"),
         (MODEL, ("spec", "source", "huggingface", "token"), "spec.source.huggingface.token"),
         (MODEL, ("spec", "storage", "pvc", "size"), "spec.storage.pvc.size"),
-        (MODEL, ("spec", "source", "s3"), "spec.source.s3"),
+        (MODEL, ("spec", "source", "gcs"), "spec.source.gcs"),
         (ENDPOINT, ("spec", "gatewayRef", "bogus"), "spec.gatewayRef.bogus"),
         (ENDPOINT, ("spec", "routeConfigs"), None),
         (QUOTA, ("spec", "quotas", 0, "name"), "spec.quotas[0].name"),
