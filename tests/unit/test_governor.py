@@ -1,6 +1,7 @@
 """``Governor``: admission and settlement over a ``MemoryStore`` and over a store that fails, with an injected
-clock; the errors it raises (429 rate limit / quota, 503 under failClosed), their headers, quota floors
-and usage reports."""
+clock; the errors it raises (429 rate limit / quota, 503 under failClosed), their headers, settlements
+that outlive a store outage, concurrency lease renewal; and ``QuotaLedger`` (usage reports, floors
+restored after the store lost data)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from typing import Any
 import pytest
 
 from arks_ray.api.endpoint import Pricing
-from arks_ray.api.gateway import GatewayConfig, Grant, Limit, Quota, QuotaBudget, QuotaFloor, Token
+from arks_ray.api.gateway import GatewayConfig, Grant, Limit, Quota, QuotaBudget, Token
 from arks_ray.api.quota import period_end
 from arks_ray.errors import BackendUnavailable, QuotaExceeded, RateLimited
 from arks_ray.gateway.governor import Governor
 from arks_ray.gateway.limits import Counter, Usage
-from arks_ray.stores.base import Decision, StoreUnavailable
+from arks_ray.gateway.ports import Decision, Lease, StoreUnavailable
+from arks_ray.gateway.quotas import Floor, QuotaLedger
+from arks_ray.gateway.settings import GatewaySettings
+from arks_ray.gateway.settlement import Settlements
 from arks_ray.stores.memory import MemoryStore
 
 NOW = 1_700_000_040.0
@@ -47,17 +51,28 @@ class FailingStore:
     async def raise_floor(self, key: str, value: int, ttl_ms: int) -> bool:
         raise self._fail("raise_floor")
 
-    async def delete(self, keys: Sequence[str]) -> None:
-        raise self._fail("delete")
+    async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
+        raise self._fail("renew")
+
+    async def delete_prefix(self, prefix: str) -> int:
+        raise self._fail("delete_prefix")
 
     async def close(self) -> None:
         pass
 
 
 class SettleFails(MemoryStore):
+    """A ``MemoryStore`` whose settlements fail while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
     async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
                      amounts: Sequence[int]) -> None:
-        raise StoreUnavailable("TimeoutError")
+        if self.down:
+            raise StoreUnavailable("TimeoutError")
+        await super().settle(counters, request_id, reserved_at_ms, amounts)
 
 
 def grant(*limits: tuple[str, int], quota: str | None = None) -> Grant:
@@ -234,7 +249,7 @@ async def test_settlement_refunds_the_estimate_and_charges_actual_use() -> None:
     assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 30 - 100)
     assert second.headers["x-ratelimit-remaining-requests"] == "8"
     await gov.settle(second, Usage(10, 400))
-    assert await gov.usage(GatewayConfig(namespace="ns", quotas=(q,)), NOW + 2) == {"team": {"total": 30 + 410}}
+    assert await QuotaLedger(gov.store).usage("ns", (q,), NOW + 2) == {"team": {"total": 30 + 410}}
 
 
 async def test_fail_open_admits_uncounted_and_reports_the_failure() -> None:
@@ -258,55 +273,136 @@ async def test_fail_closed_refuses_with_503_and_retry_after() -> None:
     assert failures == ["reserve"]
 
 
-async def test_a_lost_settlement_is_reported_not_raised() -> None:
+async def test_a_settlement_the_store_cannot_take_is_kept_and_lands_when_it_is_back() -> None:
     failures: list[str] = []
-    gov = Governor(SettleFails(), on_store_failure=failures.append)
-    admission = await admit(gov, grant(("rpm", 5)))
-    await gov.settle(admission, Usage(1, 1))
-    assert failures == ["settle"]
+    sleeps: list[float] = []
+    store = SettleFails()
+
+    async def sleep(delay: float) -> None:  # the retry loop's backoff, without waiting
+        sleeps.append(delay)
+        if len(sleeps) == 3:
+            store.down = False
+
+    gov = Governor(store, on_store_failure=failures.append,
+                   settlements=Settlements(store, on_failure=failures.append, sleep=sleep))
+    g = grant(("concurrency", 1), quota="team")
+    q = quota("lifetime", 1000)
+    admission = await admit(gov, g, q)
+    await gov.settle(admission, Usage(1, 1))  # never raises
+    assert failures[0] == "settle"
+    assert gov.settlements.pending == 1
+    with pytest.raises(RateLimited):  # the lease is still held: the settlement has not landed
+        await admit(gov, g, q)
+    await gov.settlements.drain()
+    assert gov.settlements.pending == 0
+    assert sleeps == [0.1, 0.2, 0.4]  # exponential backoff
+    assert failures == ["settle"] * 4
+    assert await QuotaLedger(store).usage("ns", (q,), NOW) == {"team": {"total": 2}}  # charged 2, not 100
+    await admit(gov, g, q)  # the lease was released
 
 
-# --- floors and usage ---------------------------------------------------------------------------------------
+# --- concurrency leases: short, renewed while the request lives ------------------------------------------------
 
 
-def floors_config(now: float) -> GatewayConfig:
-    day = "2023-11-14"
+def test_leases_are_short_by_default() -> None:
+    assert GatewaySettings().lease_seconds == 30
+    assert Governor(MemoryStore()).lease_ms == 30_000
+
+
+async def test_a_live_request_keeps_its_lease_past_the_lease_period_by_renewal() -> None:
+    store = MemoryStore()
+    gov = Governor(store, lease_ms=10_000)
+    g = grant(("concurrency", 1))
+    held = await admit(gov, g)
+    assert await gov.renew(NOW + 8) == 1
+    with pytest.raises(RateLimited):  # past the original expiry (NOW + 10), still held
+        await admit(gov, g, now=NOW + 15)
+    await gov.settle(held, Usage(1, 1))
+    assert await gov.renew(NOW + 16) == 0  # a finished request is no longer renewed
+    await admit(gov, g, now=NOW + 16)
+
+
+async def test_an_unrenewed_lease_frees_its_slot_after_one_lease_period() -> None:
+    gov = Governor(MemoryStore(), lease_ms=10_000)
+    g = grant(("concurrency", 1))
+    await admit(gov, g)  # its holder dies: never settled, never renewed
+    with pytest.raises(RateLimited):
+        await admit(gov, g, now=NOW + 9.9)
+    await admit(gov, g, now=NOW + 10)
+
+
+async def test_a_failed_renewal_is_reported_not_raised() -> None:
+    failures: list[str] = []
+    store = MemoryStore()
+    gov = Governor(store, on_store_failure=failures.append)
+    await admit(gov, grant(("concurrency", 2)))
+    gov.store = FailingStore()
+    assert await gov.renew(NOW + 5) == 0
+    assert failures == ["renew"]
+
+
+# --- QuotaLedger: usage and floors ----------------------------------------------------------------------------
+
+
+DAY = "2023-11-14"
+
+
+def ledger_quotas(now: float) -> tuple[Quota, ...]:
     assert period_end("daily", now) == 1_700_006_400.0  # NOW is on that day
     daily = Quota(name="daily", period="daily",
-                  budgets=(QuotaBudget(type="total", value=1000), QuotaBudget(type="prompt", value=1000)),
-                  used=(QuotaFloor(type="total", value=50, period=day),
-                        QuotaFloor(type="prompt", value=999, period="2023-11-13")))
-    life = Quota(name="life", budgets=(QuotaBudget(type="cost", value=10),),
-                 used=(QuotaFloor(type="cost", value=7, period="lifetime"),))
-    return GatewayConfig(namespace="ns", quotas=(daily, life))
+                  budgets=(QuotaBudget(type="total", value=1000), QuotaBudget(type="prompt", value=1000)))
+    life = Quota(name="life", budgets=(QuotaBudget(type="cost", value=10),))
+    return daily, life
 
 
-async def test_restore_floors_raises_only_current_period_counters() -> None:
-    store = MemoryStore()
-    gov = Governor(store)
-    config = floors_config(NOW)
-    assert await gov.usage(config, NOW) == {"daily": {"total": 0, "prompt": 0}, "life": {"cost": 0}}
-    assert await gov.restore_floors(config, NOW) == 2
-    assert await gov.usage(config, NOW) == {"daily": {"total": 50, "prompt": 0}, "life": {"cost": 7}}
-    assert await gov.restore_floors(config, NOW) == 0  # already there: nothing raised again
+FLOORS = (Floor("daily", "total", 50, DAY), Floor("daily", "prompt", 999, "2023-11-13"),
+          Floor("life", "cost", 7, "lifetime"), Floor("gone", "total", 5, "lifetime"))
+
+
+async def test_restore_raises_only_current_period_counters() -> None:
+    ledger = QuotaLedger(MemoryStore())
+    quotas = ledger_quotas(NOW)
+    assert await ledger.usage("ns", quotas, NOW) == {"daily": {"total": 0, "prompt": 0}, "life": {"cost": 0}}
+    assert await ledger.restore("ns", quotas, FLOORS, NOW) == 2
+    assert await ledger.usage("ns", quotas, NOW) == {"daily": {"total": 50, "prompt": 0}, "life": {"cost": 7}}
+    assert await ledger.restore("ns", quotas, FLOORS, NOW) == 0  # already there: nothing raised again
 
     next_day = NOW + 86_400
-    assert await gov.restore_floors(config, next_day) == 0  # the daily floors belong to past days
-    assert await gov.usage(config, next_day) == {"daily": {"total": 0, "prompt": 0}, "life": {"cost": 7}}
+    assert await ledger.restore("ns", quotas, FLOORS, next_day) == 0  # the daily floors belong to past days
+    assert await ledger.usage("ns", quotas, next_day) == {"daily": {"total": 0, "prompt": 0}, "life": {"cost": 7}}
 
 
-async def test_restore_floors_never_lowers_usage() -> None:
-    gov = Governor(MemoryStore())
-    config = floors_config(NOW)
-    daily = config.quotas[0]
-    admission = await admit(gov, grant(quota="daily"), daily, estimate=Usage(100, 100))
+async def test_restore_never_lowers_usage() -> None:
+    store = MemoryStore()
+    gov, ledger = Governor(store), QuotaLedger(store)
+    quotas = ledger_quotas(NOW)
+    admission = await admit(gov, grant(quota="daily"), quotas[0], estimate=Usage(100, 100))
     await gov.settle(admission, Usage(60, 60))
-    assert await gov.restore_floors(config, NOW) == 1  # only "life"
-    assert (await gov.usage(config, NOW))["daily"] == {"total": 120, "prompt": 60}
+    assert await ledger.restore("ns", quotas, FLOORS, NOW) == 1  # only "life"
+    assert (await ledger.usage("ns", quotas, NOW))["daily"] == {"total": 120, "prompt": 60}
 
 
-async def test_restore_floors_stops_at_a_store_failure() -> None:
-    failures: list[str] = []
-    gov = Governor(FailingStore(), on_store_failure=failures.append)
-    assert await gov.restore_floors(floors_config(NOW), NOW) == 0
-    assert failures == ["restore"]
+async def test_a_restored_floor_is_what_admission_counts_from() -> None:
+    store = MemoryStore()
+    gov, ledger = Governor(store), QuotaLedger(store)
+    q = quota("lifetime", 150)
+    await ledger.restore("ns", (q,), (Floor("team", "total", 100, "lifetime"),), NOW)
+    with pytest.raises(QuotaExceeded):  # 100 used + 100 estimated > 150
+        await admit(gov, grant(quota="team"), q)
+
+
+async def test_reset_deletes_one_quota_only() -> None:
+    store = MemoryStore()
+    ledger = QuotaLedger(store)
+    quotas = ledger_quotas(NOW)
+    await ledger.restore("ns", quotas, FLOORS, NOW)
+    assert await ledger.reset("ns", "daily") == 1
+    assert await ledger.usage("ns", quotas, NOW) == {"daily": {"total": 0, "prompt": 0}, "life": {"cost": 7}}
+
+
+async def test_a_store_failure_reaches_the_ledger_caller() -> None:
+    ledger = QuotaLedger(FailingStore())  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await ledger.restore("ns", ledger_quotas(NOW), FLOORS, NOW)
+    with pytest.raises(StoreUnavailable):
+        await ledger.usage("ns", ledger_quotas(NOW), NOW)
