@@ -1,7 +1,7 @@
 """End to end on real Ray Serve and real vLLM (CPU): the local demo stack driven by the openai client.
 
-One Ray, one engine for the whole module (about a minute to start on 2 cores). The config adds tokens
-for every auth case, and the hot-reload tests redeploy it with only the gateway's user_config changed.
+Runs on the shared e2e stack (``arks_stack``: the demo's ``tiny`` app behind the gateway). The module adds
+tokens for every auth case, and the hot-reload test redeploys with only the gateway's user_config changed.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import openai
 import pytest
 
 from arks_ray.local import runner
-from tests.support.redis_server import free_port
-from tests.support.stack import DEMO_TOKEN, bring_up, make_plan
+from tests.support.stack import DEMO_TOKEN, SharedStack
 
 pytestmark = pytest.mark.e2e
 
@@ -53,14 +52,9 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
-    port = free_port()
-    plan = make_plan(EXTRA, port)
-    try:
-        bring_up(plan)
-        yield {"port": port, "base": f"http://127.0.0.1:{port}", "plan": plan}
-    finally:
-        runner.down()
+def stack(arks_stack: SharedStack) -> Iterator[dict[str, Any]]:
+    with arks_stack.extended(EXTRA, label="test_serving") as plan:
+        yield {"port": arks_stack.port, "base": arks_stack.url, "plan": plan, "shared": arks_stack}
 
 
 def client(stack: dict[str, Any], token: str = TOKEN) -> openai.OpenAI:
@@ -194,8 +188,7 @@ spec:
         newcomer.models.list()
 
     def apply(extra: str) -> None:
-        runner.deploy(make_plan(extra, stack["port"]).serve_config)
-        runner.wait_ready(["gateway", "tiny"], timeout_s=120, progress=print)
+        stack["shared"].apply(extra)  # the base plus these objects; waits until every app runs
 
     apply(added)
     _eventually(lambda: [m.id for m in newcomer.models.list()] == ["tiny"])
