@@ -167,6 +167,9 @@ def up_cmd(
         for note in runner.ensure_local_models(loaded):
             _step(note, t)
         t = time.monotonic()
+        for note in _pull_models(loaded, plan.serve_config, None):
+            _step(note, t)
+        t = time.monotonic()
         plan.num_gpus = runner.detect_gpus() if num_gpus is None else num_gpus
         runner.check_gpus(plan.gpus_needed, plan.num_gpus)
         started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()))
@@ -277,6 +280,52 @@ def _with_store(redis_url: str, action: Callable[[Any], Awaitable[T]], failure: 
     except Exception as exc:
         _err(f"error: {failure}: {exc}")
         raise typer.Exit(1) from None
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Model weights: pull them into the local cache.")
+app.add_typer(model_app, name="model")
+
+
+def _pull_models(loaded: Loaded, serve_config: dict[str, Any] | None, cache_dir: Path | None) -> list[str]:
+    """Pull every downloadable ArksModel (progress on stderr); point a Serve config at the copies."""
+    from arks_ray.api.model import ArksModel
+    from arks_ray.local.runner import LocalError
+    from arks_ray.models.files import DownloadError
+    from arks_ray.models.local import default_cache_dir, point_at_cache, pull_models
+
+    models = [o for o in loaded.objects if isinstance(o, ArksModel)]
+    try:
+        pulled = pull_models(models, loaded.secrets, cache_dir or default_cache_dir(), sys.stderr)
+    except DownloadError as exc:
+        raise LocalError(str(exc)) from None
+    if serve_config is not None:
+        point_at_cache(serve_config, pulled)
+    return [p.note for p in pulled]
+
+
+@model_app.command("pull")
+def model_pull_cmd(
+    filename: FilesOpt,
+    namespace: NamespaceOpt = None,
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", help="Cache directory (default ${ARKS_RAY_CACHE:-~/.cache/arks-ray}/models).")] = None,
+) -> None:
+    """Download every ArksModel in the files, with the same code as the cluster's download Job."""
+    from arks_ray.local.runner import LocalError
+
+    loaded = load_files(filename, namespace)
+    _report(loaded.problems)
+    if loaded.errors:
+        raise typer.Exit(1)
+    try:
+        notes = _pull_models(loaded, None, cache_dir)
+    except LocalError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    for note in notes:
+        typer.echo(note)
+    if not notes:
+        typer.echo("no ArksModel with a download source in the files")
 
 
 quota_app = typer.Typer(no_args_is_help=True, help="Inspect or reset quota usage in the counter store.")

@@ -280,3 +280,56 @@ def test_the_job_command_prints_progress_reports(tmp_path: Path) -> None:
                              capture_output=True, text=True, check=False, env={**os.environ})
         assert bad.returncode == 1
         assert bad.stderr.startswith("arks-ray: download failed:")
+
+
+def test_cli_model_pull_reads_the_secret_from_the_same_file(tmp_path: Path, s3: MotoServer) -> None:
+    """`arks-ray model pull -f FILE --cache-dir DIR`: the S3 credentials come from the Secret in FILE, two
+    ArksModels with one source share one copy, and a second run downloads nothing."""
+    from typer.testing import CliRunner
+
+    from arks_ray.cli import app
+
+    s3_put(s3, "cli", {f"tiny/{k}": v for k, v in FILES.items()})
+    manifest = tmp_path / "models.yaml"
+    model = """---
+apiVersion: arks.ai/v1
+kind: ArksModel
+metadata: {{name: {name}}}
+spec:
+  model: acme/tiny-chat
+  source:
+    s3: {{uri: "s3://cli/tiny", endpoint: "{url}", region: us-east-1, credentialsSecretRef: {{name: s3-creds}}}}
+  storage: {{pvc: {{spec: {{resources: {{requests: {{storage: 1Gi}}}}}}}}}}
+"""
+    manifest.write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s3-creds}\n"
+        "stringData: {AWS_ACCESS_KEY_ID: AKIDCLI, AWS_SECRET_ACCESS_KEY: s3cr3t-cli-value}\n"
+        + model.format(name="tiny-a", url=s3.url) + model.format(name="tiny-b", url=s3.url))
+    result = CliRunner().invoke(app, ["model", "pull", "-f", str(manifest), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert_model(entry, FILES)
+    assert "pulled default/tiny-a" in result.output
+    assert "default/tiny-b is already in" in result.output
+    assert "s3cr3t-cli-value" not in result.output
+    assert "X-Amz-Signature" not in result.output
+    again = CliRunner().invoke(app, ["model", "pull", "-f", str(manifest), "--cache-dir", str(tmp_path / "cache")])
+    assert again.exit_code == 0
+    assert "pulled" not in again.output
+
+
+def test_point_at_cache_rewrites_only_the_pulled_model(tmp_path: Path) -> None:
+    from arks_ray.api.model import ArksModel
+    from arks_ray.models.local import Pulled, point_at_cache
+
+    m = ArksModel.model_validate({"metadata": {"name": "a"}, "spec": {"model": "acme/a", "source": {
+        "huggingface": {}}, "storage": {"pvc": {"spec": {}}}}})
+    config = {"applications": [
+        {"args": {"llm_config": {"model_loading_config": {"model_source": "acme/a"}}}},
+        {"args": {"llm_config": {"model_loading_config": {"model_source": "acme/b"},
+                                 "engine_kwargs": {"model_path": "acme/a"}}}}]}
+    assert point_at_cache(config, [Pulled(m, tmp_path / "a", "")]) == 2
+    apps = config["applications"]
+    assert apps[0]["args"]["llm_config"]["model_loading_config"]["model_source"] == str(tmp_path / "a")
+    assert apps[1]["args"]["llm_config"]["model_loading_config"]["model_source"] == "acme/b"
+    assert apps[1]["args"]["llm_config"]["engine_kwargs"]["model_path"] == str(tmp_path / "a")
