@@ -249,6 +249,7 @@ class RequestLifecycle:
                     engine.cancel()
                     p.router.failed(ticket, p.clock(), "it answered a non-streaming request with a stream")
                     return self._failed(Failure("engine", 502, f"backend {backend.name!r} answered out of protocol"))
+                p.router.first_byte(ticket, self.first_at)  # TTFT, and the start of TPOT, for SLO routing
                 return self._streaming(first, items, engine, ticket)
             return self._whole(first, ticket)
 
