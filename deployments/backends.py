@@ -178,7 +178,8 @@ class RoutedBackends:
         out: dict[str, tuple[bool, str]] = {}
         down: dict[str, str] = {}
         for name, app in status.applications.items():
-            running = sum(int(d.replica_states.get("RUNNING", 0)) for d in app.deployments.values())
+            running = sum(int(n) for d in app.deployments.values() for state, n in d.replica_states.items()
+                          if getattr(state, "value", state) == "RUNNING")
             out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
             if not running and app.status != "RUNNING":
                 down[name] = str(getattr(app.status, "value", app.status))

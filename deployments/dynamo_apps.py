@@ -43,7 +43,6 @@ def _deployment_options(deployment_config: dict[str, Any]) -> dict[str, Any]:
 
 def build_dynamo(args: EngineAppArgs) -> Application:
     """The app of one ArksApplication with ``runtime: dynamo``: replicas running frontend + worker."""
-    from ray import serve
 
     llm, dyn = args.llm_config, args.dynamo or {}
     try:
@@ -55,9 +54,10 @@ def build_dynamo(args: EngineAppArgs) -> Application:
     except (KeyError, TypeError, AttributeError, ValidationError) as exc:
         raise ValueError(f"application {args.name}: invalid Dynamo args ({type(exc).__name__}: {exc})") from None
     _check(config)
-    deployment = serve.deployment(DynamoServer).options(
+    deployment = _deployment(DynamoServer).options(
         name="DynamoServer", ray_actor_options=options, **_deployment_options(llm.get("deployment_config", {})))
-    return deployment.bind(config.model_dump())
+    app: Application = deployment.bind(config.model_dump())
+    return app
 
 
 def _check(config: SidecarConfig) -> None:
@@ -83,7 +83,6 @@ def build_dynamo_pd(raw: dict[str, Any]) -> Application:
 
 
 def _build_pd(raw: dict[str, Any]) -> Application:
-    from ray import serve
 
     name, dyn = raw["name"], raw.get("dynamo") or {}
     common = {"app": name, "engine": dyn.get("engine", "vllm"), "namespace": dyn.get("namespace") or name,
@@ -96,7 +95,7 @@ def _build_pd(raw: dict[str, Any]) -> Application:
                                worker_args=[*side.get("args", []), *dyn.get("args", [])], run_frontend=False)
         _check(config)
         options = actor_options(side["placement_group_config"]["bundles"])
-        handles.append(serve.deployment(DynamoWorker).options(
+        handles.append(_deployment(DynamoWorker).options(
             name=deployment_name, ray_actor_options=options, **side.get("deployment_config", {})
         ).bind(config.model_dump()))
     decode = raw["decode"]
@@ -107,7 +106,15 @@ def _build_pd(raw: dict[str, Any]) -> Application:
     # The frontend needs Dynamo's image: it rides on the decode group (a share of the group's resource only).
     group = {k: 1 for b in decode["placement_group_config"]["bundles"] for k in b if k not in ("CPU", "GPU")}
     replicas = max(1, int(raw.get("router", {}).get("replicas", 1)))
-    ingress = serve.deployment(DynamoServer).options(
+    ingress = _deployment(DynamoServer).options(
         name="DynamoFrontend", num_replicas=replicas, max_ongoing_requests=DEFAULT_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0.5, **({"resources": group} if group else {})})
-    return ingress.bind(frontend.model_dump(), handles)
+    app: Application = ingress.bind(frontend.model_dump(), handles)
+    return app
+
+
+def _deployment(cls: type) -> Any:
+    """``serve.deployment`` on a class (typed loosely: Serve's overloads do not cover async constructors)."""
+    from ray import serve
+
+    return serve.deployment(cls)

@@ -135,7 +135,7 @@ class _Sidecars:
 class DynamoWorker:
     """A prefill or decode replica of a Dynamo PD app: one supervised worker process."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.config = SidecarConfig.model_validate(config)
         self.sidecars = _Sidecars(self.config)
         self.sidecars.start()
@@ -169,7 +169,8 @@ def frontend_upstream(app: str, served_name: str, base: str, session: Any) -> Up
 class DynamoServer:
     """The ingress replica of a Dynamo app: the frontend sidecar (and the worker, when aggregated)."""
 
-    async def __init__(self, config: dict[str, Any], workers: list[Any] | None = None) -> None:
+    async def __init__(self, config: dict[str, Any],  # type: ignore[misc]  # Serve awaits it
+                       workers: list[Any] | None = None) -> None:
         import aiohttp
 
         self.config = SidecarConfig.model_validate(config)

@@ -59,14 +59,15 @@ def build_pd_vllm(raw: dict[str, Any]) -> Application:
     name = raw.get("name", "?")
     try:
         args = PDAppArgs.model_validate(raw)
-        pd = PDServingArgs.model_validate({"prefill_config": args.prefill, "decode_config": args.decode})
+        pd: Any = PDServingArgs.model_validate({"prefill_config": args.prefill, "decode_config": args.decode})
     except (ValidationError, ValueError) as exc:
         raise ValueError(f"application {name}: invalid PD config: {exc}") from None
     # Data-parallel sides use Ray's DP servers (gang-scheduled replicas), as build_pd_openai_app does.
     prefill_dp = pd.prefill_config.engine_kwargs.get("data_parallel_size", 1) > 1
     decode_dp = pd.decode_config.engine_kwargs.get("data_parallel_size", 1) > 1
     prefill = (build_dp_deployment if prefill_dp else build_llm_deployment)(
-        pd.prefill_config, name_prefix="Prefill:", deployment_cls=DPPDPrefillServer if prefill_dp else PDPrefillServer)
+        pd.prefill_config, name_prefix="Prefill:",
+        deployment_cls=DPPDPrefillServer if prefill_dp else PDPrefillServer)  # type: ignore[arg-type]
     decode_cls = _decode_class(DPPDDecodeServer if decode_dp else PDDecodeServer)
     return (build_dp_deployment if decode_dp else build_llm_deployment)(
         pd.decode_config, name_prefix="Decode:", bind_kwargs={"prefill_server": prefill}, deployment_cls=decode_cls)

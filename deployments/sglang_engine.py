@@ -31,7 +31,7 @@ def _sglang_server_class() -> type:
     """Define the subclass lazily: Ray's SGLang module imports the OpenAI protocol models of an engine."""
     from ray.llm._internal.serve.engines.sglang import SGLangServer
 
-    class ArksSGLangServer(SGLangServer):  # type: ignore[misc, valid-type]
+    class ArksSGLangServer(SGLangServer):
         """Ray's SGLangServer with the gateway protocol on top."""
 
         async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:

@@ -35,7 +35,7 @@ def _stat_logger(stats: ReplicaStats) -> Any:
     """A vLLM stat logger passing each engine step's scheduler counters to ``stats`` (summed over DP ranks)."""
     from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-    class ArksStatLogger(AggregateStatLoggerBase):  # type: ignore[misc, valid-type]
+    class ArksStatLogger(AggregateStatLoggerBase):
         def __init__(self) -> None:
             self._engines: dict[int, tuple[int, int, float]] = {}
 
@@ -76,7 +76,7 @@ def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
     from ray.serve.llm import LLMServer
 
-    class ArksLLMServer(LLMServer):  # type: ignore[misc, valid-type]
+    class ArksLLMServer(LLMServer):
         """Ray's LLMServer with the gateway protocol on top, reporting autoscaling stats."""
 
         def _init_shared(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:
@@ -84,7 +84,7 @@ def _llm_server_class() -> type:
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
 
         async def start(self) -> None:
-            await super().start()
+            await super().start()  # type: ignore[no-untyped-call]
             if self.engine is not None:
                 attach_engine_stats(self.engine, self._arks_stats)
 
