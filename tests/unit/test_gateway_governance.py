@@ -1,11 +1,11 @@
-"""Rate limits and quotas through the gateway's real HTTP surface (``Gateway`` + ``make_api``), with fake
-backends, a ``MemoryStore`` and an injected clock: 429s and their headers, refunds of short answers (plain
-and streamed), settlement of disconnected and failed requests, concurrency, and store failure policies."""
+"""Rate limits and quotas through the gateway's real HTTP surface (``Pipeline`` + ``make_api``), over the
+mock engine port, a ``MemoryStore`` and an injected clock: 429s and their headers, refunds of short answers
+(plain and streamed), settlement of disconnected and failed requests (exactly once, and even when the store
+was down at the time), concurrency, and store failure policies."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -13,13 +13,16 @@ from typing import Any
 import httpx
 import pytest
 
-from arks_ray.api.gateway import Backend, Endpoint, GatewayConfig, Grant, Limit, Quota, QuotaBudget, Token
-from arks_ray.engines import protocol
+from arks_ray.api.gateway import Backend, Endpoint, Limit, Quota, QuotaBudget
+from arks_ray.engines.protocol import DONE, Answer, Chunk, EngineItem, EngineRequest, Failure, Final
 from arks_ray.gateway.limits import Counter, Usage
-from arks_ray.gateway.settings import GatewaySettings
-from arks_ray.stores.base import Decision, StoreUnavailable
+from arks_ray.gateway.ports import Decision, StoreUnavailable
+from arks_ray.gateway.quotas import QuotaLedger
+from arks_ray.gateway.records import RequestRecord
 from arks_ray.stores.memory import MemoryStore
-from deployments.gateway import Gateway, make_api
+from deployments.gateway_metrics import NoMetrics
+from deployments.http_api import make_api
+from tests.support.mock_engine import MockBackends, Script, pipeline, token
 
 NOW = 1_700_000_040.0
 """A UTC minute boundary."""
@@ -38,65 +41,65 @@ class Clock:
         return self.now
 
 
-class FakeBackends:
-    """Plays back a scripted protocol stream; may fail before the first item, or hold it until released."""
+class Backends(MockBackends):
+    """The mock engine, answering with a given usage; may hold every request until released."""
 
     def __init__(self) -> None:
-        self.script: list[Any] = []
+        super().__init__()
         self.answer(7, 50)
-        self.fail: Exception | None = None
         self.hold = False
         self.started = asyncio.Event()
         self.release = asyncio.Event()
-        self.hang_after_first = False
 
     def answer(self, prompt_tokens: int, completion_tokens: int) -> None:
         """From now on, a whole (non-streaming) response with this usage."""
-        self.script = [protocol.response({"usage": {"prompt_tokens": prompt_tokens,
-                                                    "completion_tokens": completion_tokens}})]
+        self.script(Answer({"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}))
 
-    def open(self, backend: Backend, kind: str, body: dict[str, Any], client_usage: bool,
-             session: str | None = None) -> AsyncIterator[Any]:
-        script, fail, hold, hang = list(self.script), self.fail, self.hold, self.hang_after_first
+    def script(self, *items: EngineItem, hang: bool = False) -> None:
+        self.scripts["app-m"] = Script(items=list(items), hang=hang)
 
-        async def gen() -> AsyncIterator[Any]:
-            self.started.set()
-            if hold:
-                await self.release.wait()
-            if fail is not None:
-                raise fail
-            for i, item in enumerate(script):
-                yield item
-                if hang and i == 0:
-                    await asyncio.Event().wait()  # a slow engine: the client leaves first
-
-        return gen()
+    async def _items(self, script: Script, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        self.started.set()
+        if self.hold:
+            await self.release.wait()
+        async for item in super()._items(script, request):
+            yield item
 
 
-class Metrics:
+class Metrics(NoMetrics):
     """Records what the gateway reports."""
 
     def __init__(self) -> None:
-        self.refusals: list[tuple[str, str]] = []
+        self.records: list[RequestRecord] = []
         self.failures: list[str] = []
-        self.statuses: list[int] = []
 
-    def request(self, model: str, status: int) -> None:
-        self.statuses.append(status)
-
-    def tokens(self, model: str, usage: Usage) -> None:
-        pass
-
-    def limited(self, model: str, kind: str) -> None:
-        self.refusals.append((model, kind))
+    def finished(self, record: RequestRecord) -> None:
+        self.records.append(record)
 
     def store_failure(self, operation: str) -> None:
         self.failures.append(operation)
+
+    @property
+    def refusals(self) -> list[tuple[str, str, str]]:
+        return [(r.endpoint, r.outcome, r.limit) for r in self.records if r.status == 429]
 
 
 class DeadStore(MemoryStore):
     async def reserve(self, counters: Sequence[Counter], request_id: str, now_ms: int) -> Decision:
         raise StoreUnavailable("ConnectionError: connection refused")
+
+
+class SettleFailsOnce(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
+                     amounts: Sequence[int]) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise StoreUnavailable("TimeoutError")
+        await super().settle(counters, request_id, reserved_at_ms, amounts)
 
 
 class Setup:
@@ -105,29 +108,27 @@ class Setup:
     def __init__(self, limits: dict[str, int], quota: Quota | None = None, *, store: MemoryStore | None = None,
                  policy: str = "failOpen") -> None:
         self.clock = Clock()
-        self.backends = FakeBackends()
+        self.backends = Backends()
         self.metrics = Metrics()
         self.store = store or MemoryStore()
-        self.gateway = Gateway(GatewaySettings(seed=0, failure_policy=policy), self.backends,
-                               store=self.store, metrics=self.metrics, clock=self.clock)
-        grant = Grant(endpoint="m", quota=quota.name if quota else None,
-                      rate_limits=tuple(Limit(type=t, value=v) for t, v in limits.items()))
-        self.config = GatewayConfig(
-            namespace="ns", quotas=(quota,) if quota else (),
-            endpoints=(Endpoint(name="m", backends=(Backend(kind="app", name="app-m", weight=1),)),),
-            tokens=(Token(name="alice", digest=hashlib.sha256(b"sk-alice").hexdigest(), grants=(grant,)),))
-        self.gateway.reconfigure(self.config.model_dump(mode="json"))
-        self.app = make_api(self.gateway)
+        self.quotas = (quota,) if quota else ()
+        alice = token("alice", "sk-alice", "m", quota=quota.name if quota else None,
+                      limits=tuple(Limit(type=t, value=v) for t, v in limits.items()))
+        self.pipeline = pipeline(
+            self.backends, (alice,), settings={"failure_policy": policy}, store=self.store, metrics=self.metrics,
+            clock=self.clock, namespace="ns", quotas=self.quotas,
+            endpoints=(Endpoint(name="m", backends=(Backend(kind="app", name="app-m", weight=1),)),))
+        self.app = make_api(self.pipeline)
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway")
 
     async def post(self, body: dict[str, Any] | None = None, path: str = "/v1/chat/completions") -> httpx.Response:
         """One request, then its settlement (which runs in the background) is awaited."""
         resp = await self.client.post(path, json=body or BODY, headers=AUTH)
-        await self.gateway.drain()
+        await self.pipeline.drain()
         return resp
 
     async def usage(self) -> dict[str, dict[str, int]]:
-        return await self.gateway.governor.usage(self.config, self.clock())
+        return await QuotaLedger(self.store).usage("ns", self.quotas, self.clock())
 
 
 @pytest.fixture
@@ -169,8 +170,8 @@ async def test_rpm_2_refuses_the_third_request_with_retry_after(make: Any) -> No
     assert_error(third, 429, "rate_limit_exceeded")
     assert third.headers["Retry-After"] == "41"
     assert third.headers["x-ratelimit-remaining-requests"] == "0"
-    assert s.metrics.refusals == [("m", "rate_limit_exceeded")]
-    assert len(s.metrics.statuses) == 2  # the refused request never reached a backend
+    assert s.metrics.refusals == [("m", "limited", "rpm")]
+    assert len(s.backends.requests) == 2  # the refused request never reached a backend
 
     s.clock.now = NOW + 61
     assert (await s.post()).status_code == 200
@@ -192,13 +193,13 @@ async def test_a_short_answer_is_refunded_in_the_next_remaining(make: Any) -> No
     assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 12 - ESTIMATE)
 
 
-async def test_a_short_stream_is_refunded_from_its_usage_control_item(make: Any) -> None:
+async def test_a_short_stream_is_refunded_from_its_final_usage(make: Any) -> None:
     s = make({"tpm": 1000})
-    s.backends.script = [CHUNK, CHUNK, protocol.DONE,
-                         protocol.usage({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, 2)]
+    s.backends.script(Chunk(CHUNK), Chunk(CHUNK), Chunk(DONE),
+                      Final({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, 2))
     resp = await s.post({**BODY, "stream": True})
     assert resp.status_code == 200
-    assert resp.text == CHUNK + CHUNK + protocol.DONE
+    assert resp.text == CHUNK + CHUNK + DONE
     assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
     s.backends.answer(7, 50)
     assert (await s.post()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 10 - ESTIMATE)
@@ -221,7 +222,7 @@ async def test_an_exhausted_quota_is_429_insufficient_quota(make: Any) -> None:
     resp = await s.post()
     assert_error(resp, 429, "insufficient_quota")
     assert "Retry-After" not in resp.headers  # a lifetime quota never comes back by itself
-    assert s.metrics.refusals == [("m", "insufficient_quota")]
+    assert s.metrics.refusals == [("m", "quota", "quota")]
 
 
 async def test_a_daily_quota_says_when_it_comes_back(make: Any) -> None:
@@ -268,16 +269,16 @@ async def asgi_stream_until_disconnect(app: Any, body: dict[str, Any]) -> list[d
 
 async def test_a_stream_cut_by_the_client_is_settled_with_what_was_relayed(make: Any) -> None:
     s = make({"tpm": 1000, "concurrency": 1}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
-    s.backends.script = [CHUNK, CHUNK, CHUNK, protocol.DONE]
-    s.backends.hang_after_first = True
+    s.backends.script(Chunk(CHUNK), Chunk(CHUNK), Chunk(CHUNK), Chunk(DONE), hang=True)
     sent = await asgi_stream_until_disconnect(s.app, {**BODY, "stream": True})
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[1]["body"] == CHUNK.encode()
-    await s.gateway.drain()
+    await s.pipeline.drain()
 
     relayed = Usage(prompt_tokens=7, completion_tokens=1)  # the estimate's prompt, and one event relayed
     assert await s.usage() == {"team": {"total": relayed.total_tokens}}
-    s.backends.hang_after_first = False
+    assert s.backends.cancelled == ["app-m"]  # the engine was told to stop
+    assert [(r.outcome, r.status, r.completion_tokens) for r in s.metrics.records] == [("client_gone", 499, 1)]
     s.backends.answer(7, 50)
     resp = await s.post()  # the lease was released: concurrency 1 admits again
     assert resp.status_code == 200
@@ -286,11 +287,11 @@ async def test_a_stream_cut_by_the_client_is_settled_with_what_was_relayed(make:
 
 async def test_a_backend_failure_counts_the_request_but_no_tokens(make: Any) -> None:
     s = make({"rpm": 10, "tpm": 1000}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
-    s.backends.fail = RuntimeError("actor died")
+    s.backends.script(Failure("unavailable", 503, "backend 'app-m' lost the replica serving this request"))
     failed = await s.post()
     assert_error(failed, 503, "server_error")
     assert await s.usage() == {"team": {"total": 0}}
-    s.backends.fail = None
+    s.backends.answer(7, 50)
     resp = await s.post()
     assert resp.headers["x-ratelimit-remaining-requests"] == "8"
     assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - ESTIMATE)
@@ -298,8 +299,9 @@ async def test_a_backend_failure_counts_the_request_but_no_tokens(make: Any) -> 
 
 async def test_an_engine_error_counts_the_request_but_no_tokens(make: Any) -> None:
     s = make({"rpm": 10, "tpm": 1000})
-    s.backends.script = [protocol.error(400, "max_tokens is too large", param="max_tokens")]
+    s.backends.script(Failure("invalid", 400, "max_tokens is too large", param="max_tokens"))
     assert_error(await s.post(), 400, "invalid_request_error")
+    assert [r.outcome for r in s.metrics.records] == ["client_error"]
     s.backends.answer(7, 50)
     resp = await s.post()
     assert resp.headers["x-ratelimit-remaining-requests"] == "8"
@@ -319,7 +321,7 @@ async def test_concurrency_1_refuses_a_second_request_in_flight(make: Any) -> No
     assert second.headers["Retry-After"] == "1"
     s.backends.release.set()
     assert (await asyncio.wait_for(first, timeout=5)).status_code == 200
-    await s.gateway.drain()
+    await s.pipeline.drain()
     assert (await s.post()).status_code == 200
 
 
@@ -332,7 +334,9 @@ async def test_a_request_cancelled_before_its_first_token_frees_its_slot(make: A
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    await s.gateway.drain()
+    await s.pipeline.drain()
+    assert s.backends.cancelled == ["app-m"]
+    assert [(r.outcome, r.status) for r in s.metrics.records] == [("client_gone", 499)]
     s.backends.release.set()
     resp = await s.post()
     assert resp.status_code == 200
@@ -358,3 +362,30 @@ async def test_a_dead_store_under_fail_closed_is_503_with_retry_after(make: Any)
     assert_error(resp, 503, "server_error")
     assert resp.headers["Retry-After"] == "1"
     assert s.metrics.failures == ["reserve"]
+
+
+async def test_a_settlement_the_store_missed_lands_when_it_answers_again(make: Any) -> None:
+    store = SettleFailsOnce()
+    s = make({"tpm": 1000, "concurrency": 1}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)),
+             store=store)
+    s.backends.answer(7, 5)
+    assert (await s.post()).status_code == 200  # drain waits for the retried settlement
+    assert store.failed == 1
+    assert s.metrics.failures == ["settle"]
+    assert await s.usage() == {"team": {"total": 12}}  # charged once, what was used
+    resp = await s.post()  # the lease was released by the late settlement
+    assert resp.status_code == 200
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - 12 - ESTIMATE)
+
+
+async def test_every_request_is_recorded_exactly_once(make: Any) -> None:
+    s = make({"rpm": 3})
+    await s.post()
+    s.backends.script(Chunk(CHUNK), Chunk(DONE), Final({"prompt_tokens": 7, "completion_tokens": 1}, 1))
+    await s.post({**BODY, "stream": True})
+    s.backends.script(Failure("engine", 502, "backend 'app-m' failed"))
+    await s.post()
+    await s.post()
+    assert [(r.outcome, r.status) for r in s.metrics.records] == [
+        ("ok", 200), ("ok", 200), ("backend_error", 502), ("limited", 429)]
+    assert [r.completion_tokens for r in s.metrics.records[:2]] == [50, 1]
