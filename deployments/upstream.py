@@ -97,7 +97,8 @@ class Upstream:
         message, param = error_message(status, raw)
         if self.on_error is not None:
             status, message = self.on_error(status, message)
-        if status >= 500:
+        failure = upstream_failure(status, message, param)
+        if failure.blames_backend:  # its text is the upstream's business (5xx, 408, 429): logged, not shown
             logger.warning("%s answered HTTP %d: %s", self.name, status, message)
             return upstream_failure(status, f"{self.name} failed with HTTP {status}")
-        return upstream_failure(status, message, param)
+        return failure

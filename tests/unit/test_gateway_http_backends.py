@@ -1,7 +1,9 @@
 """``HttpBackends`` against a real HTTP server on loopback (aiohttp), scripted per test.
 
 The real OpenAI-compatible peer (``vllm serve``) is exercised end to end in ``tests/e2e/test_routing.py``;
-here the server misbehaves on purpose: events split across writes, errors, streams cut short.
+here the server misbehaves on purpose: events split across writes, errors, streams cut short, usage on a
+content chunk. What comes back is the gateway's typed items; no failure a client sees names the upstream's
+address or repeats a 5xx's text.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from arks_ray.api.gateway import Backend
-from arks_ray.engines.protocol import SseSplitter
+from arks_ray.engines.protocol import DONE, Answer, Chunk, EngineItem, EngineRequest, Failure, Final
+from arks_ray.engines.sse import SseSplitter
 from arks_ray.gateway.settings import GatewaySettings
 from deployments.backends import HttpBackends, RoutedBackends
 
@@ -35,23 +38,29 @@ async def serve(handler: Handler) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-async def collect(gen: AsyncIterator[Any]) -> list[Any]:
+async def collect(gen: AsyncIterator[EngineItem]) -> list[EngineItem]:
     return [item async for item in gen]
 
 
-def run(handler: Handler, kind: str, body: dict[str, Any], client_usage: bool = False) -> tuple[list[Any], list[Any]]:
+def text_of(items: list[EngineItem]) -> str:
+    return "".join(i.text for i in items if isinstance(i, Chunk))
+
+
+def run(handler: Handler, kind: str, body: dict[str, Any], client_usage: bool = False,
+        url: str | None = None) -> tuple[list[EngineItem], list[Any]]:
     seen: list[Any] = []
 
-    async def main() -> list[Any]:
+    async def main() -> list[EngineItem]:
         async def recording(request: web.Request) -> web.StreamResponse:
             seen.append((request.path, dict(request.headers), await request.json()))
             return await handler(request)
 
-        runner, url = await serve(recording)
-        backends = HttpBackends(GatewaySettings())
+        runner, served = await serve(recording)
+        backends = HttpBackends(GatewaySettings(http_connect_timeout_s=2))
         try:
-            return await collect(backends.open(Backend(kind="http", name="ext", weight=1, url=url), kind, body,
-                                               client_usage))
+            stream = backends.open(Backend(kind="http", name="ext", weight=1, url=url or served),
+                                   EngineRequest(kind, body, client_usage))
+            return await collect(aiter(stream))
         finally:
             await backends.close()
             await runner.cleanup()
@@ -77,9 +86,9 @@ def test_a_stream_is_reassembled_into_events_and_its_usage_is_taken_out() -> Non
         return await stream_in_pieces(request, sse(CHUNK, CHUNK, USAGE, "[DONE]"))
 
     items, seen = run(handler, "chat", {"model": "m", "stream": True, "messages": []})
-    text = "".join(i for i in items if isinstance(i, str))
-    assert text == sse(CHUNK, CHUNK, "[DONE]").decode()
-    assert items[-1] == {"arks": "usage", "usage": USAGE["usage"], "completion_tokens": 2}
+    assert text_of(items) == sse(CHUNK, CHUNK, "[DONE]").decode()
+    assert items[-1] == Final(USAGE["usage"], 2)
+    assert all(isinstance(i, Chunk) for i in items[:-1])
     path, headers, body = seen[0]
     assert path == "/v1/chat/completions"
     assert body["stream_options"] == {"include_usage": True}  # always asked for, for metering
@@ -92,7 +101,23 @@ def test_the_client_gets_the_usage_chunk_when_it_asked() -> None:
 
     items, _ = run(handler, "completions", {"model": "m", "stream": True, "prompt": "x",
                                             "stream_options": {"include_usage": True}}, client_usage=True)
-    assert '"usage"' in "".join(i for i in items if isinstance(i, str))
+    assert text_of(items) == sse(CHUNK, USAGE, "[DONE]").decode()
+    assert items[-1] == Final(USAGE["usage"], 1)
+
+
+@pytest.mark.parametrize("client_usage", [False, True])
+def test_usage_on_the_last_content_chunk_is_metered_and_stripped_unless_asked(client_usage: bool) -> None:
+    last = {"choices": [{"delta": {"content": "!"}, "finish_reason": "stop"}], "usage": USAGE["usage"]}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stream_in_pieces(request, sse(CHUNK, last, "[DONE]"))
+
+    items, _ = run(handler, "chat", {"model": "m", "stream": True}, client_usage=client_usage)
+    assert items[-1] == Final(USAGE["usage"], 2)  # metered either way, the content event counted
+    events = [json.loads(e[6:]) for e in text_of(items).split("\n\n") if e.startswith("data: {")]
+    assert events[-1]["choices"] == last["choices"]  # the content is always forwarded
+    assert ("usage" in events[-1]) is client_usage
+    assert text_of(items).endswith(DONE)
 
 
 def test_a_stream_cut_before_done_ends_with_an_error() -> None:
@@ -100,8 +125,8 @@ def test_a_stream_cut_before_done_ends_with_an_error() -> None:
         return await stream_in_pieces(request, sse(CHUNK))
 
     items, _ = run(handler, "chat", {"model": "m", "stream": True})
-    assert (items[-1]["arks"], items[-1]["status"]) == ("error", 502)
-    assert "before [DONE]" in items[-1]["body"]["error"]["message"]
+    assert text_of(items) == sse(CHUNK).decode()
+    assert items[-1] == Failure("engine", 502, "backend 'ext' ended its stream before [DONE]")
 
 
 def test_a_whole_response_passes_through() -> None:
@@ -109,26 +134,42 @@ def test_a_whole_response_passes_through() -> None:
         return web.json_response({"id": "c1", "usage": USAGE["usage"]})
 
     items, seen = run(handler, "embeddings", {"model": "m", "input": "x"})
-    assert items == [{"arks": "response", "status": 200, "body": {"id": "c1", "usage": USAGE["usage"]}}]
+    assert items == [Answer({"id": "c1", "usage": USAGE["usage"]}, 200)]
     assert seen[0][0] == "/v1/embeddings"
     assert "stream_options" not in seen[0][2]
 
 
-@pytest.mark.parametrize(("status", "payload", "want_status", "want_message"), [
-    (400, {"error": {"message": "max_tokens is too large", "param": "max_tokens"}}, 400, "max_tokens is too large"),
-    (404, {"error": "no such model"}, 404, "no such model"),
-    (500, {"error": {"message": "CUDA out of memory"}}, 502, "failed with HTTP 500: CUDA out of memory"),
-    (503, "upstream overloaded", 502, "upstream overloaded"),
+@pytest.mark.parametrize(("status", "payload", "want"), [
+    (400, {"error": {"message": "max_tokens is too large", "param": "max_tokens"}},
+     Failure("invalid", 400, "max_tokens is too large", "max_tokens")),
+    (404, {"error": "no such model"}, Failure("invalid", 404, "no such model")),
+    (422, {"message": "bad field"}, Failure("invalid", 422, "bad field")),
+    (429, {"error": {"message": "slow down"}}, Failure("unavailable", 503, "backend 'ext' failed with HTTP 429")),
+    (408, "", Failure("timeout", 504, "backend 'ext' failed with HTTP 408")),
+    (500, {"error": {"message": "CUDA out of memory at /opt/vllm on 10.0.0.7"}},
+     Failure("engine", 502, "backend 'ext' failed with HTTP 500")),
+    (503, "upstream overloaded", Failure("unavailable", 503, "backend 'ext' failed with HTTP 503")),
 ])
-def test_errors_keep_the_upstream_message(status: int, payload: Any, want_status: int, want_message: str) -> None:
+def test_errors_are_classified_and_only_a_client_error_keeps_its_text(status: int, payload: Any,
+                                                                        want: Failure) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         if isinstance(payload, str):
             return web.Response(status=status, text=payload)
         return web.json_response(payload, status=status)
 
     (item,), _ = run(handler, "chat", {"model": "m"})
-    assert (item["arks"], item["status"]) == ("error", want_status)
-    assert want_message in item["body"]["error"]["message"]
+    assert item == want
+    assert want.blames_backend is (status >= 500 or status in (408, 429))
+
+
+def test_an_unreachable_backend_is_503_without_its_address() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise AssertionError("never reached")
+
+    (item,), seen = run(handler, "chat", {"model": "m"}, url="http://127.0.0.1:9")
+    assert item == Failure("unavailable", 503, "backend 'ext' is not reachable")
+    assert "127.0.0.1" not in str(item.body())
+    assert seen == []
 
 
 def test_invalid_json_is_a_backend_failure() -> None:
@@ -136,7 +177,8 @@ def test_invalid_json_is_a_backend_failure() -> None:
         return web.Response(text="<html>proxy error</html>")
 
     (item,), _ = run(handler, "chat", {"model": "m"})
-    assert (item["status"], item["body"]["error"]["type"]) == (502, "server_error")
+    assert item == Failure("engine", 502, "backend 'ext' answered with invalid JSON")
+    assert item.body()["error"]["type"] == "server_error"
 
 
 def test_probe_http_tells_up_from_down() -> None:
