@@ -1,5 +1,6 @@
-"""The Dynamo proxy (``deployments.dynamo_engine.FrontendProxy``): the gateway protocol on top of a fake
-Dynamo frontend (an aiohttp server on loopback that answers the way ``dynamo.frontend`` 1.6.1 does)."""
+"""The Dynamo proxy (``deployments.dynamo_engine.frontend_upstream``, an ``Upstream``): the gateway's typed
+items on top of a fake Dynamo frontend (an aiohttp server on loopback that answers the way
+``dynamo.frontend`` 1.6.1 does)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from arks_ray.engines.protocol import Answer, Chunk, EngineItem, EngineRequest, Failure, Final
 from deployments.dynamo_apps import actor_options
-from deployments.dynamo_engine import DynamoServer, DynamoWorker, FrontendProxy, SidecarConfig
+from deployments.dynamo_engine import DynamoServer, DynamoWorker, SidecarConfig, frontend_upstream
+from deployments.upstream import Upstream
 from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
@@ -64,7 +67,7 @@ class FakeFrontend:
 
 
 @pytest.fixture
-async def frontend() -> AsyncIterator[tuple[FakeFrontend, FrontendProxy]]:
+async def frontend() -> AsyncIterator[tuple[FakeFrontend, Upstream]]:
     fake = FakeFrontend()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
@@ -74,23 +77,27 @@ async def frontend() -> AsyncIterator[tuple[FakeFrontend, FrontendProxy]]:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     session = aiohttp.ClientSession()
     try:
-        yield fake, FrontendProxy("dyn-app", "served", f"http://127.0.0.1:{port}", session)
+        yield fake, frontend_upstream("dyn-app", "served", f"http://127.0.0.1:{port}", session)
     finally:
         await session.close()
         await runner.cleanup()
 
 
-async def collect(proxy: FrontendProxy, body: dict[str, Any], client_usage: bool = False,
-                  kind: str = "chat") -> list[Any]:
-    return [item async for item in proxy.generate(kind, body, client_usage)]
+async def collect(proxy: Upstream, body: dict[str, Any], client_usage: bool = False,
+                  kind: str = "chat") -> list[EngineItem]:
+    return [item async for item in proxy.generate(EngineRequest(kind, body, client_usage))]
+
+
+def text_of(items: list[EngineItem]) -> str:
+    return "".join(i.text for i in items if isinstance(i, Chunk))
 
 
 async def test_a_whole_answer_is_a_response_with_the_served_model(frontend: Any) -> None:
     fake, proxy = frontend
     (item,) = await collect(proxy, {"model": "endpoint-name", "messages": []})
-    assert item["arks"] == "response"
-    assert item["status"] == 200
-    assert item["body"]["usage"] == USAGE
+    assert isinstance(item, Answer)
+    assert item.status == 200
+    assert item.body["usage"] == USAGE
     assert fake.seen[0]["model"] == "served"  # the frontend knows the model by its served name
     assert "stream_options" not in fake.seen[0]
 
@@ -99,52 +106,50 @@ async def test_a_stream_always_asks_for_usage_and_strips_it_unless_wanted(fronte
     fake, proxy = frontend
     items = await collect(proxy, {"model": "m", "messages": [], "stream": True})
     assert fake.seen[0]["stream_options"] == {"include_usage": True}
-    text = "".join(i for i in items if isinstance(i, str))
+    text = text_of(items)
     assert '"usage"' not in text
     assert text.count("data: {") == 2
     assert text.endswith("data: [DONE]\n\n")
-    assert items[-1] == {"arks": "usage", "usage": USAGE, "completion_tokens": 2}
+    assert items[-1] == Final(USAGE, 2)
 
 
 async def test_a_stream_keeps_the_usage_chunk_when_the_client_asked(frontend: Any) -> None:
     _, proxy = frontend
     items = await collect(proxy, {"messages": [], "stream": True, "stream_options": {"include_usage": True}},
                           client_usage=True)
-    text = "".join(i for i in items if isinstance(i, str))
-    assert text.count('"usage"') == 1
-    assert items[-1]["usage"] == USAGE
+    assert text_of(items).count('"usage"') == 1
+    assert items[-1] == Final(USAGE, 2)
 
 
 async def test_a_stream_cut_before_done_is_an_error_after_what_arrived(frontend: Any) -> None:
     _, proxy = frontend
     items = await collect(proxy, {"messages": [], "stream": True, "mode": "cut"})
-    assert "".join(i for i in items if isinstance(i, str)).count("data: {") == 2
-    assert items[-1]["arks"] == "error"
-    assert items[-1]["status"] == 502
-    assert "dyn-app" in items[-1]["body"]["error"]["message"]
+    assert text_of(items).count("data: {") == 2
+    assert items[-1] == Failure("engine", 502, "application dyn-app ended its stream before [DONE]")
 
 
 async def test_dynamo_errors_become_openai_errors(frontend: Any) -> None:
     _, proxy = frontend
     (bad,) = await collect(proxy, {"messages": [], "mode": "bad"})
-    assert bad["status"] == 400
-    assert bad["body"]["error"]["type"] == "invalid_request_error"
-    assert bad["body"]["error"]["message"] == "Failed to deserialize the JSON body"
+    assert bad == Failure("invalid", 400, "Failed to deserialize the JSON body")
+    assert bad.body()["error"]["type"] == "invalid_request_error"
     (gone,) = await collect(proxy, {"messages": [], "mode": "not-found"})
-    # The frontend forgets the model while its worker restarts: that is unavailability, not a client error.
-    assert gone["status"] == 503
-    assert gone["body"]["error"]["type"] == "server_error"
-    assert "no Dynamo worker serves 'served' right now" in gone["body"]["error"]["message"]
+    # The frontend forgets the model while its worker restarts: that is unavailability (retried elsewhere,
+    # held against the backend), not a client error; its text stays in the log.
+    assert gone == Failure("unavailable", 503, "application dyn-app failed with HTTP 503")
+    assert gone.blames_backend
+    assert gone.body()["error"]["type"] == "server_error"
 
 
 async def test_unknown_kinds_and_an_unreachable_frontend() -> None:
     async with aiohttp.ClientSession() as session:
-        proxy = FrontendProxy("dyn-app", "served", f"http://127.0.0.1:{free_port()}", session)
+        port = free_port()
+        proxy = frontend_upstream("dyn-app", "served", f"http://127.0.0.1:{port}", session)
         (unknown,) = await collect(proxy, {}, kind="images")
-        assert unknown["status"] == 404
+        assert unknown == Failure("invalid", 404, "this model does not serve /v1/images", code="unsupported_endpoint")
         (down,) = await collect(proxy, {"messages": []})
-        assert down["status"] == 503
-        assert "application dyn-app: the Dynamo frontend is not reachable" in down["body"]["error"]["message"]
+        assert down == Failure("unavailable", 503, "application dyn-app is not reachable")
+        assert str(port) not in str(down.body())  # no address in what a client sees
 
 
 def test_a_replica_holds_its_bundles_resources() -> None:
