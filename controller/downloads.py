@@ -11,6 +11,10 @@ Called by ``controller.plans`` for every ArksModel of a namespace, with the PVC 
   instead of leaving the model in a terminal Failed (Arks' bug): phase Failed means "retrying".
 
 Phases: Pending -> StorageCreating -> ModelLoading -> Ready, and Failed while waiting to retry.
+
+While a Job runs, its last progress report (``arks_ray.models.progress``, read from its log by
+``controller.progress``) becomes ``status.progress`` (one line, a printer column) and
+``status.download`` (the numbers), and the model is looked at again every ``PROGRESS_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 
 from arks_ray.api.model import ArksModel
 from arks_ray.errors import Problem
+from arks_ray.models.progress import Snapshot, parse_report
+from arks_ray.models.progress import describe as describe_progress
 from arks_ray.render.names import digest, dns_label
 from controller.meta import annotation, is_deleting, meta, name_of, owner_ref, parse_time, timestamp
 from controller.status import Cond, ModelState, Status, conditions, describe, errors_in
@@ -30,6 +36,7 @@ from controller.writes import Write
 HASH = "arks.ai/spec-hash"
 ATTEMPT = "arks.ai/attempt"
 RETRIES = "arks.ai/retries"
+PROGRESS_EVERY_S = 15.0
 
 
 @dataclass
@@ -56,6 +63,8 @@ class ModelInputs:
     job: Mapping[str, Any] | None
     """The rendered download Job (None: nothing to download)."""
     live_jobs: Sequence[Mapping[str, Any]]
+    logs: Mapping[str, str] = field(default_factory=dict)
+    """Log tails of running download Jobs, by Job name."""
 
 
 def download_hash(job: Mapping[str, Any]) -> str:
@@ -122,6 +131,15 @@ def _storage(inputs: ModelInputs, ns: str) -> tuple[list[Write], Cond, str | Non
     return [], Cond("StorageCreated", True, "Created", f"PVC {pvc_name} is {phase}"), None
 
 
+def progress_status(snap: Snapshot) -> dict[str, Any]:
+    """``status.progress`` and ``status.download`` from one progress report."""
+    numbers = {"bytesDone": snap.bytes_done, "bytesTotal": snap.bytes_total, "filesDone": snap.files_done,
+               "filesTotal": snap.files_total,
+               "rateBytesPerSecond": round(snap.rate_bytes_per_second, 1) if snap.rate_bytes_per_second else None,
+               "etaSeconds": round(snap.eta_seconds) if snap.eta_seconds is not None else None}
+    return {"progress": describe_progress(snap), "download": {k: v for k, v in numbers.items() if v is not None}}
+
+
 def _download(inputs: ModelInputs, ns: str, now: float, backoff: tuple[float, float]
               ) -> tuple[list[Write], Cond, str, float | None]:
     """Job writes, the ModelLoaded condition, the phase, and when to look again."""
@@ -149,7 +167,7 @@ def _download(inputs: ModelInputs, ns: str, now: float, backoff: tuple[float, fl
     failure = job_failure(current)
     if failure is None:
         return writes, Cond("ModelLoaded", False, "ModelLoading", f"Job {name_of(current)} is downloading"), \
-            "ModelLoading", None
+            "ModelLoading", PROGRESS_EVERY_S
     retries = int(annotation(current, RETRIES) or 0)
     delay = min(backoff[0] * 2 ** retries, backoff[1])
     due = (parse_time(failure.get("lastTransitionTime")) or now) + delay
@@ -196,4 +214,14 @@ def plan_model(inputs: ModelInputs, ns: str, now: float, backoff: tuple[float, f
     status: Status = {"phase": phase, "conditions": conditions(conds, previous.get("conditions"), now, generation)}
     if generation is not None:
         status["observedGeneration"] = generation
+    report = _running_report(inputs) if phase == "ModelLoading" else None
+    # None (a merge patch's delete) once there is no report: a Ready model shows no stale progress.
+    status.update(progress_status(report) if report is not None else {"progress": None, "download": None})
     return ModelPlan(state, status, writes, requeue)
+
+
+def _running_report(inputs: ModelInputs) -> Snapshot | None:
+    jobs = sorted((j for j in inputs.live_jobs if not is_deleting(j)), key=_attempt)
+    if not jobs:
+        return None
+    return parse_report(inputs.logs.get(name_of(jobs[-1]), ""))

@@ -62,6 +62,7 @@ RESOURCES: dict[str, Resource] = {
     "PersistentVolumeClaim": Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     "Job": Resource("batch", "v1", "jobs", "Job"),
     "Secret": Resource("", "v1", "secrets", "Secret"),
+    "Pod": Resource("", "v1", "pods", "Pod"),
 }
 
 
@@ -85,6 +86,9 @@ class KubeClient(Protocol):
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with background propagation; False if it was already gone."""
+
+    async def log_tail(self, namespace: str, pod: str, lines: int) -> str:
+        """The last ``lines`` lines of a pod's log (download progress, ``controller.progress``)."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -126,8 +130,8 @@ class OfficialKubeClient:
         self.timeout = timeout
 
     def _call(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
-              body: Any = None, content_type: str | None = None) -> Any:
-        headers = {"Accept": "application/json"}
+              body: Any = None, content_type: str | None = None, text: bool = False) -> Any:
+        headers = {"Accept": "text/plain" if text else "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
         try:
@@ -147,6 +151,8 @@ class OfficialKubeClient:
             retry = response.getheader("Retry-After")  # type: ignore[no-untyped-call]
             raise errors.from_status(response.status, str(response.reason or ""), detail,
                                      float(retry) if retry and retry.isdigit() else None)
+        if text:
+            return data.decode(errors="replace")
         return json.loads(data) if data else None
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -203,6 +209,10 @@ class OfficialKubeClient:
         except errors.NotFound:
             return False
         return True
+
+    async def log_tail(self, namespace: str, pod: str, lines: int) -> str:
+        path = RESOURCES["Pod"].path(namespace, pod, "log")
+        return str(await self._request("GET", path, query=[("tailLines", str(lines))], text=True))
 
     async def close(self) -> None:
         # Closing the pool also ends the server side of keep-alive connections, so a test's emulator

@@ -44,6 +44,8 @@ class MemoryKube:
     fail: dict[tuple[str, str], errors.ControllerError] = field(default_factory=dict)
     """(verb, kind) -> error to raise instead of doing it (to test retries)."""
     _uids: itertools.count[int] = field(default_factory=itertools.count)
+    logs: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(namespace, pod) -> its log, for ``log_tail``."""
 
     def put(self, obj: Manifest) -> Manifest:
         """Store an object as a user (or another controller) would, without recording a write."""
@@ -124,6 +126,12 @@ class MemoryKube:
             live["metadata"].setdefault("deletionTimestamp", dt.datetime.now(dt.UTC).isoformat())
         else:
             del self.objects[key]
+
+    async def log_tail(self, namespace: str, pod: str, lines: int) -> str:
+        self.reads += 1
+        if (namespace, pod) not in self.logs:
+            raise errors.NotFound(404, "NotFound", f"pod {namespace}/{pod} has no log")
+        return "\n".join(self.logs[namespace, pod].splitlines()[-lines:])
 
     async def close(self) -> None:
         return None

@@ -47,6 +47,8 @@ class Observed:
     """Quota usage by quota name and type; None when no counter store is configured."""
     routes: Mapping[tuple[str, str], float] | None = None
     """Effective weights the gateway replicas reported, by (endpoint, backend); None without a store."""
+    download_logs: Mapping[str, str] = field(default_factory=dict)
+    """Log tails of running download Jobs, by Job name (their progress reports)."""
 
 
 @dataclass
@@ -167,7 +169,7 @@ def _plan_models(snap: Snapshot, rendered: Rendered, seen: Observed, now: float,
         if pvc_name in creating:
             live_pvc = pvc  # another model sharing this claim creates it in this same pass
         inputs = ModelInputs(raw, model, snap.problems.get(("ArksModel", name), []), pvc, live_pvc, job,
-                             jobs_by_model.get(label_value(name), []))
+                             jobs_by_model.get(label_value(name), []), seen.download_logs)
         plan = plan_model(inputs, snap.namespace, now, backoff)
         creating |= {w.name for w in plan.writes if w.kind == "PersistentVolumeClaim"}
         out.states[name], out.statuses[name] = plan.state, plan.status

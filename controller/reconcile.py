@@ -29,6 +29,7 @@ from controller.kube import ARKS_KINDS, KubeClient
 from controller.meta import MANAGED_BY, name_of
 from controller.metrics import Metrics
 from controller.plans import Observed, Plan, plan_namespace
+from controller.progress import download_logs
 from controller.settings import ControllerSettings
 from controller.snapshot import Snapshot, take
 from controller.writes import Write
@@ -123,10 +124,11 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
         kube.list("Job", ns, MANAGED_BY) if snap.downloads() else _nothing(),
         _usage(reader, snap.quota_config(), snap.quota_floors(), now, metrics),
         _routes(routes, ns, any(isinstance(o, ArksEndpoint) for o in snap.loaded.objects), now, metrics))
+    logs = await download_logs(kube, ns, jobs)
     if secrets:
         found = load_documents(secrets, ns)
         snap.loaded.secrets.extend(found.secrets)
-    return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights)
+    return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, download_logs=logs)
 
 
 async def _nothing() -> list[dict[str, Any]]:

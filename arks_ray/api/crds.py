@@ -66,7 +66,8 @@ KINDS: tuple[Kind, ...] = (
              _col("Model", ".spec.model.name", priority=1),
          )),
     Kind("ArksModel", "arksmodels", ArksModelSpec, ArksModelStatus, ("am",), (
-        _age(), _col("Model", ".spec.model"), _col("Phase", ".status.phase"))),
+        _age(), _col("Model", ".spec.model"), _col("Phase", ".status.phase"),
+        _col("Progress", ".status.progress"))),
     Kind("ArksEndpoint", "arksendpoints", ArksEndpointSpec, ArksEndpointStatus, ("aep",), (
         _age(), _col("Default Weight", ".spec.defaultWeight", "integer"))),
     Kind("ArksToken", "arkstokens", ArksTokenSpec, ArksTokenStatus),

@@ -152,6 +152,8 @@ EXPECTED_RULES = {
     ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
+    ("", "pods"): {"list"},
+    ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
 }
 

@@ -35,7 +35,7 @@ ARKS_COLUMNS: dict[str, tuple[tuple[str, str, int], ...]] = {
                                      ("Prefill Ready", ".status.prefill.readyReplicas", 0),
                                      ("Decode Ready", ".status.decode.readyReplicas", 0),
                                      ("Model", ".spec.model.name", 1)),
-    "ArksModel": (AGE, ("Model", ".spec.model", 0), ("Phase", ".status.phase", 0)),
+    "ArksModel": (AGE, ("Model", ".spec.model", 0), ("Phase", ".status.phase", 0), ("Progress", ".status.progress", 0)),
     "ArksEndpoint": (AGE, ("Default Weight", ".spec.defaultWeight", 0)),
     "ArksToken": (),
     "ArksQuota": (AGE,),
