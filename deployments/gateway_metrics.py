@@ -200,6 +200,12 @@ class ServeMetrics(NoMetrics):
 
 
 def build_metrics(settings: GatewaySettings) -> Metrics:
-    """What a gateway replica records to: Serve metrics, plus the access log unless it is turned off."""
-    metrics = ServeMetrics(settings.metrics_max_token_names)
-    return Fanout(metrics, AccessLog()) if settings.access_log else metrics
+    """What a gateway replica records to: Serve metrics and the access log, each unless turned off."""
+    sinks: list[Metrics] = []
+    if settings.metrics:
+        sinks.append(ServeMetrics(settings.metrics_max_token_names))
+    if settings.access_log:
+        sinks.append(AccessLog())
+    if len(sinks) == 1:
+        return sinks[0]
+    return Fanout(*sinks) if sinks else NoMetrics()

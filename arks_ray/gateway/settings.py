@@ -64,6 +64,7 @@ class GatewaySettings(BaseModel):
         10.0, gt=0, description="How often effective weights are published (metrics; the store, for status).")
 
     # Observability (deployments.gateway_metrics).
+    metrics: bool = Field(True, description="Per-tenant gateway metrics through Ray's metrics agent.")
     access_log: bool = Field(True, description="One JSON line per finished request on stdout (no token, no prompt).")
     metrics_max_token_names: int = Field(
         100, ge=0, description="Distinct token names one replica labels in metrics; later ones count as '_other'.")

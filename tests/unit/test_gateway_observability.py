@@ -188,6 +188,8 @@ def test_the_access_log_writes_one_line_per_request_and_can_be_turned_off() -> N
     lines = out.getvalue().splitlines()
     assert [json.loads(x)["request_id"] for x in lines] == ["r1", "r1"]
     assert isinstance(build_metrics(GatewaySettings(access_log=False)), ServeMetrics)
+    assert isinstance(build_metrics(GatewaySettings(metrics=False)), AccessLog)
+    assert type(build_metrics(GatewaySettings(metrics=False, access_log=False))) is NoMetrics
     on = build_metrics(GatewaySettings())
     assert isinstance(on, Fanout)
     assert any(isinstance(s, AccessLog) for s in on.sinks)
