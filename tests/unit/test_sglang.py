@@ -1,4 +1,4 @@
-"""SGLang (``runtime: sglang``) up to the engine boundary: args mapping, rendering, the Serve app, the protocol.
+"""SGLang (``runtime: sglang``) up to the engine boundary: args mapping, rendering, the Serve app, the typed port.
 
 SGLang needs CUDA and is not installed here. What runs is everything of ours and Ray's around it: the
 mapping of ``tensorParallelSize``/``runtimeCommonArgs`` to SGLang ``ServerArgs``, the rendered placement,
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from arks_ray.api.loading import load_documents
-from arks_ray.engines import protocol
+from arks_ray.engines.protocol import DONE, Answer, Chunk, EngineItem, EngineRequest, Failure, Final
 from arks_ray.render import Rendered, render_namespace
 from arks_ray.render.engine_args import ArgsError, sglang_server_args
 
@@ -225,8 +225,12 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Any:
     return deployment.func_or_class(**deployment.init_kwargs)
 
 
-async def collect(stream: AsyncIterator[Any]) -> list[Any]:
+async def collect(stream: AsyncIterator[EngineItem]) -> list[EngineItem]:
     return [item async for item in stream]
+
+
+def generate(server: Any, kind: str, body: dict[str, Any], client_usage: bool = False) -> AsyncIterator[EngineItem]:
+    return server.generate(EngineRequest(kind, body, client_usage))
 
 
 def test_the_engine_gets_exactly_the_rendered_server_args(server: Any) -> None:
@@ -237,45 +241,86 @@ def test_the_engine_gets_exactly_the_rendered_server_args(server: Any) -> None:
 
 async def test_chat_whole_response_carries_sglangs_usage(server: Any) -> None:
     body = {"model": "qwen-72b", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2}
-    (item,) = await collect(server.generate("chat", body))
-    assert item["arks"] == "response"
-    assert item["status"] == 200
-    assert item["body"]["choices"][0]["message"]["content"] == "one two"
-    assert item["body"]["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    (item,) = await collect(generate(server, "chat", body))
+    assert isinstance(item, Answer)
+    assert item.status == 200
+    assert item.body["choices"][0]["message"]["content"] == "one two"
+    assert item.body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
     assert server.engine.calls[0]["prompt"] == "user:hello there"
     assert server.engine.calls[0]["sampling_params"] == {"max_new_tokens": 2}
 
 
 async def test_chat_stream_is_framed_ends_with_done_and_counts_chunks(server: Any) -> None:
     body = {"model": "qwen-72b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    items = await collect(server.generate("chat", body, client_usage=True))
-    texts, final = items[:-1], items[-1]
-    assert texts[-1] == protocol.DONE
+    items = await collect(generate(server, "chat", body, client_usage=True))
+    chunks, final = items[:-1], items[-1]
+    assert all(isinstance(c, Chunk) for c in chunks)
+    texts = [c.text for c in chunks if isinstance(c, Chunk)]
+    assert texts[-1] == DONE
     events = "".join(texts).split("\n\n")
     assert [e[:7] for e in events if e] == ["data: {"] * 3 + ["data: ["]
     assert '"role": "assistant"' in events[0]
     # Ray's SGLang stream has no usage chunk: the final usage is the chunk count, the gateway adds the prompt.
-    assert final == protocol.usage(None, 3)
+    assert final == Final(None, 3)
 
 
 async def test_completions_batch_and_stream(server: Any) -> None:
-    (whole,) = await collect(server.generate("completions", {"model": "qwen-72b", "prompt": ["a b", "c"]}))
-    assert [c["text"] for c in whole["body"]["choices"]] == ["one two three"] * 2
-    assert whole["body"]["usage"]["prompt_tokens"] == 3
-    items = await collect(server.generate("completions", {"model": "qwen-72b", "prompt": "a", "stream": True,
-                                                          "max_tokens": 1}))
-    assert items[-2:] == [protocol.DONE, protocol.usage(None, 1)]
+    (whole,) = await collect(generate(server, "completions", {"model": "qwen-72b", "prompt": ["a b", "c"]}))
+    assert isinstance(whole, Answer)
+    assert [c["text"] for c in whole.body["choices"]] == ["one two three"] * 2
+    assert whole.body["usage"]["prompt_tokens"] == 3
+    items = await collect(generate(server, "completions", {"model": "qwen-72b", "prompt": "a", "stream": True,
+                                                           "max_tokens": 1}))
+    assert items[-2:] == [Chunk(DONE), Final(None, 1)]
 
 
 @pytest.mark.parametrize(("kind", "body", "status", "words"), [
     ("chat", {"model": "qwen-72b", "messages": "not a list"}, 400, "messages"),
     ("chat", {"model": "qwen-72b", "messages": [], "temperature": "hot"}, 400, "temperature"),
     ("completions", {"model": "qwen-72b", "prompt": []}, 400, "cannot be empty"),
-    ("tokenize", {"model": "qwen-72b", "prompt": "a"}, 404, "unknown endpoint"),
+    ("tokenize", {"model": "qwen-72b", "prompt": "a"}, 404, "does not serve /v1/tokenize"),
 ])
-async def test_client_mistakes_are_openai_errors(server: Any, kind: str, body: dict[str, Any], status: int,
-                                                 words: str) -> None:
-    (item,) = await collect(server.generate(kind, body))
-    assert (item["arks"], item["status"]) == ("error", status)
-    assert words in item["body"]["error"]["message"]
+async def test_client_mistakes_are_the_clients_failures(server: Any, kind: str, body: dict[str, Any], status: int,
+                                                       words: str) -> None:
+    (item,) = await collect(generate(server, kind, body))
+    assert isinstance(item, Failure)
+    assert (item.kind, item.status, item.blames_backend) == ("invalid", status, False)
+    assert words in item.message
+    assert item.body()["error"]["type"] == "invalid_request_error"
     assert server.engine.calls == []
+
+
+@pytest.mark.parametrize(("exc", "kind", "status"), [
+    (ValueError("prompt is longer than the context window of 4096 tokens"), "invalid", 400),
+    (RuntimeError("NCCL error at 10.0.0.4: unhandled system error"), "engine", 500),
+])
+async def test_an_engine_exception_before_any_output_is_classified(server: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                   exc: Exception, kind: str, status: int) -> None:
+    async def fails(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(server.engine, "async_generate", fails)
+    body = {"model": "qwen-72b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    (item,) = await collect(generate(server, "chat", body))
+    assert isinstance(item, Failure)
+    assert (item.kind, item.status) == (kind, status)
+    assert "10.0.0.4" not in item.message  # an engine's own failure is described, not echoed
+    if kind == "invalid":
+        assert "context window" in item.message
+
+
+async def test_an_engine_that_breaks_mid_stream_fails_after_what_it_sent(server: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    async def breaks(prompt: Any, stream: bool, sampling_params: Any = None) -> Any:
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            yield {"text": "one", "meta_info": {"finish_reason": None}}
+            raise ValueError("detokenizer state corrupted")
+        return chunks()
+
+    monkeypatch.setattr(server.engine, "async_generate", breaks)
+    body = {"model": "qwen-72b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    items = await collect(generate(server, "chat", body))
+    assert len(items) > 1
+    assert all(isinstance(i, Chunk) for i in items[:-1])
+    # After output, even a ValueError is the engine breaking, not the client's mistake.
+    assert items[-1] == Failure("engine", 500, "the engine failed mid-stream")
