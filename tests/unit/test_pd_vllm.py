@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from arks_ray.api.loading import load_documents
-from arks_ray.engines import protocol
+from arks_ray.engines.protocol import DONE, Chunk, EngineRequest, Failure, Final
 from arks_ray.render import Rendered, render_namespace
 
 MODEL = {"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": "ds", "namespace": "default"},
@@ -159,7 +159,7 @@ class FakeEngine:
         usage = {"id": "d", "object": "chat.completion.chunk", "model": request.model, "choices": [],
                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
         yield f"data: {json.dumps(usage)}\n\n"
-        yield protocol.DONE
+        yield DONE
 
 
 class FakePrefill:
@@ -206,7 +206,7 @@ async def test_generate_prefills_remotely_then_decodes_with_the_transferred_kv(
     prefill = FakePrefill()
     server = decode_server(prefill, monkeypatch)
     body = {"model": "ds-lite", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
-    items = [item async for item in server.generate("chat", body)]
+    items = [item async for item in server.generate(EngineRequest("chat", body))]
 
     (sent,) = prefill.requests
     assert (sent.max_tokens, sent.stream) == (1, False)
@@ -214,20 +214,36 @@ async def test_generate_prefills_remotely_then_decodes_with_the_transferred_kv(
     (decoded,) = server.engine.requests
     assert decoded.kv_transfer_params == FakePrefill.KV
     assert decoded.max_tokens == 8
-    text = "".join(i for i in items if isinstance(i, str))
+    assert all(isinstance(i, Chunk) for i in items[:-1])
+    text = "".join(i.text for i in items if isinstance(i, Chunk))
     assert '"content": "one"' in text
-    assert text.endswith(protocol.DONE)
+    assert text.endswith(DONE)
     assert '"usage"' not in text  # the client did not ask; the meter keeps it
-    assert items[-1] == protocol.usage({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, 2)
+    assert items[-1] == Final({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, 2)
 
 
-async def test_a_prefill_error_becomes_the_requests_error(no_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_prefill_error_becomes_the_requests_failure(no_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
 
-    failure = ErrorResponse(error=ErrorInfo(message="prefill out of KV blocks", type="ServiceUnavailable", code=503))
+    failure = ErrorResponse(error=ErrorInfo(message="prefill out of KV blocks on 10.0.0.7", type="ServiceUnavailable",
+                                            code=503))
     server = decode_server(FakePrefill(error=failure), monkeypatch)
     body = {"model": "ds-lite", "messages": [{"role": "user", "content": "hi"}]}
-    (item,) = [item async for item in server.generate("chat", body)]
-    assert (item["arks"], item["status"]) == ("error", 503)
-    assert item["body"]["error"]["message"] == "prefill out of KV blocks"
+    (item,) = [item async for item in server.generate(EngineRequest("chat", body))]
+    # The engine's failure (held against the backend, retried elsewhere); its text stays in the replica's log.
+    assert item == Failure("engine", 500, "the engine failed to answer this request")
+    assert item.blames_backend
+    assert server.engine.requests == []
+
+
+async def test_a_prefill_refusing_the_input_is_the_clients_400(no_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
+
+    refusal = ErrorResponse(error=ErrorInfo(message="This model's maximum context length is 4096 tokens",
+                                            type="BadRequestError", code=400, param="messages"))
+    server = decode_server(FakePrefill(error=refusal), monkeypatch)
+    body = {"model": "ds-lite", "messages": [{"role": "user", "content": "hi"}]}
+    (item,) = [item async for item in server.generate(EngineRequest("chat", body))]
+    assert item == Failure("invalid", 400, "This model's maximum context length is 4096 tokens", "messages")
+    assert not item.blames_backend
     assert server.engine.requests == []
