@@ -15,6 +15,7 @@ from arks_ray.api.loading import load_yaml
 from arks_ray.engines import dynamo
 from arks_ray.engines.dynamo import Cluster, LaunchError, LaunchSpec
 from arks_ray.render import RenderOptions, render_namespace
+from deployments.upstream import error_message
 
 PY = "/opt/dynamo/bin/python"
 LOCAL = Cluster(discovery="file", request_plane="tcp", namespace="arks-default-app", file_dir="/state/kv")
@@ -149,11 +150,15 @@ def test_sidecar_environment_drops_the_replicas_python() -> None:
 @pytest.mark.parametrize(("raw", "expected"), [
     (b'{"message":"Model not found","type":"Not Found","code":404}', ("Model not found", None)),
     (b'{"error":{"message":"bad","param":"messages"}}', ("bad", "messages")),
+    (b'{"error":"no such model"}', ("no such model", None)),
+    (b'{"error":{"param":"n"}}', ("HTTP 500", "n")),
     (b"plain text", ("plain text", None)),
+    (b"[1, 2]", ("[1, 2]", None)),
     (b"", ("HTTP 500", None)),
+    (b'{"message":"' + b"x" * 600 + b'"}', ("x" * 500, None)),
 ])
 def test_frontend_errors_are_read_in_both_shapes(raw: bytes, expected: tuple[str, str | None]) -> None:
-    assert dynamo.dynamo_error(500, raw) == expected
+    assert error_message(500, raw) == expected
 
 
 MODEL = """
