@@ -12,11 +12,13 @@ it as environment variables from the source's Secret (``secretKeyRef``), never a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME
 from arks_ray.api.model import ArksModel
 from arks_ray.render.cluster import POD_FIELDS
+from arks_ray.render.engine_args import ArgsError
 from arks_ray.render.names import label_value, model_job_name
 
 DOWNLOADER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
@@ -28,6 +30,24 @@ SECRET_KEYS: dict[str, tuple[tuple[str, bool], ...]] = {
     "modelscope": (("MODELSCOPE_API_TOKEN", False),),
     "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)),
 }
+
+
+def loader_engine_kwargs(model: ArksModel, given: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM keyword arguments for ``spec.loader``: ``load_format`` and, for the Run:ai model streamer, its
+    ``model_loader_extra_config`` (``concurrency``, ``memory_limit``). Called by the serve-config renderer
+    for vLLM apps; they reach vLLM through Ray Serve LLM's ``engine_kwargs``. Raises ArgsError when
+    runtimeCommonArgs also sets the load format (two places would say different things)."""
+    loader = model.spec.loader
+    if loader is None or loader.format == "auto":
+        return {}
+    if "load_format" in given:
+        raise ArgsError("--load-format is set by ArksModel spec.loader.format, not runtimeCommonArgs")
+    out: dict[str, Any] = {"load_format": loader.format}
+    extra = {k: v for k, v in (("concurrency", loader.concurrency), ("memory_limit", loader.memory_limit_bytes))
+             if v is not None}
+    if extra:
+        out["model_loader_extra_config"] = extra
+    return out
 
 
 def _labels(model: ArksModel) -> dict[str, str]:

@@ -23,6 +23,7 @@ from arks_ray.render.engine_args import (
     parse_engine_args,
     sglang_server_args,
 )
+from arks_ray.render.models import loader_engine_kwargs
 from arks_ray.render.options import RenderOptions
 from arks_ray.render.placement import sglang_placement, strategy_of
 
@@ -103,6 +104,7 @@ def engine_app(
         engine_kwargs[_TP_KEY[spec.runtime]] = spec.tp
         if spec.pp > 1:
             engine_kwargs[_PP_KEY[spec.runtime]] = spec.pp
+        engine_kwargs.update(loader_engine_kwargs(model, engine_kwargs))
     llm_config: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.model_name, "model_source": source},
         "engine_kwargs": engine_kwargs,

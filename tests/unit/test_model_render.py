@@ -127,3 +127,47 @@ def test_bad_sources_say_why(source: dict[str, Any], message: str) -> None:
 def test_the_job_refuses_a_malformed_source(capsys: pytest.CaptureFixture[str]) -> None:
     assert job_main(["--model-id", "x", "--source", '{"s3": {"uri": "nope"}}', "--dest", "/nonexistent/x"]) == 1
     assert capsys.readouterr().err.startswith("arks-ray: download failed:")
+
+
+def _quickstart_with_loader(loader: dict[str, Any], args: list[str] | None = None) -> Any:
+    from pathlib import Path
+
+    import yaml
+
+    from arks_ray.api import load_documents
+    from arks_ray.render import render
+
+    docs = list(yaml.safe_load_all((Path(__file__).parents[1] / "fixtures/arks/quickstart.yaml").read_text()))
+    for doc in docs:
+        if doc["kind"] == "ArksModel":
+            doc["spec"]["loader"] = loader
+        if doc["kind"] == "ArksApplication" and args is not None:
+            doc["spec"]["runtimeCommonArgs"] = args
+    (result,) = render(load_documents(docs))
+    return result
+
+
+def _llm_config(result: Any) -> dict[str, Any]:
+    (app,) = [a for a in result.serve_config["applications"] if a["name"] != "gateway"]
+    return dict(app["args"]["llm_config"])
+
+
+def test_the_loader_reaches_vllm_through_engine_kwargs() -> None:
+    result = _quickstart_with_loader({"format": "runai_streamer", "concurrency": 16, "memoryLimitBytes": 1 << 30})
+    kwargs = _llm_config(result)["engine_kwargs"]
+    assert kwargs["load_format"] == "runai_streamer"
+    assert kwargs["model_loader_extra_config"] == {"concurrency": 16, "memory_limit": 1 << 30}
+    fast = _llm_config(_quickstart_with_loader({"format": "fastsafetensors"}))["engine_kwargs"]
+    assert fast["load_format"] == "fastsafetensors"
+    assert "model_loader_extra_config" not in fast
+    assert "load_format" not in _llm_config(_quickstart_with_loader({"format": "auto"}))["engine_kwargs"]
+
+
+def test_the_loader_and_a_load_format_flag_conflict() -> None:
+    result = _quickstart_with_loader({"format": "fastsafetensors"}, ["--load-format", "safetensors"])
+    assert any("load-format" in p.message for p in result.problems)
+
+
+def test_streamer_settings_need_the_streamer() -> None:
+    with pytest.raises(ValueError, match="runai_streamer only"):
+        model(HTTP, loader={"format": "fastsafetensors", "concurrency": 4})
