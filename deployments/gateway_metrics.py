@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TextIO
 
 from arks_ray.gateway import access_log
-from arks_ray.gateway.limits import Usage
 from arks_ray.gateway.records import RequestRecord
 from arks_ray.gateway.routing import RouteView
 from arks_ray.gateway.series import (
@@ -39,11 +38,6 @@ class Metrics(Protocol):
     def routes(self, views: list[RouteView]) -> None: ...
     def quotas(self, namespace: str, levels: Sequence[QuotaLevel]) -> None: ...
 
-    # The request path before the lifecycle: removed once it calls ``finished`` (recorded there instead).
-    def request(self, model: str, status: int) -> None: ...
-    def tokens(self, model: str, usage: Usage) -> None: ...
-    def limited(self, model: str, kind: str) -> None: ...
-
 
 class NoMetrics:
     """Records nothing (tests, and callers that pass no metrics); the base of the others."""
@@ -61,15 +55,6 @@ class NoMetrics:
         return None
 
     def quotas(self, namespace: str, levels: Sequence[QuotaLevel]) -> None:
-        return None
-
-    def request(self, model: str, status: int) -> None:
-        return None
-
-    def tokens(self, model: str, usage: Usage) -> None:
-        return None
-
-    def limited(self, model: str, kind: str) -> None:
         return None
 
 
