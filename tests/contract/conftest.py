@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from arks_ray.stores.base import CounterStore
+from arks_ray.gateway.ports import CounterStore
 from arks_ray.stores.memory import MemoryStore
 from arks_ray.stores.redis import RedisStore
 

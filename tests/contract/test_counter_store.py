@@ -1,8 +1,9 @@
 """The ``CounterStore`` contract, run against ``MemoryStore`` and a real ``RedisStore`` alike.
 
 Every time is an explicit ``now_ms`` (the injected clock), so window, lease and refund arithmetic is checked
-to the millisecond. The Redis-only tests at the end cover what memory cannot fail at: a dead or hung server,
-script reloading after a restart, round trips per call, and prefix deletion.
+to the millisecond: windows, leases and their renewal, totals, floors and prefix deletion. The Redis-only tests
+at the end cover what memory cannot fail at: a dead or hung server, script reloading after a restart, round
+trips per call, and a differential run against memory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from arks_ray.api.gateway import GatewayConfig, Grant, Limit, Token
 from arks_ray.errors import RateLimited
 from arks_ray.gateway.governor import Governor
 from arks_ray.gateway.limits import Algorithm, Counter, Usage, window_counter
-from arks_ray.stores.base import CounterStore, Decision, StoreUnavailable
+from arks_ray.gateway.ports import CounterStore, Decision, Lease, StoreUnavailable
 from arks_ray.stores.memory import MemoryStore
 from arks_ray.stores.redis import RedisStore
 
@@ -214,6 +215,39 @@ async def test_leases_expire_after_their_ttl(store: CounterStore) -> None:
     assert not (await store.reserve([slots], "r5", T0 + 10_004)).admitted
 
 
+async def test_a_renewed_lease_outlives_its_old_expiry(store: CounterStore) -> None:
+    slots = lease(1, ttl_ms=10_000)
+    assert (await store.reserve([slots], "r1", T0)).admitted
+    assert await store.renew([Lease(slots.key, "r1")], T0 + 30_000) == 1
+    assert not (await store.reserve([slots], "r2", T0 + 10_001)).admitted  # past the old expiry: still held
+    assert not (await store.reserve([slots], "r2", T0 + 29_999)).admitted
+    d = await store.reserve([slots], "r2", T0 + 30_000)  # held until the renewed expiry, as until its ttl
+    assert (d.admitted, d.remaining) == (True, (0,))
+
+
+async def test_a_settled_lease_is_not_resurrected_by_renew(store: CounterStore) -> None:
+    slots = lease(1, ttl_ms=10_000)
+    await store.reserve([slots], "r1", T0)
+    await store.settle([slots], "r1", T0, [0])
+    assert await store.renew([Lease(slots.key, "r1")], T0 + 60_000) == 0
+    d = await store.reserve([slots], "r2", T0 + 1)
+    assert (d.admitted, d.remaining) == (True, (0,))
+
+
+async def test_renew_extends_only_the_leases_still_held_in_one_call(store: CounterStore) -> None:
+    a, b = lease(2, ttl_ms=10_000, key="t:a:concurrency"), lease(1, ttl_ms=10_000, key="t:b:concurrency")
+    await store.reserve([a, b], "r1", T0)
+    await store.reserve([a], "r2", T0 + 1)
+    await store.settle([a], "r2", T0 + 1, [0])
+    held = [Lease(a.key, "r1"), Lease(b.key, "r1"), Lease(a.key, "r2"), Lease("t:never:concurrency", "r1")]
+    assert await store.renew(held, T0 + 20_000) == 2
+    assert await store.renew([], T0 + 20_000) == 0
+    # r1 still holds a slot of a (one left) and b (none left) past its first expiry; r2 left a for good.
+    assert (await store.reserve([a], "r3", T0 + 15_000)).remaining == (0,)
+    assert not (await store.reserve([b], "r4", T0 + 15_000)).admitted
+    assert (await store.reserve([b], "r4", T0 + 20_001)).admitted
+
+
 # --- totals (quotas) ---------------------------------------------------------------------------------------
 
 
@@ -235,7 +269,7 @@ async def test_settle_refunds_and_charges_a_total(store: CounterStore) -> None:
 async def test_a_total_never_goes_below_zero(store: CounterStore) -> None:
     big = total(1000, 100)
     await store.reserve([big], "a", T0)
-    await store.delete([big.key])  # a deliberate reset while "a" is in flight
+    assert await store.delete_prefix(big.key) == 1  # a deliberate reset while "a" is in flight
     small = total(1000, 10)
     await store.reserve([small], "b", T0 + 1)
     await store.settle([big], "a", T0, [0])  # refunds 100 from a counter that holds 10
@@ -246,12 +280,12 @@ async def test_a_total_never_goes_below_zero(store: CounterStore) -> None:
 async def test_settle_of_a_deleted_total_does_not_recreate_it(store: CounterStore) -> None:
     counter = total(1000, 100)
     await store.reserve([counter], "a", T0)
-    await store.delete([counter.key])
+    await store.delete_prefix(counter.key)
     await store.settle([counter], "a", T0, [500])
     assert await store.read([counter.key]) == {counter.key: 0}
 
 
-async def test_read_raise_floor_and_delete(store: CounterStore) -> None:
+async def test_read_raise_floor_and_delete_prefix(store: CounterStore) -> None:
     key, other = "t:quota:q:total:2024-01", "t:quota:q:prompt:2024-01"
     assert await store.read([key, other]) == {key: 0, other: 0}
     assert await store.read([]) == {}
@@ -266,8 +300,8 @@ async def test_read_raise_floor_and_delete(store: CounterStore) -> None:
     assert (d.admitted, d.remaining) == (True, (0,))
     assert not (await store.reserve([total(100, 1, key=key)], "b", T0)).admitted
 
-    await store.delete([key])
-    await store.delete([])
+    assert await store.delete_prefix(key) == 1
+    assert await store.delete_prefix(key) == 0
     assert await store.read([key]) == {key: 0}
     assert (await store.reserve([total(100, 1, key=key)], "c", T0)).remaining == (99,)
 
@@ -388,7 +422,8 @@ async def test_every_call_on_a_dead_redis_raises_store_unavailable(
         "settle": lambda: redis_store.settle(counters, "a", T0, [1, 1]),
         "read": lambda: redis_store.read(["k"]),
         "raise_floor": lambda: redis_store.raise_floor("k", 1, 0),
-        "delete": lambda: redis_store.delete(["k"]),
+        "renew": lambda: redis_store.renew([Lease("t:concurrency", "a")], T0 + 1),
+        "delete_prefix": lambda: redis_store.delete_prefix("t:"),
     }
     for name, call in calls.items():
         started = time.monotonic()
@@ -477,29 +512,29 @@ async def test_one_round_trip_per_reserve_and_per_settle(
     assert settles == {"evalsha": n}
 
 
-@pytest.mark.integration
-async def test_delete_prefix_deletes_only_matching_keys(redis_store: RedisStore, redis_server: RedisServer) -> None:
+async def test_delete_prefix_deletes_only_matching_keys(store: CounterStore) -> None:
     quota = "arks:ns:quota:q:"
     keep = ["arks:ns:quota:q2:total:lifetime", "arks:ns:quota:qq:total:lifetime", "arks:other:quota:q:total:lifetime",
             "x" + quota + "total:lifetime", "arks:ns:quota:q"]
     gone = [quota + "total:lifetime", quota + "prompt:2024-01-02", quota + "cost:2024-01"]
     for key in gone + keep:
-        assert await redis_store.raise_floor(key, 7, 0)
-    await redis_store.reserve([total(100, 1, key=quota + "total:lifetime"), rpm(5, prefix=quota + "x")], "a", T0)
-    assert await redis_store.delete_prefix(quota) == len(gone) + 1
-    assert await redis_store.read(gone) == dict.fromkeys(gone, 0)
-    assert await redis_store.read(keep) == dict.fromkeys(keep, 7)
-    assert await redis_store.delete_prefix("nothing:") == 0
+        assert await store.raise_floor(key, 7, 0)
+    await store.reserve([total(100, 1, key=quota + "total:lifetime"), rpm(5, prefix=quota + "x")], "a", T0)
+    assert await store.delete_prefix(quota) == len(gone) + 1
+    assert await store.read(gone) == dict.fromkeys(gone, 0)
+    assert await store.read(keep) == dict.fromkeys(keep, 7)
+    assert await store.delete_prefix("nothing:") == 0
+    # The deleted window is gone too: its limit starts afresh.
+    assert (await store.reserve([rpm(5, prefix=quota + "x")], "b", T0 + 1)).remaining == (4,)
 
 
-@pytest.mark.integration
-async def test_delete_prefix_takes_the_prefix_literally(redis_store: RedisStore) -> None:
+async def test_delete_prefix_takes_the_prefix_literally(store: CounterStore) -> None:
     for key in ("a?b:1", "axb:1", "a[b]:1", "ab:1"):
-        await redis_store.raise_floor(key, 1, 0)
-    assert await redis_store.delete_prefix("a?b:") == 1
-    assert await redis_store.delete_prefix("a[b]:") == 1
-    assert await redis_store.read(["axb:1", "ab:1", "a?b:1", "a[b]:1"]) == {"axb:1": 1, "ab:1": 1, "a?b:1": 0,
-                                                                             "a[b]:1": 0}
+        await store.raise_floor(key, 1, 0)
+    assert await store.delete_prefix("a?b:") == 1
+    assert await store.delete_prefix("a[b]:") == 1
+    assert await store.read(["axb:1", "ab:1", "a?b:1", "a[b]:1"]) == {"axb:1": 1, "ab:1": 1, "a?b:1": 0,
+                                                                       "a[b]:1": 0}
 
 
 @pytest.mark.integration
@@ -524,8 +559,15 @@ async def test_memory_and_redis_agree_on_a_random_workload(redis_store: RedisSto
     pending: list[tuple[list[Counter], str, int]] = []
     outcomes = {True: 0, False: 0}
     now = T0
+    renewed = 0
     for step in range(300):
         now += rng.choice([0, 1, 250, 999, 1_000, 7_000, 30_000])
+        leases = [Lease(c.key, rid) for counters, rid, _ in pending for c in counters if c.kind == "lease"]
+        if leases and rng.random() < 0.15:
+            results = [await s.renew(leases, now + 20_000) for s in (memory, redis_store)]
+            assert results[0] == results[1], (step, leases)
+            renewed += results[0]
+            continue
         if pending and rng.random() < 0.4:
             counters, rid, at = pending.pop(rng.randrange(len(pending)))
             amounts = [0 if c.kind == "lease" else rng.randint(0, 2 * c.amount) for c in counters]
@@ -541,6 +583,7 @@ async def test_memory_and_redis_agree_on_a_random_workload(redis_store: RedisSto
         if mine.admitted:
             pending.append((counters, f"s{step}", now))
     assert min(outcomes.values()) >= 30, outcomes  # both paths exercised, not a vacuous agreement
+    assert renewed > 0
 
 
 async def test_reports_replace_each_other_and_expire(store: CounterStore) -> None:
