@@ -63,8 +63,12 @@ def load_files(files: list[str], namespace: str | None) -> Loaded:
 
 
 def render_files(files: list[str], namespace: str | None) -> tuple[Loaded, list[Rendered], list[Problem]]:
+    from arks_ray.local.keys import local_token_keys
+    from arks_ray.render import RenderOptions
+
     loaded = load_files(files, namespace)
-    results = render(loaded)
+    # Digests under the local key ($ARKS_TOKEN_KEY wins: a cluster's, to render for that cluster).
+    results = render(loaded, options=RenderOptions(token_keys=local_token_keys()))
     problems = loaded.problems + [p for r in results for p in r.problems]
     return loaded, results, problems
 
@@ -172,7 +176,8 @@ def up_cmd(
         t = time.monotonic()
         plan.num_gpus = runner.detect_gpus() if num_gpus is None else num_gpus
         runner.check_gpus(plan.gpus_needed, plan.num_gpus)
-        started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()))
+        started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()),
+                                   plan.gateway_env)
         _step(f"{'started' if started else 'attached to'} Ray ({plan.num_cpus} logical CPUs, "
               f"{plan.num_gpus} GPU(s))", t)
         t = time.monotonic()

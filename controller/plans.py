@@ -31,6 +31,7 @@ from arks_ray.render import SPEC_HASH_ANNOTATION, Rendered, RenderOptions, rende
 from arks_ray.render.names import RAYSERVICE_NAME, label_value
 from controller import status as st
 from controller.downloads import ModelInputs, plan_model
+from controller.gateway_secret import gateway_secret, secret_write
 from controller.meta import MANAGED_BY, annotation, contains, finalizers, meta, name_of, owner_ref
 from controller.snapshot import APP_KINDS, Snapshot, add_problems
 from controller.writes import Write
@@ -47,6 +48,8 @@ class Observed:
     """Quota usage by quota name and type; None when no counter store is configured."""
     routes: Mapping[tuple[str, str], float] | None = None
     """Effective weights the gateway replicas reported, by (endpoint, backend); None without a store."""
+    gateway_secret: Mapping[str, Any] | None = None
+    """The live gateway Secret (only its metadata is used: its content id)."""
     download_logs: Mapping[str, str] = field(default_factory=dict)
     """Log tails of running download Jobs, by Job name (their progress reports)."""
 
@@ -265,8 +268,10 @@ def _status_writes(snap: Snapshot, applied: Rendered, models: _Models, seen: Obs
 
 
 def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, now: float,
-                   finalizer: str, download_backoff: tuple[float, float] = (60.0, 3600.0)) -> Plan:
-    """Everything one reconcile of ``snap.namespace`` should write."""
+                   finalizer: str, download_backoff: tuple[float, float] = (60.0, 3600.0),
+                   redis_password: str | None = None) -> Plan:
+    """Everything one reconcile of ``snap.namespace`` should write; ``redis_password`` goes into the
+    gateway's Secret (``controller.gateway_secret``), never into the RayService."""
     ns = snap.namespace
     live_rs = seen.rayservice
     secrets = snap.loaded.secrets
@@ -290,6 +295,10 @@ def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, no
                   if (ref := owner_ref(o, controller=False)) is not None]
         # Always set, even empty: applying no owners is how the last one is removed (by SSA and by merge).
         desired["metadata"]["ownerReferences"] = owners
+        # The Secret first, in an earlier phase: the head pod cannot start without it.
+        secret = gateway_secret(ns, options.gateway_secret, options.token_keys, redis_password)
+        if (write := secret_write(secret, seen.gateway_secret, ns, options.gateway_secret)) is not None:
+            models.writes.append(write)
         if (write := rayservice_write(desired, live_rs, ns)) is not None:
             rs_writes.append(write)
     elif live_rs is not None and (meta(live_rs).get("labels") or {}).items() >= MANAGED_BY.items():

@@ -24,6 +24,7 @@ from arks_ray.api.gateway import GatewayConfig, Quota
 from arks_ray.gateway.ports import StoreUnavailable
 from arks_ray.gateway.quotas import Floor
 from arks_ray.render.names import RAYSERVICE_NAME
+from arks_ray.render.options import GATEWAY_SECRET
 from controller import errors
 from controller.kube import ARKS_KINDS, KubeClient
 from controller.meta import MANAGED_BY, name_of
@@ -113,10 +114,12 @@ async def _routes(reader: RoutesReader | None, ns: str, wanted: bool, now: float
 
 
 async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: float,
-                  metrics: Metrics | None = None, routes: RoutesReader | None = None) -> tuple[Snapshot, Observed]:
+                  metrics: Metrics | None = None, routes: RoutesReader | None = None,
+                  gateway_secret: str = GATEWAY_SECRET) -> tuple[Snapshot, Observed]:
     """Both rounds of reads."""
-    lists, rayservice = await asyncio.gather(asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
-                                             kube.get("RayService", ns, RAYSERVICE_NAME))
+    lists, rayservice, secret = await asyncio.gather(
+        asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
+        kube.get("RayService", ns, RAYSERVICE_NAME), kube.get("Secret", ns, gateway_secret))
     snap = take(ns, [o for items in lists for o in items])
     secrets, pvcs, jobs, usage, weights = await asyncio.gather(
         _secrets(kube, ns, snap.secret_names()),
@@ -128,7 +131,10 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
     if secrets:
         found = load_documents(secrets, ns)
         snap.loaded.secrets.extend(found.secrets)
-    return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, download_logs=logs)
+    # Only the gateway Secret's metadata is kept: its values are never read back.
+    secret_meta = {"metadata": secret.get("metadata") or {}} if secret else None
+    return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, gateway_secret=secret_meta,
+                          download_logs=logs)
 
 
 async def _nothing() -> list[dict[str, Any]]:
@@ -183,10 +189,11 @@ async def reconcile_namespace(kube: KubeClient, namespace: str, settings: Contro
     """Bring one namespace to the state its Arks objects describe; return what was written."""
     now = time.time() if now is None else now
     started = time.perf_counter()
-    snap, seen = await observe(kube, namespace, usage, now, metrics, routes)
+    snap, seen = await observe(kube, namespace, usage, now, metrics, routes, settings.render.gateway_secret)
     read = time.perf_counter()
     plan = plan_namespace(snap, seen, options=settings.render, now=now, finalizer=settings.finalizer,
-                          download_backoff=settings.timing.download_backoff)
+                          download_backoff=settings.timing.download_backoff,
+                          redis_password=settings.gateway_redis_password)
     planned = time.perf_counter()
     written = await execute(kube, plan)
     timings = {"read": read - started, "plan": planned - read, "write": time.perf_counter() - planned}

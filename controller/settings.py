@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import get_args
 from urllib.parse import quote
 
+from arks_ray.api.digests import TokenKeys
 from arks_ray.render import RenderOptions
+from arks_ray.render.options import GangScheduler, UpgradeStrategy
 
 FIELD_MANAGER = "arks-ray"
 FINALIZER = "arks.ai/serve-app"
@@ -82,6 +85,9 @@ class ControllerSettings:
     """Counter store to mirror quota usage from into ``ArksQuota.status``. None: no mirroring (the
     embedded in-memory store lives inside the gateway, out of the operator's reach)."""
 
+    gateway_redis_password: str | None = dataclasses.field(default=None, repr=False)
+    """Password of the gateways' Redis; written into each namespace's gateway Secret, never rendered."""
+
     render: RenderOptions = dataclasses.field(default_factory=RenderOptions)
     """Images, head sizing and gateway settings passed to ``arks_ray.render``."""
 
@@ -145,12 +151,27 @@ def from_env(env: Mapping[str, str], base: ControllerSettings | None = None) -> 
         if env.get(var):
             changes[key] = env[var]
     if env.get("ARKS_GATEWAY_REDIS_URL"):
-        # The gateway runs in the tenant's Ray pods: the URL (with the password) is part of its Serve config.
-        url = with_password(env["ARKS_GATEWAY_REDIS_URL"], env.get("ARKS_REDIS_PASSWORD"))
-        changes["gateway_settings"] = {**s.render.gateway_settings, "redis_url": url}
+        # The gateway runs in the tenant's Ray pods: the URL is in its Serve config, the password is not (it
+        # reaches the head pod from the namespace's gateway Secret, controller.gateway_secret).
+        changes["gateway_settings"] = {**s.render.gateway_settings, "redis_url": env["ARKS_GATEWAY_REDIS_URL"]}
+        s.gateway_redis_password = env.get("ARKS_REDIS_PASSWORD") or None
+    keys = TokenKeys.from_environ(env)
+    if keys is not None:
+        changes["token_keys"] = keys
+    if env.get("ARKS_GANG_SCHEDULER"):
+        changes["gang_scheduler"] = _choice(env["ARKS_GANG_SCHEDULER"], get_args(GangScheduler), "ARKS_GANG_SCHEDULER")
+    if env.get("ARKS_UPGRADE_STRATEGY"):
+        changes["upgrade_strategy"] = _choice(env["ARKS_UPGRADE_STRATEGY"], get_args(UpgradeStrategy),
+                                              "ARKS_UPGRADE_STRATEGY")
     if changes:
         s.render = dataclasses.replace(s.render, **changes)  # type: ignore[arg-type]
     return s
+
+
+def _choice(value: str, allowed: tuple[str, ...], var: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{var}={value!r}: expected one of {', '.join(allowed)}")
+    return value
 
 
 def with_password(url: str, password: str | None) -> str:

@@ -53,6 +53,16 @@ def crd_json_schema() -> Callable[[dict[str, Any]], dict[str, Any]]:
     return convert
 
 
+@pytest.fixture(autouse=True)
+def _gateway_token_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs as a gateway replica of namespace ``default`` does: its token key in the environment
+    (``tests/support/keys.py``). Tests of a keyless gateway delete it."""
+    from arks_ray.api.digests import TOKEN_KEY_ENV
+    from tests.support.keys import namespace_keys
+
+    monkeypatch.setenv(TOKEN_KEY_ENV, namespace_keys().current.decode())
+
+
 @pytest.fixture
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fail a test that leaves an asyncio task running (kopf's own suite does the same)."""

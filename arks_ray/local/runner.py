@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from arks_ray.api.gateway import GATEWAY_APP
 from arks_ray.api.loading import Loaded
 from arks_ray.api.model import ArksModel
+from arks_ray.local.keys import local_token_keys
 from arks_ray.render import Rendered, RenderOptions, render_namespace
 from arks_ray.render.cluster import parse_ray_resources
 
@@ -46,6 +47,8 @@ class LocalPlan:
     num_cpus: int
     port: int
     num_gpus: int = 0
+    gateway_env: dict[str, str] = field(default_factory=dict, repr=False)
+    """The gateway's token keys (the namespace's, derived from the local key) for ``ray start``'s environment."""
 
     @property
     def gpus_needed(self) -> dict[str, float]:
@@ -130,7 +133,8 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
          gateway_replicas: int = 1) -> LocalPlan:
     if loaded.errors:
         raise LocalError("\n".join(str(p) for p in loaded.errors))
-    options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}))
+    keys = local_token_keys()
+    options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}), token_keys=keys)
     rendered = render_namespace(loaded.objects, namespace, secrets=loaded.secrets, options=options)
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
@@ -139,7 +143,8 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     resources: dict[str, float] = {}
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         resources.update(parse_ray_resources(group["rayStartParams"].get("resources", '"{}"')))
-    return LocalPlan(rendered, config, resources, _cpus_needed(config), port)
+    return LocalPlan(rendered, config, resources, _cpus_needed(config), port,
+                     gateway_env=keys.for_namespace(namespace).environ())
 
 
 def ensure_local_models(loaded: Loaded) -> list[str]:
@@ -231,8 +236,13 @@ def missing_resources(resources: dict[str, float]) -> list[str]:
     return sorted(name for name in resources if name not in total)
 
 
-def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpus_wanted: float = 0.0) -> bool:
-    """Start a local head node unless one answers already; True if this call started it."""
+def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpus_wanted: float = 0.0,
+              gateway_env: dict[str, str] | None = None) -> bool:
+    """Start a local head node unless one answers already; True if this call started it.
+
+    ``gateway_env`` (default: the token keys of namespace ``default``) goes into the environment of ``ray
+    start``, which every Ray worker process inherits, so the gateway reads its key there and the Serve
+    config never holds it. An already running Ray keeps the keys it started with."""
     if ray_running():
         missing = missing_resources({**resources, **({"GPU": gpus_wanted} if gpus_wanted else {})})
         if missing:
@@ -244,7 +254,9 @@ def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpu
            "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
     _auth_env()
     _ensure_auth_token()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - our own ray binary
+    env = {**os.environ, **(gateway_env if gateway_env is not None else
+                            local_token_keys().for_namespace("default").environ())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)  # noqa: S603 - our own ray
     if proc.returncode != 0:
         raise LocalError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
     deadline = time.monotonic() + 60

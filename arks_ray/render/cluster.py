@@ -1,9 +1,14 @@
-"""Worker groups: engine pods keyed by resource shape, in append-only stable order.
+"""Worker groups: engine pods keyed by application and pod shape, in append-only stable order.
 
-Called by ``arks_ray.render.rayservice``. Apps whose worker pods would be identical share a group; the
-group's pod counts are the sum of its apps' needs. KubeRay v1.7 updates a RayCluster in place only when
-new groups are appended after the existing ones, so a group's position never changes and a group no
-app uses any more stays, scaled to zero.
+Called by ``arks_ray.render.rayservice``. Each app (each role of a PD app) has its own group per pod
+shape, and its pods carry ``arks.ai/application`` (and ``arks.ai/role``), so ``kubectl get pods -l
+arks.ai/application=<app>`` lists exactly the pods serving it: the group's custom Ray resource, which only
+its pods advertise and every bundle of the app asks for, keeps other apps' replicas off them.
+
+KubeRay v1.7 updates a RayCluster in place only when new groups are appended after the existing ones
+(replica counts aside), so a group's position never changes, a changed app gets a new group at the end,
+and a group no app uses any more stays, scaled to zero, until KubeRay builds a new RayCluster anyway
+(``needs_new_cluster``): then retired groups are dropped (README, "Per-app pods").
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME, InstanceSpec
-from arks_ray.render.names import MAX_LABEL, digest, dns_label
+from arks_ray.render.names import MAX_LABEL, digest, dns_label, label_value
 
 GPU_RESOURCE = "nvidia.com/gpu"
+APP_LABEL = "arks.ai/application"
+ROLE_LABEL = "arks.ai/role"
 GROUP_RESOURCE_PREFIX = "arks-wg-"
 
 # InstanceSpec fields that land on the pod spec, with their pod-spec names where they differ.
@@ -77,13 +84,15 @@ def gpus_per_pod(spec: InstanceSpec) -> int:
 
 @dataclass(frozen=True)
 class PodShape:
-    """Everything that makes a worker pod what it is; equal shapes share a worker group."""
+    """Everything that makes a worker pod what it is, and the app (and PD role) it serves."""
 
     image: str
     instance: InstanceSpec
     image_pull_secrets: tuple[str, ...] = ()
     model_pvc: str | None = None
     accelerator: str | None = None
+    app: str = ""
+    role: str | None = None
 
     def template(self, group: str) -> dict[str, Any]:
         inst = self.instance
@@ -111,7 +120,10 @@ class PodShape:
                 pod[key] = value
         if self.image_pull_secrets:
             pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
-        labels = {**(inst.labels or {}), "app.kubernetes.io/managed-by": "arks-ray", "arks.ai/worker-group": group}
+        labels = {**(inst.labels or {}), "app.kubernetes.io/managed-by": "arks-ray", "arks.ai/worker-group": group,
+                  APP_LABEL: label_value(self.app)}
+        if self.role:
+            labels[ROLE_LABEL] = self.role
         meta: dict[str, Any] = {"labels": labels}
         if inst.annotations:
             meta["annotations"] = dict(inst.annotations)
@@ -124,8 +136,8 @@ class PodShape:
     def group_name(self) -> str:
         gpus = gpus_per_pod(self.instance)
         kind = (self.accelerator or "gpu").lower() + str(gpus) if gpus else "cpu"
-        runtime = self.image.rsplit("/", 1)[-1].split(":", 1)[0].removeprefix("arks-ray-")
-        return dns_label(runtime[:20], kind[:16], self.key(), max_len=MAX_LABEL - len(GROUP_RESOURCE_PREFIX))
+        app = dns_label(self.app, max_len=24) if self.app else ""
+        return dns_label(app, self.role or "", kind[:12], self.key(), max_len=MAX_LABEL - len(GROUP_RESOURCE_PREFIX))
 
 
 @dataclass
@@ -179,15 +191,59 @@ def previous_groups(rayservice: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def order_groups(
-    wanted: dict[str, WorkerGroup], previous: list[dict[str, Any]], units: int
+    wanted: dict[str, WorkerGroup], previous: list[dict[str, Any]], units: int, *, compact: bool = False
 ) -> list[dict[str, Any]]:
-    """Previous groups keep their place (retired ones drop to zero pods); new groups are appended."""
+    """Previous groups keep their place (retired ones drop to zero pods, or go when ``compact``); new
+    groups are appended."""
+    wanted = dict(wanted)
     out: list[dict[str, Any]] = []
     for old in previous:
         name = old.get("groupName", "")
         if name in wanted:
             out.append(wanted.pop(name).spec(units))
-        else:
+        elif not compact:
             out.append({**old, "replicas": 0, "minReplicas": 0, "maxReplicas": 0})
     out.extend(group.spec(units) for _, group in sorted(wanted.items()))
     return out
+
+
+# Fields KubeRay v1.7 leaves out of its cluster hash (GenerateHashWithoutReplicasAndWorkersToDelete).
+_UNHASHED_GROUP = ("replicas", "minReplicas", "maxReplicas")
+_UNHASHED_POD = ("tolerations", "schedulingGates")
+
+
+def _hashed(config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(config))
+    out.pop("upgradeStrategy", None)
+    out.pop("suspend", None)
+    for spec in [out.get("headGroupSpec") or {}, *(out.get("workerGroupSpecs") or [])]:
+        for key in _UNHASHED_GROUP:
+            spec.pop(key, None)
+        (spec.get("scaleStrategy") or {}).pop("workersToDelete", None)
+        for key in _UNHASHED_POD:
+            ((spec.get("template") or {}).get("spec") or {}).pop(key, None)
+    return out
+
+
+def _within(new: Any, old: Any) -> bool:
+    """Every value ``new`` sets is the same in ``old`` (which may hold defaults the API server added)."""
+    if isinstance(new, dict):
+        return isinstance(old, dict) and all(k in old and _within(v, old[k]) for k, v in new.items())
+    if isinstance(new, list):
+        return isinstance(old, list) and len(new) == len(old) and all(map(_within, new, old))
+    return bool(new == old)
+
+
+def needs_new_cluster(previous: dict[str, Any] | None, config: dict[str, Any]) -> bool:
+    """Whether KubeRay v1.7 would build a new RayCluster for ``config`` (a ``rayClusterConfig``) over the
+    previous one: anything but replica counts changed in the head or in the groups that exist already,
+    or a group went away (KubeRay's ``isClusterSpecHashEqual`` with ``partial``)."""
+    if not previous:
+        return False
+    old, new = _hashed(previous), _hashed(config)
+    kept = len(old.get("workerGroupSpecs") or [])
+    groups = new.get("workerGroupSpecs") or []
+    if len(groups) < kept:
+        return True
+    new["workerGroupSpecs"] = groups[:kept]
+    return not _within(new, old)

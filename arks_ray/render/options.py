@@ -7,11 +7,15 @@ what a stock install uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from arks_ray import __version__
+from arks_ray.api.digests import TokenKeys
 
 IMAGE_REPO = "ghcr.io/arks-ray/arks-ray"
+GATEWAY_SECRET = "arks-gateway"  # noqa: S105 - a Secret name
+GangScheduler = Literal["none", "volcano", "yunikorn", "scheduler-plugins"]
+UpgradeStrategy = Literal["NewCluster", "None"]
 
 
 def _runtime_images() -> dict[str, str]:
@@ -36,7 +40,7 @@ class RenderOptions:
     """Default worker image per runtime, when an app sets no ``runtimeImage``."""
 
     downloader_image: str = f"{IMAGE_REPO}:{__version__}"
-    """Image of model download Jobs; it must contain arks-ray (``python -m arks_ray.weights``)."""
+    """Image of model download Jobs; it must contain arks-ray (``python -m arks_ray.models``)."""
 
     head_resources: dict[str, Any] = field(default_factory=lambda: {
         "requests": {"cpu": "2", "memory": "8Gi"},
@@ -67,3 +71,17 @@ class RenderOptions:
 
     model_mount_read_only: bool = True
     """Mount the model volume read-only in engine pods (the download Job mounts it read-write)."""
+
+    token_keys: TokenKeys | None = field(default=None, repr=False)
+    """The installation's token keys; each namespace's are derived from them. None: no token renders."""
+
+    gateway_secret: str = GATEWAY_SECRET
+    """Secret in each tenant namespace (written by the operator, never rendered) whose keys ``token-key``,
+    ``token-key-next`` and ``redis-password`` reach the head pod as environment variables."""
+
+    gang_scheduler: GangScheduler = "none"
+    """The batch scheduler KubeRay runs with (its ``batchScheduler`` setting); podGroupPolicy maps onto it."""
+
+    upgrade_strategy: UpgradeStrategy = "NewCluster"
+    """RayService ``upgradeStrategy.type``: what KubeRay does when the cluster spec changes beyond appended
+    worker groups (README, "Upgrades")."""

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from arks_ray.api.application import ArksApplication
+from arks_ray.api.digests import TOKEN_KEY_ENV, TOKEN_KEY_NEXT_ENV
 from arks_ray.api.disaggregated import ArksDisaggregatedApplication, DisaggregatedWorkload
 from arks_ray.api.endpoint import ArksEndpoint
 from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
@@ -23,8 +24,17 @@ from arks_ray.api.quota import ArksQuota
 from arks_ray.api.token import ArksToken
 from arks_ray.errors import Problem
 from arks_ray.render import accelerators, placement
-from arks_ray.render.cluster import PodShape, WorkerGroup, gpus_per_pod, order_groups, previous_groups, ray_resources
+from arks_ray.render.cluster import (
+    PodShape,
+    WorkerGroup,
+    gpus_per_pod,
+    needs_new_cluster,
+    order_groups,
+    previous_groups,
+    ray_resources,
+)
 from arks_ray.render.engine_args import ArgsError
+from arks_ray.render.gang import gang_labels
 from arks_ray.render.gateway_config import compile_gateway
 from arks_ray.render.models import render_download_job, render_pvc
 from arks_ray.render.names import RAYSERVICE_NAME, digest
@@ -37,6 +47,7 @@ from arks_ray.render.serve_config import (
     pd_world,
     serve_config,
 )
+from arks_ray.render.validation import app_warnings, disaggregated_errors
 
 SPEC_HASH_ANNOTATION = "arks.ai/spec-hash"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
@@ -81,14 +92,17 @@ class _Groups:
         return group
 
 
-def _shape(image: str | None, runtime: str, inst: Any, pulls: Iterable[Any], model: ArksModel,
-           accelerator: str | None, options: RenderOptions) -> PodShape:
+def _shape(app: AnyApp, runtime: str, inst: Any, model: ArksModel, accelerator: str | None,
+           options: RenderOptions, role: str | None = None) -> PodShape:
+    spec = app.spec
     return PodShape(
-        image=image or options.runtime_images[runtime],
+        image=spec.runtime_image or options.runtime_images[runtime],
         instance=inst,
-        image_pull_secrets=tuple(r.name for r in pulls),
+        image_pull_secrets=tuple(r.name for r in spec.runtime_image_pull_secrets),
         model_pvc=model.pvc_name(),
         accelerator=accelerator,
+        app=app.metadata.name,
+        role=role,
     )
 
 
@@ -116,8 +130,7 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
         problems.append(Problem("ArksApplication", name, "spec.accelerator", wrong))
     if any(p.severity == "error" for p in problems):
         return None, problems
-    shape = _shape(spec.runtime_image, spec.runtime, spec.instance_spec, spec.runtime_image_pull_secrets, model,
-                   accelerator, options)
+    shape = _shape(app, spec.runtime, spec.instance_spec, model, accelerator, options)
     low, high = (spec.autoscaling.min_replicas, spec.autoscaling.max_replicas) if spec.autoscaling else (
         spec.replicas, spec.replicas)
     # Validate engine args before placing, so a bad app leaves no worker group behind.
@@ -133,6 +146,9 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
 def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, groups: _Groups, namespace: str,
                           options: RenderOptions) -> tuple[dict[str, Any] | None, list[Problem]]:
     spec, name = app.spec, app.metadata.name
+    refused = disaggregated_errors(app)
+    if refused:
+        return None, refused
     for role in ("prefill", "decode"):
         try:
             pd_engine_kwargs(getattr(spec, role), spec.runtime)
@@ -145,8 +161,7 @@ def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, g
     runtime = "dynamo" if spec.runtime == "dynamo" else spec.runtime
     sides: list[tuple[str, DisaggregatedWorkload]] = [("prefill", spec.prefill), ("decode", spec.decode)]
     for role, side in sides:
-        shape = _shape(spec.runtime_image, runtime, side.instance_spec, spec.runtime_image_pull_secrets, model,
-                       None, options)
+        shape = _shape(app, runtime, side.instance_spec, model, None, options, role)
         pods = side.group_replicas * side.size
         group = groups.place(shape, f"{name}/{role}", pods, pods)
         bundle = {group.ray_resource: 1, **({"GPU": 1} if gpus_per_pod(side.instance_spec) else
@@ -161,6 +176,19 @@ def _render_disaggregated(app: ArksDisaggregatedApplication, model: ArksModel, g
         notes.append(Problem(app.kind, name, "spec.router", "ignored for runtime vllm: each decode replica "
                              "sends the prefill to a prefill replica itself, through Serve", "warning"))
     return rendered, notes
+
+
+def _secret_env(options: RenderOptions) -> list[dict[str, Any]]:
+    """The gateway's secrets, from the namespace's Secret (written by the operator, never rendered)."""
+    entries = ((TOKEN_KEY_ENV, "token-key", False), (TOKEN_KEY_NEXT_ENV, "token-key-next", True),
+               ("ARKS_REDIS_PASSWORD", "redis-password", True))
+    out = []
+    for env, key, optional in entries:
+        ref: dict[str, Any] = {"name": options.gateway_secret, "key": key}
+        if optional:
+            ref["optional"] = True
+        out.append({"name": env, "valueFrom": {"secretKeyRef": ref}})
+    return out
 
 
 def _head(options: RenderOptions) -> dict[str, Any]:
@@ -178,6 +206,7 @@ def _head(options: RenderOptions) -> dict[str, Any]:
                 "image": options.head_image,
                 "imagePullPolicy": "IfNotPresent",
                 "resources": options.head_resources,
+                "env": _secret_env(options),
                 "ports": [{"name": n, "containerPort": p} for n, p in ports],
             }]},
         },
@@ -208,6 +237,7 @@ def render_namespace(
         problems += found
         if found:
             continue
+        problems += app_warnings(app)
         model = models[app.spec.model.name]
         if isinstance(app, ArksApplication):
             rendered, found = _render_app(app, model, groups, namespace, options)
@@ -225,6 +255,7 @@ def render_namespace(
         [o for o in objs if isinstance(o, ArksToken)],
         [o for o in objs if isinstance(o, ArksQuota)],
         {(s.namespace, s.name): s for s in secrets},
+        options.token_keys,
     )
     problems += found
     config = serve_config(serve_apps, gateway_app(gateway, options))
@@ -236,24 +267,32 @@ def render_namespace(
             if child is not None:
                 children.append(child)
 
-    spec: dict[str, Any] = {
-        "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=1 << 16),
-        "rayClusterConfig": {
-            "rayVersion": options.ray_version,
-            "enableInTreeAutoscaling": True,
-            "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
-            "headGroupSpec": _head(options),
-            "workerGroupSpecs": order_groups(groups.wanted, previous_groups(previous), options.group_resource_units),
-        },
+    cluster: dict[str, Any] = {
+        "rayVersion": options.ray_version,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        "headGroupSpec": _head(options),
     }
+    before = previous_groups(previous)
+    cluster["workerGroupSpecs"] = order_groups(groups.wanted, before, options.group_resource_units)
+    if before and needs_new_cluster(((previous or {}).get("spec") or {}).get("rayClusterConfig"), cluster):
+        # KubeRay builds a new RayCluster for this spec anyway: the moment to drop retired groups.
+        cluster["workerGroupSpecs"] = order_groups(groups.wanted, before, options.group_resource_units, compact=True)
+    spec: dict[str, Any] = {
+        "upgradeStrategy": {"type": options.upgrade_strategy},
+        "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=1 << 16),
+        "rayClusterConfig": cluster,
+    }
+    labels, found = gang_labels(good_apps, options.gang_scheduler, namespace, previous)
+    problems += found
     rayservice = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {
             "name": RAYSERVICE_NAME,
             "namespace": namespace,
-            "labels": dict(MANAGED_BY),
-            "annotations": {"ray.io/initializing-timeout": "30m", SPEC_HASH_ANNOTATION: digest(spec, 16)},
+            "labels": {**labels, **MANAGED_BY},
+            "annotations": {"ray.io/initializing-timeout": "30m", SPEC_HASH_ANNOTATION: digest([spec, labels], 16)},
         },
         "spec": spec,
     }

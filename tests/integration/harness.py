@@ -20,6 +20,7 @@ from controller.kube import RESOURCES
 from controller.metrics import Metrics
 from controller.runtime import Runtime, build_runtime, run
 from controller.settings import ControllerSettings, TimingSettings
+from tests.support.keys import TEST_OPTIONS
 
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 
@@ -123,7 +124,8 @@ class Operators:
 
     def settings(self, **timing: Any) -> ControllerSettings:
         fast = {"debounce": 0.05, "drift_interval": 3600.0, "retry_backoff": (0.1, 1.0), **timing}
-        return ControllerSettings(timing=TimingSettings(**fast), metrics_port=None, health_port=None)
+        return ControllerSettings(timing=TimingSettings(**fast), metrics_port=None, health_port=None,
+                                  render=TEST_OPTIONS)
 
     async def start(self, settings: ControllerSettings | None = None) -> OperatorHandle:
         cfg = kubernetes.client.Configuration(host=url_of(self.emulator))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from arks_ray.api import ArksApplication, ArksDisaggregatedApplication, ArksEndp
 from arks_ray.api.loading import Loaded, load_documents, parse_object
 from arks_ray.errors import Problem
 from arks_ray.render import Rendered, render
+from tests.support.keys import TEST_OPTIONS, keyed_digest
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "arks" / "quickstart.yaml"
 MODEL, APP, ENDPOINT, QUOTA, TOKEN = range(5)
@@ -30,7 +30,7 @@ def quickstart() -> list[dict[str, Any]]:
 def check(docs: list[Any]) -> tuple[Loaded, list[Rendered], list[Problem]]:
     """Load and render, as ``arks-ray validate`` does; return every problem found on the way."""
     loaded = load_documents(docs)
-    results = render(loaded)
+    results = render(loaded, options=TEST_OPTIONS)
     return loaded, results, loaded.problems + [p for r in results for p in r.problems]
 
 
@@ -238,8 +238,20 @@ def test_unparseable_runtime_common_args(args: list[str]) -> None:
 
 
 def test_bad_args_in_a_disaggregated_side_name_that_side() -> None:
-    docs = [*quickstart(), disaggregated(decode={"runtimeCommonArgs": ["--mem-fraction-static 0.8 | tee"]})]
+    docs = [*quickstart(), disaggregated(runtime="vllm",
+                                         decode={"runtimeCommonArgs": ["--mem-fraction-static 0.8 | tee"]})]
     assert errors_at(docs) == [("ArksDisaggregatedApplication", "pd", "spec.decode.runtimeCommonArgs")]
+
+
+@pytest.mark.parametrize("runtime", ["sglang", "", None])
+def test_sglang_pd_is_refused_naming_spec_runtime(runtime: str | None) -> None:
+    """Arks' default PD runtime: validate and the precheck refuse it, instead of Serve failing later."""
+    spec = {} if runtime is None else {"runtime": runtime}
+    _, _, problems = check([*quickstart(), disaggregated(**spec)])
+    (refused,) = [p for p in problems if p.severity == "error"]
+    assert (refused.kind, refused.name, refused.path) == ("ArksDisaggregatedApplication", "pd", "spec.runtime")
+    assert "'sglang'" in refused.message
+    assert "vllm, dynamo" in refused.message
 
 
 # --- tokens and quotas ---------------------------------------------------------------------------------
@@ -328,7 +340,7 @@ def test_two_tokens_with_the_same_value_are_both_refused() -> None:
     errors = sorted((p.name, p.path) for p in problems if p.severity == "error")
     assert errors == [("copycat", "spec.token"), ("example-token", "spec.token")]
     assert [t.name for t in rendered.gateway.tokens] == ["bystander"]
-    assert hashlib.sha256(b"sk-test123456").hexdigest() not in {t.digest for t in rendered.gateway.tokens}
+    assert keyed_digest("sk-test123456") not in {t.digest for t in rendered.gateway.tokens}
 
 
 def test_same_value_through_a_secret_is_a_clash_too() -> None:
@@ -362,7 +374,7 @@ def test_token_secret_from_string_data() -> None:
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "key"}, "stringData": {"token": "sk-s"}}
     _, (rendered,), problems = check([*quickstart(), secret, _token("alice", secret="key")])
     assert problems == []
-    assert {t.name: t.digest for t in rendered.gateway.tokens}["alice"] == hashlib.sha256(b"sk-s").hexdigest()
+    assert {t.name: t.digest for t in rendered.gateway.tokens}["alice"] == keyed_digest("sk-s")
 
 
 def test_secret_with_bad_base64() -> None:

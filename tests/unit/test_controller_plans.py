@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from arks_ray.render import RenderOptions
 from controller.meta import contains, owner_ref
 from controller.plans import Observed, live_apps, plan_namespace, rayservice_write
 from controller.snapshot import take
+from tests.support.keys import TEST_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = list(yaml.safe_load_all((ROOT / "tests/fixtures/arks/quickstart.yaml").read_text()))
@@ -73,18 +73,19 @@ def raw_objects(uid: bool = True) -> list[dict[str, Any]]:
 
 
 def test_phases_are_ordered() -> None:
-    plan = plan_namespace(take("default", raw_objects()), Observed(), options=RenderOptions(), now=NOW,
+    plan = plan_namespace(take("default", raw_objects()), Observed(), options=TEST_OPTIONS, now=NOW,
                           finalizer="arks.ai/serve-app")
     kinds = [[(w.verb, w.kind) for w in phase] for phase in plan.phases]
     assert kinds[0] == [("patch", "ArksApplication")]
-    assert kinds[1] == [("create", "PersistentVolumeClaim"), ("create", "Job")]
+    # The gateway Secret before the RayService: its head pod cannot start without it.
+    assert kinds[1] == [("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret")]
     assert kinds[2] == [("apply", "RayService")]
     assert {v for v, _ in kinds[3]} == {"status"}
 
 
 def test_an_app_waits_outside_until_its_model_is_ready() -> None:
     snap = take("default", raw_objects())
-    plan = plan_namespace(snap, Observed(), options=RenderOptions(), now=NOW, finalizer="f")
+    plan = plan_namespace(snap, Observed(), options=TEST_OPTIONS, now=NOW, finalizer="f")
     assert plan.rendered is not None
     assert set(plan.rendered.serve_apps) == set()
     # The endpoint has no ready backend yet, and says so rather than failing.
@@ -94,7 +95,7 @@ def test_an_app_waits_outside_until_its_model_is_ready() -> None:
 
 
 def test_objects_without_uid_get_no_owner_references() -> None:
-    plan = plan_namespace(take("default", raw_objects(uid=False)), Observed(), options=RenderOptions(), now=NOW,
+    plan = plan_namespace(take("default", raw_objects(uid=False)), Observed(), options=TEST_OPTIONS, now=NOW,
                           finalizer="f")
     rs = next(w for w in plan.writes if w.kind == "RayService")
     assert rs.body is not None

@@ -17,6 +17,7 @@ from controller.memkube import MemoryKube
 from controller.plans import live_apps
 from controller.reconcile import Outcome, reconcile_namespace
 from controller.settings import ControllerSettings
+from tests.support.keys import TEST_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = list(yaml.safe_load_all((ROOT / "tests/fixtures/arks/quickstart.yaml").read_text()))
@@ -37,7 +38,7 @@ def quickstart_kube() -> MemoryKube:
 
 
 async def run(kube: MemoryKube, now: float = NOW, **kw: Any) -> Outcome:
-    return await reconcile_namespace(kube, NS, ControllerSettings(), now=now, **kw)
+    return await reconcile_namespace(kube, NS, ControllerSettings(render=TEST_OPTIONS), now=now, **kw)
 
 
 async def converge(kube: MemoryKube, now: float = NOW, **kw: Any) -> Outcome:
@@ -62,7 +63,7 @@ async def test_first_reconcile_then_nothing() -> None:
     first = await run(kube)
     assert [(w.verb, w.kind) for w in first.writes] == [
         ("patch", "ArksApplication"),  # the finalizer, before anything depends on it
-        ("create", "PersistentVolumeClaim"), ("create", "Job"),
+        ("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret"),
         ("apply", "RayService"),
         *[("status", k) for k in ("ArksApplication", "ArksEndpoint", "ArksModel", "ArksQuota", "ArksToken")]]
     await converge(kube)

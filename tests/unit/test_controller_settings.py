@@ -39,7 +39,10 @@ def test_from_env_as_the_chart_sets_it() -> None:
     })
     assert s.namespaces == ("team-a", "team-b")
     assert s.redis_url == "redis://:p%40ss%2Fword@arks-redis:6379/0"
-    assert s.render.gateway_settings["redis_url"] == s.redis_url
+    # The gateway's URL is rendered without the password, which goes to the namespace's gateway Secret.
+    assert s.render.gateway_settings["redis_url"] == "redis://arks-redis:6379/0"
+    assert s.gateway_redis_password == "p@ss/word"
+    assert "p@ss" not in repr(s)
     assert s.watch_secrets is False
     assert s.timing.drift_interval == 60
     assert s.render.runtime_images["vllm"] == "my/vllm:1"

@@ -189,11 +189,11 @@ def test_two_accelerator_shapes_render_two_groups_each_app_pinned_to_its_own() -
         (resource,) = {k for b in cfg["placement_group_config"]["bundles"] for k in b if k.startswith("arks-wg-")}
         group = by_group[resource.removeprefix("arks-wg-")]
         assert f'accelerator_type:{accelerator}\\": 1000' in group["rayStartParams"]["resources"]
-        assert group["groupName"].startswith(f"vllm-{accelerator.lower()}1-")
+        assert group["groupName"].startswith(f"{name}-{accelerator.lower()}1-")
         bundles = LLMConfig.model_validate(cfg).get_engine_config().placement_bundles
         assert bundles == [{resource: 1, "GPU": 1, f"accelerator_type:{accelerator}": 0.001}]
     # The pods land on their nodes by the node selector, and Ray replicas on the pods by the group resource.
-    h100 = next(g for g in by_group.values() if g["groupName"].startswith("vllm-h100"))
+    h100 = next(g for g in by_group.values() if g["groupName"].startswith("on-h100-h1001"))
     assert h100["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
 

@@ -4,7 +4,6 @@ Ray Serve's own config schema, and the Kubernetes core schemas."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 
 from arks_ray.api.loading import Loaded, load_documents, load_yaml
 from arks_ray.render import Rendered, render
+from tests.support.keys import TEST_OPTIONS, keyed_digest
 from tests.support.paths import KUBERAY_RAYSERVICE_CRD, SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def load_paths(*paths: Path) -> Loaded:
 
 
 def render_one(loaded: Loaded) -> Rendered:
-    (result,) = render(loaded)
+    (result,) = render(loaded, options=TEST_OPTIONS)
     return result
 
 
@@ -175,7 +175,7 @@ def test_quickstart_rendered_meaning() -> None:
     assert endpoint.name == "qwen-7b"
     assert [(b.kind, b.name, b.weight) for b in endpoint.backends] == [("app", "app-qwen", 5)]
     (token,) = gw.tokens
-    assert token.digest == hashlib.sha256(b"sk-test123456").hexdigest()
+    assert token.digest == keyed_digest("sk-test123456")
     (grant,) = token.grants
     assert {(limit.type, limit.value) for limit in grant.rate_limits} == {
         ("rpm", 5), ("tpm", 40000), ("rpd", 100), ("tpd", 1000000)}

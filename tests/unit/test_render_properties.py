@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from arks_ray.api.loading import load_documents
 from arks_ray.render import SPEC_HASH_ANNOTATION, Rendered, render_namespace
 from arks_ray.render.cluster import GROUP_RESOURCE_PREFIX
+from tests.support.keys import TEST_OPTIONS, keyed_digest
 
 NAMESPACE = "tenant"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -143,7 +144,8 @@ def namespaces(draw: st.DrawFn) -> list[dict[str, Any]]:
 def render_docs(docs: list[dict[str, Any]], previous: dict[str, Any] | None = None) -> Rendered:
     loaded = load_documents(copy.deepcopy(docs))
     assert loaded.errors == [], loaded.errors
-    rendered = render_namespace(loaded.objects, NAMESPACE, secrets=loaded.secrets, previous=previous)
+    rendered = render_namespace(loaded.objects, NAMESPACE, secrets=loaded.secrets, previous=previous,
+                                options=TEST_OPTIONS)
     assert rendered.errors == [], rendered.errors
     return rendered
 
@@ -236,7 +238,10 @@ def test_no_plaintext_token_anywhere(docs: list[dict[str, Any]]) -> None:
         assert not any(value in text for text in texts)
         assert not any(value in s for s in strings)
     digests = {t.digest for t in rendered.gateway.tokens}
-    assert digests == {hashlib.sha256(v.encode()).hexdigest() for v in values}
+    assert digests == {keyed_digest(v, NAMESPACE) for v in values}
+    # Keyed: no unkeyed SHA-256 of a value is anywhere.
+    for value in values:
+        assert not any(hashlib.sha256(value.encode()).hexdigest() in text for text in texts)
     for digest in digests:
         assert digest in rendered.rayservice["spec"]["serveConfigV2"]
 
