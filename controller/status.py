@@ -253,7 +253,7 @@ def quota_status(budgets: Sequence[str], used: Mapping[str, int] | None, period_
                  now: float) -> Status:
     """``ArksQuota.status``: usage per budget type, mirrored from the counter store when ``used`` is given.
 
-    Within one period the recorded usage never goes down: after the store lost its data, the gateway
+    Within one period the recorded usage never goes down: after the store lost its data, the operator
     restores it from this status, and mirroring a zero first would erase it. ``lastUpdateTime`` moves
     only when the value does, so an idle quota costs no writes. Without a store (``used`` None) only
     the condition is written."""

@@ -4,6 +4,7 @@ mock at theirs): what a reconcile writes, in which order, and that a converged n
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,11 @@ import jsonschema
 import pytest
 import yaml
 
-from arks_ray.api.gateway import GatewayConfig
+from arks_ray.api.gateway import Quota
+from arks_ray.gateway.limits import Counter, quota_key
+from arks_ray.gateway.ports import StoreUnavailable
+from arks_ray.gateway.quotas import Floor, QuotaLedger
+from arks_ray.stores.memory import MemoryStore
 from controller import errors
 from controller.memkube import MemoryKube
 from controller.plans import live_apps
@@ -159,27 +164,96 @@ async def test_a_pvc_created_meanwhile_is_not_an_error() -> None:
 
 
 class FixedUsage:
+    """A ``UsageReader`` with scripted usage; ``restore`` raises what reads lower, as ``QuotaLedger`` does."""
+
     def __init__(self, used: dict[str, dict[str, int]]) -> None:
         self.used = used
         self.calls = 0
+        self.restored: list[Floor] = []
 
-    async def usage(self, config: GatewayConfig, now: float) -> dict[str, dict[str, int]]:
+    async def usage(self, namespace: str, quotas: Sequence[Quota], now: float) -> dict[str, dict[str, int]]:
+        assert namespace == NS
         self.calls += 1
-        return {q.name: dict(self.used.get(q.name, {})) for q in config.quotas}
+        return {q.name: {b.type: self.used.get(q.name, {}).get(b.type, 0) for b in q.budgets} for q in quotas}
+
+    async def restore(self, namespace: str, quotas: Sequence[Quota], floors: Iterable[Floor], now: float) -> int:
+        raised = 0
+        for f in floors:
+            self.restored.append(f)
+            if self.used.setdefault(f.quota, {}).get(f.type, 0) < f.value:
+                self.used[f.quota][f.type] = f.value
+                raised += 1
+        return raised
 
 
-async def test_quota_usage_is_mirrored_and_restored_as_a_floor() -> None:
+def statused(kube: MemoryKube) -> dict[str, int]:
+    quota = kube.objects[("ArksQuota", NS, "basic-quota")]["status"]
+    return {u["type"]: u["used"] for u in quota["quotaStatus"]}
+
+
+async def test_quota_usage_is_mirrored_and_restored_by_the_operator_not_the_gateway() -> None:
     kube = quickstart_kube()
     reader = FixedUsage({"basic-quota": {"prompt": 10, "response": 20, "total": 30}})
     await converge(kube, usage=reader)
-    quota = kube.objects[("ArksQuota", NS, "basic-quota")]["status"]
-    assert {u["type"]: u["used"] for u in quota["quotaStatus"]} == {"prompt": 10, "response": 20, "total": 30}
-    # The recorded usage reaches the gateway as a floor, restored if the store loses its data.
+    assert statused(kube) == {"prompt": 10, "response": 20, "total": 30}
+    assert reader.restored == []  # nothing read lower than the status
+    # Usage never reaches the RayService: a usage change must not touch it.
     gateway = yaml.safe_load(rs(kube)["spec"]["serveConfigV2"])["applications"][0]
-    floors = gateway["deployments"][0]["user_config"]["quotas"][0]["used"]
-    assert {f["type"]: f["value"] for f in floors} == {"prompt": 10, "response": 20, "total": 30}
+    (quota,) = gateway["deployments"][0]["user_config"]["quotas"]
+    assert "used" not in quota
     reader.used = {}  # the store lost everything
-    assert (await run(kube, NOW + 100, usage=reader)).writes == []
+    assert (await run(kube, NOW + 100, usage=reader)).writes == []  # nothing to write: the status stays
+    assert reader.used == {"basic-quota": {"prompt": 10, "response": 20, "total": 30}}  # raised back
+    assert sorted((f.quota, f.type, f.value, f.period) for f in reader.restored) == [
+        ("basic-quota", t, v, "lifetime") for t, v in (("prompt", 10), ("response", 20), ("total", 30))]
+
+
+async def test_a_store_reading_lower_than_the_status_is_raised_back() -> None:
+    store = MemoryStore()
+    ledger = QuotaLedger(store)
+    kube = quickstart_kube()
+
+    def key(kind: str) -> str:
+        return quota_key(NS, "basic-quota", kind, "lifetime", NOW)
+
+    for kind, value in (("prompt", 10), ("response", 20), ("total", 30)):
+        await store.raise_floor(key(kind), value, 0)
+    await converge(kube, usage=ledger)
+    assert statused(kube) == {"prompt": 10, "response": 20, "total": 30}
+
+    ledger.store = store = MemoryStore()  # Redis lost its data: a new, empty store
+    await store.raise_floor(key("prompt"), 50, 0)  # meanwhile one request was counted from zero
+    await store.raise_floor(key("total"), 5, 0)
+    out = await run(kube, NOW + 100, usage=ledger)
+    assert await store.read([key(k) for k in ("prompt", "response", "total")]) == {
+        key("prompt"): 50, key("response"): 20, key("total"): 30}  # raised back, never lowered
+    assert [(w.verb, w.kind) for w in out.writes] == [("status", "ArksQuota")]
+    assert statused(kube) == {"prompt": 50, "response": 20, "total": 30}
+    # The gateway counts on from the restored value: a request that would fit an empty store does not.
+    over = Counter(key=key("total"), kind="total", limit=600_000, amount=599_990, label="q", dimension="quota")
+    assert not (await store.reserve([over], "r1", int(NOW * 1000))).admitted
+
+
+async def test_a_store_down_while_restoring_leaves_the_status_as_it_was() -> None:
+    kube = quickstart_kube()
+    reader = FixedUsage({"basic-quota": {"prompt": 10, "response": 20, "total": 30}})
+    await converge(kube, usage=reader)
+
+    async def down(*args: Any) -> int:
+        raise StoreUnavailable("ConnectionError")
+
+    reader.used = {}
+    reader.restore = down  # type: ignore[method-assign]
+    out = await run(kube, NOW + 100, usage=reader)
+    # At most the condition changes (a merge patch without quotaStatus): the recorded usage, the only copy
+    # left while the store is empty, is kept for the next try.
+    assert [(w.verb, w.kind) for w in out.writes] in ([], [("status", "ArksQuota")])
+    assert all("quotaStatus" not in w.body["status"] for w in out.writes)
+    assert statused(kube) == {"prompt": 10, "response": 20, "total": 30}
+    reader.restore = FixedUsage.restore.__get__(reader)  # type: ignore[method-assign]  # the store is back
+    await converge(kube, NOW + 200, usage=reader)
+    assert reader.used == {"basic-quota": {"prompt": 10, "response": 20, "total": 30}}
+    assert statused(kube) == {"prompt": 10, "response": 20, "total": 30}
 
 
 async def test_a_token_secret_is_read_and_rotation_changes_the_digest() -> None:

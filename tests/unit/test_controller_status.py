@@ -168,7 +168,7 @@ def test_quota_usage_never_drops_within_a_period_and_idle_costs_nothing() -> Non
     start = NOW - 3600
     first = st.quota_status(["total"], {"total": 100}, start, [], None, None, NOW)
     assert first["quotaStatus"] == [{"type": "total", "used": 100, "lastUpdateTime": "2027-01-15T08:00:00Z"}]
-    # The store lost its data (reads 0): the recorded usage stays, so the gateway can restore it.
+    # The store lost its data (reads 0): the recorded usage stays, so the operator can restore it.
     lost = st.quota_status(["total"], {"total": 0}, start, [], first, None, NOW + 60)
     assert lost["quotaStatus"] == first["quotaStatus"]
     assert not st.status_changed(first, lost)
