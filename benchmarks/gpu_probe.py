@@ -1,0 +1,203 @@
+"""Probes for ``gpu_side_by_side.py``: CPU per process and thread, chunk counts per hop, py-spy profiles.
+
+- ``CpuSampler``: reads ``/proc`` before and after a load; cores used per *role* (Serve proxy, gateway
+  replica, engine replica, vLLM EngineCore, raw API server, client, Redis, Ray's own daemons), and the
+  busiest threads of the busiest processes (a Python replica whose main thread sits at one core is the
+  bottleneck, whatever the process total says);
+- ``handle_load``: the same streaming chats sent straight to the engine deployment through a Serve handle
+  from the driver, skipping the Serve proxy and the gateway: the difference to the full path is what the
+  proxy, the gateway and their extra hop cost;
+- ``profile``: ``py-spy record`` on the replicas during one extra load, then the top functions by self
+  time per process (the raw stacks are kept for reading later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+ROLES = (  # first match wins: (role, substring of the command line)
+    ("proxy", "ray::ProxyActor"),
+    ("gateway", "ray::ServeReplica:gateway:"),
+    ("stock_ingress", "OpenAiIngress"),
+    ("engine_replica", "ray::ServeReplica:"),
+    ("engine_core", "EngineCore"),
+    ("engine_worker", "ray::RayWorkerWrapper"),
+    ("serve_controller", "ray::ServeController"),
+    ("redis", "redis-server"),
+    ("raw_api_server", "vllm.entrypoints.openai.api_server"),
+    ("ray_daemons", "raylet"),
+    ("ray_daemons", "gcs_server"),
+    ("ray_daemons", "ray/dashboard"),
+    ("ray_daemons", "ray/_private"),
+    ("ray_idle_workers", "ray::IDLE"),
+)
+
+
+def role_of(cmd: str, pid: int) -> str:
+    if pid == os.getpid():
+        return "client"
+    for role, needle in ROLES:
+        if needle in cmd:
+            return role
+    return "other"
+
+
+def _procs() -> dict[int, tuple[int, str]]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        parts = stat.rsplit(")", 1)[1].split()
+        out[int(entry.name)] = (int(parts[11]) + int(parts[12]), cmd or stat.split("(", 1)[1].rsplit(")", 1)[0])
+    return out
+
+
+def _threads(pid: int) -> dict[int, tuple[int, str]]:
+    out = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat.split("(", 1)[1].rsplit(")", 1)[0]
+        parts = stat.rsplit(")", 1)[1].split()
+        out[int(task.name)] = (int(parts[11]) + int(parts[12]), name)
+    return out
+
+
+class CpuSampler:
+    """Cores used per role (and per busy thread) between ``start`` and ``stop``."""
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.p0 = _procs()
+        self.th0 = {pid: _threads(pid) for pid, (_, cmd) in self.p0.items()
+                    if role_of(cmd, pid) not in ("other", "ray_idle_workers", "ray_daemons")}
+
+    def stop(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        p1 = _procs()
+        roles: Counter[str] = Counter()
+        procs = []
+        for pid, (jiffies, cmd) in p1.items():
+            used = (jiffies - self.p0[pid][0]) if pid in self.p0 else jiffies
+            cores = used / HZ / elapsed
+            if cores <= 0:
+                continue
+            role = role_of(cmd, pid)
+            roles[role] += cores
+            procs.append((cores, pid, role, cmd[:90]))
+        procs.sort(reverse=True)
+        busy = []
+        for cores, pid, role, cmd in procs[:8]:
+            if cores < 0.2 or pid not in self.th0:
+                continue
+            before, after = self.th0[pid], _threads(pid)
+            threads = sorted(((after[t][0] - before.get(t, (0, ""))[0]) / HZ / elapsed, after[t][1]) for t in after)
+            busy.append({"pid": pid, "role": role, "cores": round(cores, 3), "cmd": cmd,
+                         "threads": [[name, round(c, 3)] for c, name in reversed(threads[-5:]) if c >= 0.02]})
+        return {"seconds": round(elapsed, 2), "cores_by_role": {k: round(v, 3) for k, v in roles.most_common()},
+                "top_processes": [[round(c, 3), role, cmd] for c, _, role, cmd in procs[:12]], "busy": busy}
+
+
+def pids_by_role() -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for pid, (_, cmd) in _procs().items():
+        out.setdefault(role_of(cmd, pid), []).append(pid)
+    return out
+
+
+# ------------------------------------------------------------------------------- the engine, by handle
+
+
+async def _one_by_handle(handle: Any, body: dict[str, Any]) -> dict[str, Any]:
+    from arks_ray.engines import protocol
+
+    started = time.perf_counter()
+    ttft, items, events, tokens = None, 0, 0, 0
+    async for item in handle.remote("chat", protocol.RequestBody(body), False):
+        items += 1
+        if not isinstance(item, str):
+            continue
+        for event in item.split("\n\n"):
+            if not event.startswith("data: {"):
+                continue
+            events += 1
+            if '"content":"' in event and '"content":""' not in event:
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+    return {"ok": tokens > 0, "ttft": ttft or 0.0, "latency": time.perf_counter() - started, "items": items,
+            "events": events, "tokens": tokens}
+
+
+async def handle_load(app: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[float, list[dict[str, Any]]]:
+    """Stream ``bodies`` through the engine app's handle (``generate``), ``concurrency`` at a time."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app).options(stream=True, method_name="generate")
+    queue = list(reversed(bodies))
+    results: list[dict[str, Any]] = []
+
+    async def worker() -> None:
+        while queue:
+            results.append(await _one_by_handle(handle, queue.pop()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, results
+
+
+# --------------------------------------------------------------------------------------------- py-spy
+
+
+def start_profiles(py_spy: str, pids: dict[str, int], seconds: int, out: Path) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for role, pid in pids.items():
+        cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200", "--format", "raw",
+               "--nonblocking", "--threads", "--output", str(out / f"pyspy-{role}.txt")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    by_thread: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        by_thread[frames[0][:60]] += n
+        own[frames[-1][:110]] += n
+        for f in set(frames[1:]):
+            incl[f[:110]] += n
+    share = (lambda c: [[k, round(v / total, 3)] for k, v in c.most_common(top)]) if total else (lambda c: [])
+    return {"samples": total, "threads": share(by_thread), "self": share(own), "inclusive": share(incl)}
+
+
+def dump(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))

@@ -1,0 +1,414 @@
+#!/usr/bin/env python
+"""Raw vLLM, arks-ray and Ray's stock ``build_openai_app`` on one GPU, one engine at a time, same load.
+
+Three phases, each runnable on its own (one GPU holds one engine: the targets run one after another):
+
+- ``raw``: ``python -m vllm.entrypoints.openai.api_server`` on the model with the engine arguments below;
+- ``ray``: one local Ray; the Arks YAML below rendered by ``arks_ray.local.runner.plan`` (the gateway with
+  auth, rpm/tpm/concurrency limits and a quota on a real ``redis-server``, and the vLLM ``LLMServer``
+  engine app) is measured; then (``--hops``) the same load straight through the engine's Serve handle,
+  skipping the proxy and the gateway; then (``--profile``) one more load under ``py-spy``; then the engine
+  app is deleted and Ray's stock OpenAI app is deployed on the same GPU and measured;
+- ``report``: merges the phases' JSON files, prints the table with ratios to raw and writes a PNG
+  (tokens/s and TTFT p50 per concurrency, one line per target) when matplotlib is installed.
+
+Every load is N streaming chats with a fixed output length (``ignore_eos``), at each ``--concurrency``,
+``--rounds`` times; each load also records CPU per process role (``gpu_probe.CpuSampler``) and the chunks
+each hop carried (SSE events, HTTP body chunks at the client, Serve stream items at the handle).
+
+    python benchmarks/gpu_side_by_side.py raw  --model DIR --out OUT
+    python benchmarks/gpu_side_by_side.py ray  --model DIR --out OUT --hops --redis-server redis-server
+    python benchmarks/gpu_side_by_side.py report OUT OUT/gpu_side_by_side.png
+
+``--serve-env K=V`` sets environment variables for every Ray process of the ``ray`` phase (for example
+``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``); ``--label`` names the target in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+import gpu_probe  # noqa: E402
+from gpu_report import merge, report  # noqa: E402
+
+try:
+    import httpx2 as httpx
+except ImportError:  # the GPU image's own httpx has the same API
+    import httpx  # type: ignore[no-redef]
+
+TOKEN = "sk-gpu-bench-local-only"  # a local benchmark token, public on purpose
+MODEL = "small"
+ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.22, "enforce_eager": True}
+ENGINE_CLI = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.22", "--enforce-eager"]
+STARTED = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - STARTED:5.0f}s] {msg}", flush=True)
+
+
+def arks_yaml(model_dir: str, gpu: bool = True) -> str:
+    resources = 'resources: {limits: {nvidia.com/gpu: "1"}, requests: {nvidia.com/gpu: "1"}}' if gpu else \
+        'env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}]'
+    args = ", ".join(f'"{a} {b}"' for a, b in zip(ENGINE_CLI[:-1:2], ENGINE_CLI[1::2], strict=True))
+    return f"""
+apiVersion: arks.ai/v1
+kind: ArksModel
+metadata: {{name: {MODEL}, namespace: default}}
+spec: {{model: local/{MODEL}, source: {{local: {{path: {model_dir}}}}}}}
+---
+apiVersion: arks.ai/v1
+kind: ArksApplication
+metadata: {{name: {MODEL}, namespace: default}}
+spec:
+  replicas: 1
+  runtime: vllm
+  servedModelName: {MODEL}
+  model: {{name: {MODEL}}}
+  runtimeCommonArgs: [{args}, "--enforce-eager"]
+  instanceSpec:
+    {resources}
+---
+apiVersion: arks.ai/v1
+kind: ArksEndpoint
+metadata: {{name: {MODEL}, namespace: default}}
+spec: {{defaultWeight: 1}}
+---
+apiVersion: arks.ai/v1
+kind: ArksQuota
+metadata: {{name: q, namespace: default}}
+spec: {{quotas: [{{type: total, value: 100000000000}}]}}
+---
+apiVersion: arks.ai/v1
+kind: ArksToken
+metadata: {{name: bench, namespace: default}}
+spec:
+  token: {TOKEN}
+  qos:
+    - arksEndpoint: {{name: {MODEL}}}
+      rateLimits: [{{type: rpm, value: 10000000}}, {{type: tpm, value: 10000000000}},
+                   {{type: concurrency, value: 100000}}]
+      quota: {{name: q}}
+"""
+
+
+def body(i: int, seed: int, max_tokens: int) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"#{seed}-{i} Tell me a long story about a "
+                                          f"river and a lantern, number {i}."}],
+            "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8,
+            "stream_options": {"include_usage": True}}
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+async def one(client: Any, url: str, headers: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    ttft, chunks, events, tokens, usage, tail = None, 0, 0, 0, 0, b""
+    async with client.stream("POST", url, json=payload, headers=headers) as resp:
+        if resp.status_code != 200:
+            return {"ok": False, "error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
+        async for raw in resp.aiter_raw():
+            chunks += 1
+            *whole, tail = (tail + raw).split(b"\n\n")
+            for event in whole:
+                if not event.startswith(b"data: {"):
+                    continue
+                events += 1
+                if b'"content":"' in event and b'"content":""' not in event:
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                elif b'"usage":{' in event and b'"choices":[]' in event:
+                    usage = int(json.loads(event[6:])["usage"]["completion_tokens"])
+    latency = time.perf_counter() - started
+    ok = usage == payload["max_tokens"]
+    return {"ok": ok, "ttft": ttft or latency, "latency": latency, "chunks": chunks, "events": events,
+            "tokens": tokens, "error": "" if ok else f"usage {usage} != {payload['max_tokens']}"}
+
+
+async def http_load(url: str, headers: dict[str, str], bodies: list[dict[str, Any]], concurrency: int
+                    ) -> tuple[float, list[dict[str, Any]]]:
+    queue = list(reversed(bodies))
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                try:
+                    results.append(await one(client, url, headers, queue.pop()))
+                except Exception as exc:  # a broken stream is a failed request, not a crashed benchmark
+                    results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:200]})
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started, results
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(wall: float, results: list[dict[str, Any]], cpu: dict[str, Any]) -> dict[str, Any]:
+    ok = [r for r in results if r["ok"]]
+    ms = lambda v: round(v * 1e3, 1) if v is not None else None  # noqa: E731
+    n = max(len(ok), 1)
+    return {"requests": len(results), "failed": len(results) - len(ok), "wall_s": round(wall, 2),
+            "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "requests_per_s": round(len(ok) / wall, 2),
+            "ttft_p50_ms": ms(pct([r["ttft"] for r in ok], 0.5)), "ttft_p90_ms": ms(pct([r["ttft"] for r in ok], 0.9)),
+            "tpot_p50_ms": ms(pct([(r["latency"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in ok], 0.5)),
+            "latency_p50_ms": ms(pct([r["latency"] for r in ok], 0.5)),
+            "per_request": {k: round(sum(r.get(k, 0) for r in ok) / n, 1) for k in ("events", "chunks", "items")},
+            "first_errors": [r["error"] for r in results if not r["ok"]][:3], "cpu": cpu}
+
+
+def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any], seed0: int = 0,
+            rounds: int | None = None) -> None:
+    """``rounds`` loads per concurrency level through ``fn(bodies, concurrency)``, into ``store[name]``."""
+    for conc in args.concurrency:
+        n = max(args.min_requests, args.requests_per_stream * conc)
+        for rnd in range(args.rounds if rounds is None else rounds):
+            bodies = [body(i, seed0 + 10 * rnd + conc, args.max_tokens) for i in range(n)]
+            sampler = gpu_probe.CpuSampler()
+            sampler.start()
+            wall, results = asyncio.run(fn(bodies, conc))
+            s = summary(wall, results, sampler.stop())
+            store.setdefault(name, {}).setdefault(str(conc), []).append(s)
+            roles = ", ".join(f"{k} {v:.2f}" for k, v in list(s["cpu"]["cores_by_role"].items())[:6])
+            log(f"{name} c={conc} round {rnd}: {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_ms']} ms, "
+                f"failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
+
+
+def http_target(url: str, headers: dict[str, str]) -> Any:
+    return lambda bodies, conc: http_load(url, headers, bodies, conc)
+
+
+def warm(url: str, headers: dict[str, str]) -> None:
+    asyncio.run(http_load(url, headers, [body(i, 999, 16) for i in range(16)], 8))
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=3).status_code == 200:
+                return time.monotonic() - t0
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+
+def phase_raw(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--served-model-name",
+           MODEL, "--host", "127.0.0.1", "--port", "8100", *ENGINE_CLI]
+    logf = (args.out / "raw_vllm.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        res["startup"]["raw_ready_s"] = round(wait_http("http://127.0.0.1:8100/health", 300, proc), 1)
+        log(f"raw vLLM ready in {res['startup']['raw_ready_s']} s")
+        warm("http://127.0.0.1:8100/v1/chat/completions", {})
+        measure("raw", http_target("http://127.0.0.1:8100/v1/chat/completions", {}), args, res["targets"])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, float]:
+    t0, ready = time.monotonic(), {}
+    while time.monotonic() - t0 < timeout_s:
+        apps = serve.status().applications
+        for n in names:
+            if n in apps and apps[n].status == "RUNNING" and n not in ready:
+                ready[n] = round(time.monotonic() - t0, 1)
+            if n in apps and apps[n].status == "DEPLOY_FAILED":
+                raise RuntimeError(f"{n} failed: {apps[n].message[:2000]}")
+        if len(ready) == len(names):
+            return ready
+        time.sleep(1)
+    raise RuntimeError(f"not RUNNING after {timeout_s}s: {set(names) - set(ready)}")
+
+
+def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    from arks_ray.api.loading import load_yaml
+    from arks_ray.local.runner import plan
+    from tests.support.redis_server import RedisServer
+
+    redis = None
+    if args.redis_server:
+        os.environ["PATH"] = f"{Path(args.redis_server).parent}:{os.environ['PATH']}"
+        redis = RedisServer().start()
+    settings = {"redis_url": redis.url} if redis else {}
+    res["governance"] = {"redis": bool(redis), "limits": "rpm, tpm, concurrency, quota (total)"}
+    loaded = load_yaml(arks_yaml(args.model, args.gpus > 0), source="gpu-bench")
+    lp = plan(loaded, "default", 8000, gateway_settings=settings)
+    engine_app = lp.engine_apps[0]
+    (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
+    extra = dict(kv.split("=", 1) for kv in args.serve_env)
+    os.environ.update(extra)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("PYTHONPATH", "VLLM_", "HF_", "RAY_SERVE_",
+                                                                 "TRANSFORMERS_"))}
+    t0 = time.monotonic()
+    ray.init(num_cpus=max(os.cpu_count() or 1, lp.num_cpus), num_gpus=args.gpus, resources=lp.resources,
+             include_dashboard=False, runtime_env={"env_vars": env})
+    client = serve_start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
+    res["startup"]["ray_and_serve_s"] = round(time.monotonic() - t0, 1)
+    client.deploy_apps(ServeDeploySchema.model_validate(lp.serve_config))
+    ready = _wait_apps(serve, ["gateway", engine_app], 400)
+    res["startup"].update({f"{args.label}_{'gateway' if k == 'gateway' else 'engine'}_ready_s": v
+                           for k, v in ready.items()})
+    res["startup"][f"{args.label}_total_s"] = round(time.monotonic() - t0, 1)
+    log(f"arks ready: {res['startup']}")
+    url, hdr = "http://127.0.0.1:8000/v1/chat/completions", {"Authorization": f"Bearer {TOKEN}"}
+    warm(url, hdr)
+    measure(args.label, http_target(url, hdr), args, res["targets"])
+    gpu_probe.dump(res, args.json)
+    if args.hops:
+        measure(f"{args.label}:handle", lambda b, c: gpu_probe.handle_load(engine_app, b, c), args, res["hops"],
+                seed0=500, rounds=1)
+        gpu_probe.dump(res, args.json)
+    if args.profile:
+        profile(args, res, f"{args.label}", http_target(url, hdr), ["proxy", "gateway", "engine_replica"])
+    if args.stock and remaining(args) > 200:
+        serve.delete(engine_app)
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        cfg = LLMConfig(model_loading_config={"model_id": MODEL, "model_source": args.model},
+                        deployment_config={"num_replicas": 1}, engine_kwargs=dict(ENGINE),
+                        placement_group_config={"bundles": [{"GPU": 1, "CPU": 1} if args.gpus else {"CPU": 1}],
+                                                "strategy": "STRICT_PACK"})
+        t1 = time.monotonic()
+        serve.run(build_openai_app({"llm_configs": [cfg]}), name="stock", route_prefix="/stock", blocking=False)
+        res["startup"]["stock_ready_s"] = _wait_apps(serve, ["stock"], 400)["stock"]
+        log(f"stock ready in {time.monotonic() - t1:.1f}s")
+        surl = "http://127.0.0.1:8000/stock/v1/chat/completions"
+        warm(surl, {})
+        measure("stock", http_target(surl, {}), args, res["targets"])
+        gpu_probe.dump(res, args.json)
+        if args.profile and remaining(args) > 40:
+            profile(args, res, "stock", http_target(surl, {}), ["proxy", "stock_ingress", "engine_replica"])
+    if redis:
+        redis.stop()
+
+
+def remaining(args: argparse.Namespace) -> float:
+    return args.deadline_s - (time.monotonic() - STARTED)
+
+
+def profile(args: argparse.Namespace, res: dict[str, Any], name: str, fn: Any, roles: list[str]) -> None:
+    """One more load at the highest concurrency with py-spy on the given roles' processes."""
+    if not shutil.which(args.profile) and not Path(args.profile).exists():
+        log(f"no py-spy at {args.profile}: profile skipped")
+        return
+    found = gpu_probe.pids_by_role()
+    pids = {r: found[r][0] for r in roles if found.get(r)}
+    conc = max(args.concurrency)
+    bodies = [body(i, 777, args.max_tokens) for i in range(max(args.min_requests, args.requests_per_stream * conc))]
+    spies = gpu_probe.start_profiles(args.profile, {f"{name}-{r}": p for r, p in pids.items()}, args.profile_s,
+                                     args.out)
+    time.sleep(1)
+    wall, results = asyncio.run(fn(bodies, conc))
+    for spy in spies:
+        try:
+            spy.wait(timeout=args.profile_s + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+    out = {}
+    for r in pids:
+        path = args.out / f"pyspy-{name}-{r}.txt"
+        out[r] = gpu_probe.summarize_profile(path) if path.exists() else {"error": "no output"}
+    res["profiles"][name] = {"tokens_per_s_under_profiler": round(sum(x.get("tokens", 0) for x in results) / wall, 1),
+                             "by_role": out}
+    gpu_probe.dump(res, args.json)
+    log(f"profiled {name}: " + ", ".join(f"{r} {v.get('samples')} samples" for r, v in out.items()))
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count()}
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                      "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+                                     ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    for mod in ("vllm", "ray", "torch"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            continue
+    info["title"] = f"{info.get('gpu') or 'no GPU'}; vLLM {info.get('vllm')}, Ray {info.get('ray')}"
+    return info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["raw", "ray", "report"])
+    ap.add_argument("paths", nargs="*", help="report: the JSON files or folders to merge, then the PNG path")
+    ap.add_argument("--model", help="the model folder (a Hugging Face checkpoint)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-bench"))
+    ap.add_argument("--label", default="arks", help="the name of the arks-ray target in the results")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[32, 128])
+    ap.add_argument("--requests-per-stream", type=int, default=4)
+    ap.add_argument("--min-requests", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gpus", type=int, default=1, help="0: a CPU vLLM (a smoke test of the harness)")
+    ap.add_argument("--redis-server", help="a redis-server binary: the gateway's limits and quota on Redis")
+    ap.add_argument("--hops", action="store_true", help="also load the engine through its handle directly")
+    ap.add_argument("--stock", action="store_true", help="then Ray's stock build_openai_app on the same GPU")
+    ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
+    ap.add_argument("--profile-s", type=int, default=8)
+    ap.add_argument("--serve-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
+    args = ap.parse_args()
+    if args.phase == "report":
+        *inputs, png = [Path(p) for p in args.paths]
+        files = [f for p in inputs for f in (sorted(p.glob("gpu_*.json")) if p.is_dir() else [p])]
+        data = merge(files)
+        table = report(data, png)
+        (png.with_suffix(".json")).write_text(json.dumps(data, indent=1))
+        print(table)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.json = args.out / f"gpu_{args.phase}_{args.label}.json"
+    res: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": machine(),
+                           "args": {args.phase: {k: str(v) for k, v in vars(args).items()}}}
+    try:
+        (phase_raw if args.phase == "raw" else phase_ray)(args, res)
+    finally:
+        gpu_probe.dump(res, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
