@@ -3,7 +3,7 @@
 Read by the renderer (which emits the PVC and the download Job), the controller, the downloader
 (``arks_ray.models``) and ``arks-ray model pull``. Arks' only source is ``huggingface``; arks-ray adds
 ``modelscope``, ``s3``, ``http``, ``pvc`` (weights already on a claim) and ``local`` (a path already
-present on the nodes or in the image), allow/ignore patterns, a node-local cache tier and a loader choice.
+present on the nodes or in the image), allow/ignore patterns and a loader choice.
 All of it is additive: an Arks manifest means what it meant.
 """
 
@@ -179,19 +179,6 @@ class ModelLoader(Spec):
         return self
 
 
-class NodeCache(Spec):
-    """A node-local copy of the weights, made before replicas need it (extension).
-
-    A DaemonSet copies the model from its shared claim to a hostPath on every selected node, once per
-    node; engines on those nodes then read local disk."""
-
-    node_selector: dict[str, str] = Field(default_factory=dict,
-                                          description="Nodes to preload; empty means every node.")
-    path: str = Field("/var/lib/arks-ray/models", pattern=r"^/",
-                      description="hostPath directory of the cache on each node.")
-    tolerations: list[KubeObject] = Field(default_factory=list, description="Tolerations of the preload pods.")
-
-
 class ArksModelSpec(Spec):
     """Desired state of an ArksModel."""
 
@@ -202,7 +189,6 @@ class ArksModelSpec(Spec):
         default_factory=list, description="imagePullSecrets for the download Job.")
     instance_spec: InstanceSpec | None = Field(None, description="Pod template pieces for the download Job.")
     loader: ModelLoader | None = Field(None, description="How engines load the weights (extension).")
-    node_cache: NodeCache | None = Field(None, description="Preload onto nodes' local disk (extension).")
 
     @model_validator(mode="after")
     def _storage(self, info: ValidationInfo) -> ArksModelSpec:
@@ -212,8 +198,6 @@ class ArksModelSpec(Spec):
             raise ValueError("storage.pvc: required unless source.local or source.pvc is set")
         if in_place and self.storage is not None:
             warn(info, "spec.storage", f"ignored because spec.source.{kind} is set")
-        if self.node_cache is not None and kind == "local":
-            raise ValueError("nodeCache: a local source is already on the nodes")
         warn_instance_replicas(info, "spec.instanceSpec", self.instance_spec)
         return self
 
