@@ -253,7 +253,11 @@ def test_cost_examples() -> None:
     ("chat", {"messages": "not a list", "max_tokens": 0}, Usage(1, 256)),
     ("chat", {}, Usage(1, 256)),
     ("completions", {"prompt": "x" * 10, "max_tokens": 5}, Usage(3, 5)),
-    ("completions", {"prompt": ["x" * 4, "y" * 4]}, Usage(2, 256)),
+    ("completions", {"prompt": ["x" * 4, "y" * 4]}, Usage(2, 2 * 256)),  # each prompt of a batch generates
+    ("completions", {"prompt": [1, 2, 3, 4], "max_tokens": 5}, Usage(1, 5)),  # token ids: one prompt
+    ("completions", {"prompt": "x", "max_tokens": 5, "n": 3}, Usage(1, 15)),  # each choice generates
+    ("chat", {"messages": [], "max_tokens": 5, "n": True}, Usage(1, 5)),  # a bool is not a count
+    ("responses", {"input": "x" * 8, "instructions": "y" * 4, "max_output_tokens": 9}, Usage(3, 9)),
     ("completions", {"prompt": "abc", "max_tokens": "12"}, Usage(1, 256)),
     ("completions", {"prompt": "abc", "max_tokens": -3}, Usage(1, 256)),
     ("embeddings", {"input": "x" * 41}, Usage(11, 0)),
