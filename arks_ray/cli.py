@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 import yaml
@@ -371,6 +371,66 @@ def quota_reset_cmd(
 
     count = _with_store(redis_url, reset, "cannot reset the quota")
     typer.echo(f"reset {namespace}/{name}: {count} counter(s) deleted")
+
+
+@app.command("usage")
+def usage_cmd(
+    filename: FilesOpt,
+    redis_url: RedisOpt,
+    namespace: NamespaceOpt = None,
+    rate_limit_algorithm: Annotated[str, typer.Option(help="The gateway's: slidingWindow or fixedWindow.")] = (
+        "slidingWindow"),
+) -> None:
+    """Per-token rate-limit use and per-quota use against their limits, read from the counter store."""
+    from arks_ray.gateway.limits import Algorithm
+    from arks_ray.gateway.usage import format_usage, quota_usage, token_usage
+
+    if rate_limit_algorithm not in ("slidingWindow", "fixedWindow"):
+        _err("error: --rate-limit-algorithm is slidingWindow or fixedWindow")
+        raise typer.Exit(2)
+    _, results, problems = render_files(filename, namespace)
+    _report([p for p in problems if p.severity == "error"])
+
+    async def read(store: Any) -> list[str]:
+        out = []
+        for r in results:
+            now = time.time()
+            limits = await token_usage(store, r.gateway, now, cast(Algorithm, rate_limit_algorithm))
+            quotas = await quota_usage(store, r.gateway, now)
+            out.append(format_usage(r.namespace, limits, quotas, {q.name: q.period for q in r.gateway.quotas}))
+        return out
+
+    for text in _with_store(redis_url, read, "cannot read the store"):
+        typer.echo(text)
+
+
+@app.command("top")
+def top_cmd(
+    interval: Annotated[float, typer.Option(help="Seconds between two scrapes (the rates' window).")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one screen and exit.")] = False,
+    metrics_url: Annotated[list[str] | None, typer.Option(
+        "--metrics-url", help="Metrics URL of a Ray node (repeatable); default: the local Ray's agents.")] = None,
+) -> None:
+    """Live per-endpoint traffic, errors, 429s, tokens, latency and backend weights from the gateway's metrics."""
+    from arks_ray.local import top
+
+    try:
+        urls = metrics_url or top.discover()
+    except (OSError, ValueError) as exc:
+        _err(f"error: no local Ray metrics to read ({exc}); start one with `arks-ray up` or pass --metrics-url")
+        raise typer.Exit(1) from None
+    prev, t_prev = top.snapshot(top.scrape(urls)), time.monotonic()
+    try:
+        while True:
+            time.sleep(interval)
+            cur, t_cur = top.snapshot(top.scrape(urls)), time.monotonic()
+            screen = top.render(top.endpoint_rows(prev, cur, t_cur - t_prev), interval)
+            typer.echo(screen if once else "\x1b[H\x1b[2J" + screen)
+            if once:
+                return
+            prev, t_prev = cur, t_cur
+    except KeyboardInterrupt:
+        return
 
 
 def main() -> None:
