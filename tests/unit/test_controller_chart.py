@@ -19,6 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controller.settings import from_env
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "arks-ray"
 DEPLOY = ROOT / "configs" / "deploy"
@@ -105,7 +107,8 @@ def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> d
 def test_default_chart_objects_are_valid() -> None:
     docs = render_chart()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
-    assert kinds == [("ClusterRole", "arks-ray-operator"), ("ClusterRole", "arks-ray-token-secrets"),
+    assert kinds == [("ClusterRole", "arks-ray-gateway-secrets"), ("ClusterRole", "arks-ray-operator"),
+                     ("ClusterRole", "arks-ray-token-secrets"), ("ClusterRoleBinding", "arks-ray-gateway-secrets"),
                      ("ClusterRoleBinding", "arks-ray-operator"), ("ClusterRoleBinding", "arks-ray-token-secrets"),
                      ("Deployment", "arks-ray-operator"), ("ServiceAccount", "arks-ray-operator")]
     for d in docs:
@@ -176,9 +179,31 @@ def test_rbac_is_least_privilege() -> None:
     assert rbac_text.count("\n# ") >= len({r for r in EXPECTED_RULES if "/" not in r[1]}) // 2  # reasons written
 
 
+def test_the_operator_gets_its_token_key_and_writes_only_the_gateway_secret() -> None:
+    docs = render_chart(chart_values(gangScheduling__scheduler="volcano", upgradeStrategy="None"))
+    env = {e["name"]: e for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ARKS_TOKEN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "arks-token-key", "key": "key"}
+    assert env["ARKS_TOKEN_KEY_NEXT"]["valueFrom"]["secretKeyRef"] == {"name": "arks-token-key", "key": "next",
+                                                                     "optional": True}
+    # The operator reads the chart's settings as the chart sets them (the key as the Secret would give it).
+    plain = {name: e["value"] for name, e in env.items() if "value" in e}
+    settings = from_env({**plain, "ARKS_TOKEN_KEY": "ab" * 32})
+    assert settings.render.gang_scheduler == "volcano"
+    assert settings.render.upgrade_strategy == "None"
+    assert settings.render.token_keys is not None
+    role = by_kind(docs, "ClusterRole", "arks-ray-gateway-secrets")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["arks-gateway"],
+                              "verbs": ["get", "patch"]}]
+    with pytest.raises(ValueError, match="ARKS_GANG_SCHEDULER"):
+        from_env({"ARKS_GANG_SCHEDULER": "kueue"})
+
+
 def test_secret_access_can_be_left_to_per_namespace_bindings() -> None:
     docs = render_chart(chart_values(rbac__secretsClusterWide=False))
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["arks-ray-operator"]
+    # Token Secrets are no longer bound cluster-wide; the gateway Secret's narrow role still is.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == [
+        "arks-ray-gateway-secrets", "arks-ray-operator"]
     env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
     assert env["ARKS_WATCH_SECRETS"] == "false"
