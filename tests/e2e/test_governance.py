@@ -3,6 +3,10 @@
 Checks what issue #4 promises on the real stack: exact request limits under concurrency, the token
 limit's bound, quota exhaustion and refunds, behaviour when Redis dies (failOpen and failClosed), and
 quota usage restored from ArksQuota status after Redis lost it.
+
+Runs on the shared e2e stack (``arks_stack``: two gateway replicas counting in its Redis). The module adds
+its tokens and quota; the tests that change the failure policy or the quota's status put the module's
+config back, and Redis is running again (empty) when the module ends.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from arks_ray.gateway.governor import Governor
 from arks_ray.gateway.limits import estimate_usage
 from arks_ray.local import runner
 from arks_ray.stores.redis import RedisStore
-from tests.support.redis_server import RedisServer, free_port
-from tests.support.stack import bring_up, make_plan
+from tests.support.redis_server import RedisServer
+from tests.support.stack import SharedStack, make_plan
 
 pytestmark = pytest.mark.e2e
 
@@ -63,29 +67,26 @@ def objects(used: int | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
+def redis(arks_stack: SharedStack) -> RedisServer:
+    assert arks_stack.redis is not None
+    return arks_stack.redis
 
 
 @pytest.fixture(scope="module")
-def stack(redis: RedisServer) -> Iterator[dict[str, Any]]:
-    port = free_port()
-    try:
-        bring_up(make_plan(objects(), port, gateway_settings={"redis_url": redis.url}, gateway_replicas=2))
+def stack(arks_stack: SharedStack, redis: RedisServer) -> Iterator[dict[str, Any]]:
+    redis.restart()  # counters from earlier modules are not this module's business
+    with arks_stack.extended(objects(), label="test_governance"):
         replicas = runner.serve_status()["gateway"]["deployments"]["ArksGateway"]["replicas"]
         assert replicas == {"RUNNING": 2}
-        yield {"port": port, "base": f"http://127.0.0.1:{port}"}
-    finally:
-        runner.down()
+        yield {"port": arks_stack.port, "base": arks_stack.url, "shared": arks_stack}
+    if not redis.ping():
+        redis.start()
 
 
 def redeploy(stack: dict[str, Any], redis: RedisServer, used: int | None = None, policy: str = "failOpen") -> None:
-    plan = make_plan(objects(used), stack["port"], gateway_replicas=2,
-                     gateway_settings={"redis_url": redis.url, "failure_policy": policy})
-    runner.deploy(plan.serve_config)
-    runner.wait_ready(["gateway", "tiny"], timeout_s=180, progress=print)
+    shared: SharedStack = stack["shared"]
+    assert shared.redis is redis  # the gateway counts in this Redis (the stack's settings name it)
+    shared.apply(objects(used), settings={"failure_policy": policy})
 
 
 def chat(max_tokens: int = 1, **extra: Any) -> dict[str, Any]:
