@@ -10,6 +10,10 @@ route), the app ``tiny-b`` (``defaultWeight`` 1) and a static backend, a second 
 - when ``tiny-b`` is stopped, every request that had not started succeeds on the others (the retry
   before the first byte, then the circuit breaker and the health check take it out of rotation);
 - when the static server dies, the apps take its share.
+
+Runs on the shared e2e stack (``arks_stack``, whose gateway settings name the backend and check health
+every second): the module adds ``tiny-b``, the static backend and its routes; the shared ``tiny`` endpoint
+is back to the ``tiny`` app alone, and ``tiny-b`` gone, when the module ends.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pytest
 
 from arks_ray.local import runner
 from tests.support.redis_server import free_port
-from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, bring_up, demo_without, make_plan
+from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, SharedStack
 from tests.support.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
@@ -70,19 +74,18 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
-    port, static_port = free_port(), free_port()
-    plan = make_plan(objects(f"http://127.0.0.1:{static_port}"), port, base=demo_without("ArksEndpoint"),
-                     gateway_settings={"backend_header": True, "health_check_interval_s": 1, "seed": 7})
-    # The raw server loads while Serve starts; both need the tiny model, which make_plan generated.
+def stack(arks_stack: SharedStack) -> Iterator[dict[str, Any]]:
+    settings = arks_stack.plan.serve_config["applications"][0]["args"]["settings"] if arks_stack.plan else {}
+    assert (settings["backend_header"], settings["health_check_interval_s"]) == (True, 1), settings
+    static_port = free_port()
+    # The raw server loads while Serve starts tiny-b; both need the tiny model, which the shared stack generated.
     static = VllmServer(MODEL_PATH, "tiny", static_port, Path("/tmp/arks-ray/e2e-static-vllm.log"))
     try:
-        bring_up(plan)
-        static.wait_healthy(300)
-        yield {"base": f"http://127.0.0.1:{port}", "plan": plan, "static": static}
+        with arks_stack.extended(objects(static.url), label="test_routing") as plan:
+            static.wait_healthy(300)
+            yield {"base": arks_stack.url, "plan": plan, "static": static}
     finally:
         static.stop()
-        runner.down()
 
 
 async def fire(base: str, n: int, concurrency: int, token: str = DEMO_TOKEN, **body: Any) -> list[httpx.Response]:
