@@ -35,6 +35,8 @@ logger = logging.getLogger("ray.serve.arks.gateway")
 TOKEN_KEY = "arks_token"  # noqa: S105 - the scope key, not a token
 STARTED_KEY = "arks_started"
 OPEN_PATHS = ("/healthz",)
+KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
+         "/v1/responses": "responses", "/v1/models": "models"}
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -61,6 +63,7 @@ class AuthMiddleware:
         try:
             token = self.pipeline.index.authenticate(header, started)
         except RequestError as err:
+            self.pipeline.refused(KINDS.get(scope.get("path", ""), "other"), None, err, started)
             await error_response(err)(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -149,8 +152,12 @@ def make_api(pipeline: Pipeline) -> FastAPI:
         raise NotFound(f"the model {model_id!r} does not exist", param="model")
 
     async def serve(kind: str, request: Request) -> Response:
-        body = await read_body(request, kind, pipeline)
         started = getattr(request.state, STARTED_KEY, None) or time.time()
+        try:
+            body = await read_body(request, kind, pipeline)
+        except RequestError as err:
+            pipeline.refused(kind, _token(request), err, started)
+            raise
         return to_response(await pipeline.serve(kind, _token(request), body, request.headers, started))
 
     @api.post("/v1/chat/completions")

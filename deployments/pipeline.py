@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,15 @@ class Pipeline:
         except BaseException:
             life.on_inference_complete("client_gone", 499)
             raise
+
+    def refused(self, kind: str, token: Token | None, err: RequestError, started: float) -> None:
+        """Record a request refused before its lifecycle began (a bad token, a bad body): nothing to settle."""
+        now = self.clock()
+        self.metrics.finished(RequestRecord(
+            request_id=uuid.uuid4().hex, namespace=self.index.config.namespace, token=token.name if token else "",
+            endpoint="", backend="", kind=kind, stream=False, status=err.status, outcome=_outcome_of(err),
+            prompt_tokens=0, completion_tokens=0, cost=0.0, started=started, ttft_s=None, duration_s=now - started,
+            gateway_s=now - started, limit=err.reason))
 
     def settle(self, admission: Admission | None, usage: Usage) -> None:
         """Settle in the background: it must run even when the request's task is being cancelled."""

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arks_ray.engines.protocol import EngineRequest, Failure
+from arks_ray.gateway.records import RequestRecord
 from deployments.engine_stream import engine_items
+from deployments.gateway_metrics import NoMetrics
 from deployments.http_api import make_api
 from tests.support.mock_engine import MockBackends, pipeline, token
 
@@ -139,3 +141,24 @@ async def test_an_engine_that_breaks_mid_stream_is_the_engines_fault() -> None:
     items = [i async for i in engine_items(_Server(ValueError("bad state"), after=2), EngineRequest("chat", body))]
     assert isinstance(items[-1], Failure)
     assert items[-1].kind == "engine"
+
+
+class _Recorder(NoMetrics):
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def finished(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+
+def test_requests_refused_before_their_lifecycle_are_recorded_too() -> None:
+    metrics = _Recorder()
+    p = pipeline(MockBackends(), (token("mallory", TOKEN, "m"),), metrics=metrics)
+    with TestClient(make_api(p)) as c:
+        assert c.post("/v1/chat/completions", json={"model": "m"}, headers={"Authorization": "Bearer no"}).status_code \
+            == 401
+        assert c.post("/v1/completions", content=b"{", headers=AUTH).status_code == 400
+        assert c.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=AUTH).status_code == 200
+    got = [(r.kind, r.outcome, r.status, r.token) for r in metrics.records]
+    assert got == [("chat", "unauthorized", 401, ""), ("completions", "client_error", 400, "mallory"),
+                   ("completions", "ok", 200, "mallory")]
