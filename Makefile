@@ -73,10 +73,19 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends prometheus >/dev/null; }
 
-lint: venv
+lint: venv hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# Dockerfiles are linted in `make test` (through lint); the images themselves are built only by `make images`
+# (buildah as root, no daemon; minutes and GBs, so never part of the test run). docker/README.md.
+.PHONY: hadolint images
+hadolint: venv
+	$(VENV)/bin/hadolint docker/*.Dockerfile
+
+images:
+	docker/build.sh $(IMAGES)
 
 test: lint sysdeps dynamo-venv s3-venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -22,6 +22,36 @@ from arks_ray.api.quota import ArksQuotaSpec, ArksQuotaStatus
 from arks_ray.api.token import ArksTokenSpec, ArksTokenStatus
 
 _DROP = {"title", "deprecated", "discriminator"}
+
+# Admission-time checks (CEL, x-kubernetes-validations) for what one object's schema can express, so
+# `kubectl apply` refuses the mistakes that would only fail later. The same checks run in the pydantic
+# models or at render time (arks_ray.render.validation), which name the same fields. Keyed by the path
+# of the schema node (in spec) they attach to.
+_RULES: dict[str, dict[tuple[str, ...], list[dict[str, str]]]] = {
+    "ArksApplication": {
+        ("autoscaling",): [{"rule": "self.minReplicas <= self.maxReplicas",
+                            "message": "minReplicas must not be greater than maxReplicas",
+                            "fieldPath": ".minReplicas"}],
+    },
+    "ArksDisaggregatedApplication": {
+        (): [{"rule": "has(self.runtime) && self.runtime in ['vllm', 'dynamo']",
+              "message": "arks-ray serves disaggregated (PD) applications with runtime vllm or dynamo; sglang "
+                         "(Arks' default when runtime is empty) is not available yet",
+              "fieldPath": ".runtime", "reason": "FieldValueNotSupported"}],
+    },
+    "ArksToken": {
+        (): [{"rule": "has(self.token) != has(self.tokenSecretRef)",
+              "message": "set exactly one of token and tokenSecretRef"}],
+    },
+}
+
+
+def _add_rules(kind: str, spec_schema: dict[str, Any]) -> None:
+    for path, rules in _RULES.get(kind, {}).items():
+        node = spec_schema
+        for key in path:
+            node = node["properties"][key]
+        node["x-kubernetes-validations"] = [dict(r) for r in rules]
 # Arks accepts an empty runtime (meaning its default); the enum must too, or the API server refuses it.
 _EMPTY_OK_ENUMS = {"runtime"}
 
@@ -139,6 +169,7 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def crd(kind: Kind) -> dict[str, Any]:
     spec_schema = openapi_schema(kind.spec)
+    _add_rules(kind.kind, spec_schema)
     status_schema = openapi_schema(kind.status)
     status_schema["x-kubernetes-preserve-unknown-fields"] = True
     root = {

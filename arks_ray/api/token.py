@@ -67,7 +67,8 @@ class ArksTokenStatus(Status):
     """Observed state of an ArksToken."""
 
     conditions: list[Condition] = Field(default_factory=list, description="Ready, with problems as reasons.")
-    digest_prefix: str | None = Field(None, description="First 8 hex digits of the token's SHA-256.")
+    digest_prefix: str | None = Field(None, description="First 8 hex digits of the token's keyed digest "
+                                                                    "(HMAC-SHA256 under the namespace's key).")
 
 
 class ArksToken(Spec):

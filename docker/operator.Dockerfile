@@ -1,0 +1,30 @@
+# The arks-ray image: the operator (python -m controller), the Ray head (Serve controller, HTTP proxy and
+# the gateway ingress) and model download Jobs (python -m arks_ray.models). CPU only.
+#
+#   make images            (buildah; see docker/README.md for the local base and what differs)
+#   docker build -f docker/operator.Dockerfile -t ghcr.io/arks-ray/arks-ray:0.1.0 .
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS build
+RUN python3 -m venv /opt/arks-ray
+COPY pyproject.toml README.md /src/
+COPY arks_ray /src/arks_ray
+COPY controller /src/controller
+COPY deployments /src/deployments
+RUN /opt/arks-ray/bin/pip install --no-cache-dir /src \
+    && /opt/arks-ray/bin/pip uninstall -y pip \
+    && find /opt/arks-ray -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE}
+LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
+      org.opencontainers.image.description="arks-ray operator, Ray head and model downloader" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/arks-ray /opt/arks-ray
+ENV PATH=/opt/arks-ray/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# KubeRay runs Ray in this image as the pod's user; the chart runs the operator as uid 1000.
+RUN useradd --uid 1000 --create-home --shell /bin/bash ray
+USER 1000
+WORKDIR /home/ray
+CMD ["python", "-m", "controller"]
