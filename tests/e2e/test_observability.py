@@ -252,3 +252,35 @@ def test_series_per_tenant_and_per_endpoint_stay_bounded(loaded: dict[str, Any])
     backends_reached = 5  # tiny, tiny-slo, the flaky and dead static ones, none (refused)
     bound = (HISTOGRAM_SERIES + 2 + 1 + 8) * backends_reached * replicas
     assert max(per_token.values()) <= bound, (per_token, bound)
+
+
+def test_top_and_usage_read_the_live_stack(stack: SharedStack, loaded: dict[str, Any]) -> None:
+    from arks_ray.gateway.usage import quota_usage, token_usage
+    from arks_ray.local import top
+    from arks_ray.stores.redis import RedisStore
+
+    urls = top.discover()
+    first = top.snapshot(top.scrape(urls))
+    time.sleep(12)  # Ray's agent exports about every 10 s
+    rows = {r.endpoint: r for r in top.endpoint_rows(first, top.snapshot(top.scrape(urls)), 12)}
+    assert rows["tiny"].req_s > 0, rows
+    assert {b.name for b in rows["tiny"].backends} >= {"tiny"}
+    print("\n" + top.render(list(rows.values()), 12))
+    assert stack.redis is not None
+    assert stack.plan is not None
+    config, url = stack.plan.rendered.gateway, stack.redis.url
+
+    async def read() -> tuple[Any, Any]:
+        store = RedisStore(url)
+        try:
+            return await token_usage(store, config, time.time()), await quota_usage(store, config, time.time())
+        finally:
+            await store.close()
+
+    limits, quotas = asyncio.run(read())
+    rpm = next(u for u in limits if u.token == "obs-rpm" and u.limit == "rpm")
+    assert rpm.value == 3
+    assert rpm.used is not None
+    assert 1 <= rpm.used <= 3
+    (small,) = [q for q in quotas if q.quota == "obs-small"]
+    assert small.used > 0.9 * small.limit
