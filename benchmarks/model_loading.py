@@ -19,7 +19,8 @@ disk may still be cached by its host. Times are medians; ratios are against ``sa
 Part 2, S3. moto's S3 server (``.venv-s3``, ``make s3-venv``) on loopback holds ``--s3-files`` objects
 of ``--s3-file-mb`` MiB; ``arks_ray.models`` pulls them with 1 worker and with one per file.
 
-    flock /tmp/arks-ray.lock .venv/bin/python benchmarks/model_loading.py [--size-gb 1.1] [--rounds 3]
+    .venv/bin/pip install -e '.[loaders]'   # runai-model-streamer, fastsafetensors
+    .venv/bin/python benchmarks/model_loading.py [--size-gb 1.1] [--rounds 3]
 
 Writes benchmarks/results/model_loading.json and .png.
 """
