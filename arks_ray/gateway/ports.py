@@ -16,6 +16,10 @@ from typing import Protocol
 
 from arks_ray.gateway.limits import Counter
 
+SETTLED_TTL_MS = 600_000
+"""How long a store remembers a settled request id, so that a retry of its settlement is not applied twice
+(the settlement outbox retries within seconds of the store answering again)."""
+
 
 class StoreUnavailable(Exception):
     """The store could not answer in time (connection refused, timeout, script error)."""
@@ -54,7 +58,8 @@ class CounterStore(Protocol):
                      amounts: Sequence[int]) -> None:
         """Replace each reserved amount with the final one; release leases. One round trip.
 
-        Idempotent for leases; for amounts, the caller settles a reservation exactly once."""
+        Idempotent per ``request_id`` (for at least ``SETTLED_TTL_MS``): a settlement retried after a
+        timeout whose first attempt did land changes nothing more."""
 
     async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
         """Push the expiry of leases still held to ``until_ms`` (released ones stay released). One round

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from arks_ray.gateway.limits import Counter, window_reset_ms, window_retry_after_ms, window_used
 from arks_ray.gateway.ports import Decision, Lease
 
+SETTLED_KEPT = 100_000
+"""Settled request ids remembered (oldest forgotten first), so that a repeated settlement is not applied twice."""
+
 logger = logging.getLogger("arks_ray.stores")
 
 
@@ -33,6 +36,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._data: dict[str, _Entry] = {}
         self._reports: dict[str, tuple[str, int]] = {}
+        self._settled: dict[str, None] = {}  # insertion-ordered: the oldest first
         if not MemoryStore._warned:
             MemoryStore._warned = True
             logger.warning("arks-ray: no Redis configured; rate limits and quotas are kept in memory, which is "
@@ -100,6 +104,11 @@ class MemoryStore:
 
     async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
                      amounts: Sequence[int]) -> None:
+        if request_id in self._settled:
+            return
+        self._settled[request_id] = None
+        if len(self._settled) > SETTLED_KEPT:
+            del self._settled[next(iter(self._settled))]
         for c, final in zip(counters, amounts, strict=True):
             entry = self._data.get(c.key)
             if entry is None:
@@ -149,3 +158,4 @@ class MemoryStore:
     async def close(self) -> None:
         self._data.clear()
         self._reports.clear()
+        self._settled.clear()

@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from arks_ray.gateway.limits import Counter
-from arks_ray.gateway.ports import Decision, Lease, StoreUnavailable
+from arks_ray.gateway.ports import SETTLED_TTL_MS, Decision, Lease, StoreUnavailable
 
 _KIND = {"window": 1, "lease": 2, "total": 3}
 
@@ -78,10 +78,14 @@ class RedisStore:
 
     async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
                      amounts: Sequence[int]) -> None:
-        args: list[Any] = [request_id, reserved_at_ms]
+        if not counters:
+            return
+        args: list[Any] = [request_id, reserved_at_ms, SETTLED_TTL_MS]
         for c, final in zip(counters, amounts, strict=True):
             args += [_KIND[c.kind], c.bucket_ms or 1, c.amount, final]
-        await self._call(self._settle(keys=[c.key for c in counters], args=args))
+        # The marker that makes a retried settlement a no-op, under the counters' own key prefix.
+        marker = f"{counters[0].key.split(':', 1)[0]}:settled:{request_id}"
+        await self._call(self._settle(keys=[*(c.key for c in counters), marker], args=args))
 
     async def renew(self, leases: Sequence[Lease], until_ms: int) -> int:
         if not leases:

@@ -266,6 +266,20 @@ async def test_settle_refunds_and_charges_a_total(store: CounterStore) -> None:
     assert (d.admitted, d.remaining) == (True, (0,))
 
 
+async def test_settling_the_same_reservation_again_changes_nothing(store: CounterStore) -> None:
+    """A retried settlement whose first attempt did land (its answer was lost to a timeout) is not applied
+    twice: the refund is not doubled, nor the charge."""
+    counters = [tpm(1000, 300), total(1000, 300), lease(1)]
+    await store.reserve(counters, "a", T0)
+    await store.reserve([tpm(1000, 300), total(1000, 300)], "b", T0)
+    for _ in range(3):
+        await store.settle(counters, "a", T0, [20, 20, 0])
+    assert await store.read([counters[1].key]) == {counters[1].key: 320}
+    assert (await store.reserve([tpm(1000, 1)], "c", T0 + 1)).remaining == (1000 - 320 - 1,)
+    await store.settle([tpm(1000, 300), total(1000, 300)], "b", T0, [500, 500])  # another request still settles
+    assert await store.read([counters[1].key]) == {counters[1].key: 520}
+
+
 async def test_a_total_never_goes_below_zero(store: CounterStore) -> None:
     big = total(1000, 100)
     await store.reserve([big], "a", T0)

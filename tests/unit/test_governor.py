@@ -301,6 +301,35 @@ async def test_a_settlement_the_store_cannot_take_is_kept_and_lands_when_it_is_b
     await admit(gov, g, q)  # the lease was released
 
 
+class AnswerLost(MemoryStore):
+    """Settles, then fails as a timeout does when the reply is lost: the caller cannot tell it landed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 1
+
+    async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
+                     amounts: Sequence[int]) -> None:
+        await super().settle(counters, request_id, reserved_at_ms, amounts)
+        if self.lost:
+            self.lost -= 1
+            raise StoreUnavailable("TimeoutError")
+
+
+async def test_a_settlement_retried_after_a_lost_answer_is_applied_once() -> None:
+    store = AnswerLost()
+    gov = Governor(store)
+    q = quota("lifetime", 1000)
+    admission = await admit(gov, grant(("tpm", 1000), quota="team"), q)  # reserves the estimate, 100
+    await gov.settle(admission, Usage(1, 1))
+    await gov.settlements.drain()
+    assert gov.settlements.pending == 0
+    assert store.lost == 0  # the first attempt landed, its answer did not, and it was retried
+    assert await QuotaLedger(store).usage("ns", (q,), NOW) == {"team": {"total": 2}}  # not 2 - 98 clamped to 0
+    again = await admit(gov, grant(("tpm", 1000), quota="team"), q, now=NOW + 1)
+    assert again.headers["x-ratelimit-remaining-tokens"] == str(1000 - 2 - 100)
+
+
 # --- concurrency leases: short, renewed while the request lives ------------------------------------------------
 
 
