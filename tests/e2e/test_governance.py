@@ -2,7 +2,8 @@
 
 Checks what issue #4 promises on the real stack: exact request limits under concurrency, the token
 limit's bound, quota exhaustion and refunds, behaviour when Redis dies (failOpen and failClosed), and
-quota usage restored from ArksQuota status after Redis lost it.
+quota usage restored after Redis lost it (by the operator's ``QuotaLedger.restore``, from what ArksQuota
+status recorded), which both gateway replicas then count on from.
 
 Runs on the shared e2e stack (``arks_stack``: two gateway replicas counting in its Redis). The module adds
 its tokens and quota; the tests that change the failure policy or the quota's status put the module's
@@ -21,8 +22,8 @@ import httpx
 import pytest
 
 from arks_ray.api.gateway import GatewayConfig
-from arks_ray.gateway.governor import Governor
 from arks_ray.gateway.limits import estimate_usage
+from arks_ray.gateway.quotas import Floor, QuotaLedger
 from arks_ray.local import runner
 from arks_ray.stores.redis import RedisStore
 from tests.support.redis_server import RedisServer
@@ -83,10 +84,10 @@ def stack(arks_stack: SharedStack, redis: RedisServer) -> Iterator[dict[str, Any
         redis.start()
 
 
-def redeploy(stack: dict[str, Any], redis: RedisServer, used: int | None = None, policy: str = "failOpen") -> None:
+def redeploy(stack: dict[str, Any], redis: RedisServer, policy: str = "failOpen") -> None:
     shared: SharedStack = stack["shared"]
     assert shared.redis is redis  # the gateway counts in this Redis (the stack's settings name it)
-    shared.apply(objects(used), settings={"failure_policy": policy})
+    shared.apply(objects(), settings={"failure_policy": policy})
 
 
 def chat(max_tokens: int = 1, **extra: Any) -> dict[str, Any]:
@@ -161,17 +162,34 @@ def test_quota_exhaustion_is_insufficient_quota(stack: dict[str, Any], redis: Re
     assert 0 < usage(redis)["small"]["total"] <= 150
 
 
+def gateway_config() -> GatewayConfig:
+    return GatewayConfig.model_validate(make_plan(objects(), 0).rendered.gateway.model_dump())
+
+
 def usage(redis: RedisServer) -> dict[str, dict[str, int]]:
     async def read() -> dict[str, dict[str, int]]:
         store = RedisStore(redis.url)
         try:
-            plan = make_plan(objects(), 0)
-            config = GatewayConfig.model_validate(plan.rendered.gateway.model_dump())
-            return await Governor(store).usage(config, time.time())
+            config = gateway_config()
+            return await QuotaLedger(store).usage(config.namespace, config.quotas, time.time())
         finally:
             await store.close()
 
     return asyncio.run(read())
+
+
+def restore(redis: RedisServer, used: int) -> int:
+    """What the operator does when the store reads lower than ArksQuota status recorded."""
+    async def run() -> int:
+        store = RedisStore(redis.url)
+        try:
+            config = gateway_config()
+            floor = Floor("small", "total", used, "lifetime")
+            return await QuotaLedger(store).restore(config.namespace, config.quotas, [floor], time.time())
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def test_redis_outage_fail_open_then_enforcement_resumes(stack: dict[str, Any], redis: RedisServer) -> None:
@@ -202,7 +220,7 @@ def test_redis_outage_fail_closed_refuses_with_503(stack: dict[str, Any], redis:
     redeploy(stack, redis)
 
 
-def test_quota_usage_comes_back_from_status_after_redis_lost_it(stack: dict[str, Any], redis: RedisServer) -> None:
+def test_quota_usage_restored_after_redis_lost_it_is_counted_on(stack: dict[str, Any], redis: RedisServer) -> None:
     redis.restart()  # a clean slate: earlier outage tests also restarted it
     for _ in range(2):
         assert post(stack, "quota", chat(10)).status_code == 200
@@ -211,11 +229,9 @@ def test_quota_usage_comes_back_from_status_after_redis_lost_it(stack: dict[str,
     assert before > 0
     redis.restart()  # no persistence: everything is gone
     assert usage(redis)["small"]["total"] == 0
-    redeploy(stack, redis, used=before)  # what the controller mirrors into ArksQuota status
-    deadline = time.monotonic() + 30
-    while usage(redis)["small"]["total"] != before:
-        assert time.monotonic() < deadline, "quota usage was not restored from status"
-        time.sleep(0.5)
+    assert restore(redis, before) == 1  # the usage the operator mirrored into ArksQuota status
+    assert usage(redis)["small"]["total"] == before
+    assert restore(redis, before) == 0  # nothing lower any more: never raised twice
     assert post(stack, "quota", chat(10)).status_code == 200
     time.sleep(0.5)
     assert usage(redis)["small"]["total"] > before  # counting continues from the restored value
