@@ -333,3 +333,33 @@ def test_point_at_cache_rewrites_only_the_pulled_model(tmp_path: Path) -> None:
     assert apps[0]["args"]["llm_config"]["model_loading_config"]["model_source"] == str(tmp_path / "a")
     assert apps[1]["args"]["llm_config"]["model_loading_config"]["model_source"] == "acme/b"
     assert apps[1]["args"]["llm_config"]["engine_kwargs"]["model_path"] == str(tmp_path / "a")
+
+
+async def test_the_operator_reports_download_progress_on_the_emulator(operators: Any, kubectl: Any,
+                                                                        emulator: Any) -> None:
+    """The real operator on kmock's Kubernetes emulator: an s3 ArksModel gets its download Job; the Job's
+    pod logs a progress report (as ``python -m arks_ray.models`` prints it); the operator reads the log
+    and shows the report in ``status.progress``."""
+    from arks_ray.models.progress import report_line
+    from tests.integration.harness import eventually
+
+    await operators.start()
+    await kubectl.apply({"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": "tiny"}, "spec": {
+        "model": "acme/tiny-chat", "source": {"s3": {"uri": "s3://models/acme/tiny-chat"}},
+        "storage": {"pvc": {"spec": {"resources": {"requests": {"storage": "1Gi"}}}}}}})
+    await eventually(lambda: kubectl.get("Job", "arks-model-tiny"))
+    report = report_line(Snapshot(3 << 20, 12 << 20, 1, 4, float(1 << 20), 9.0, 3.0))
+    emulator["get /api/v1/namespaces/default/pods/arks-model-tiny-x7k2p/log"] << f"arks-ray: ...\n{report}\n".encode()
+    await kubectl.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "arks-model-tiny-x7k2p", "labels": {"job-name": "arks-model-tiny"}}, "status": {"phase": "Running"}})
+    # The Job controller marks the Job active; that status change wakes the operator.
+    await kubectl.patch("Job", "arks-model-tiny", {"status": {"active": 1}}, sub="status")
+
+    async def progress() -> dict[str, Any] | None:
+        model = await kubectl.get("ArksModel", "tiny")
+        return model["status"] if model and (model.get("status") or {}).get("progress") else None
+
+    status = await eventually(progress, within=20)
+    assert status["phase"] == "ModelLoading"
+    assert status["progress"] == "3.0 MiB / 12.0 MiB (25%), 1/4 files, 1.0 MiB/s, ETA 9s"
+    assert status["download"]["filesTotal"] == 4
