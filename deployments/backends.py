@@ -170,8 +170,8 @@ class RoutedBackends:
     async def probe_apps(self) -> dict[str, tuple[bool, str]]:
         """Every Serve application: can it serve (at least one running replica), and if not, why.
 
-        An app that is not RUNNING and has no running replica (deploying, restarting, unhealthy) is also
-        marked down for ``open``, which then answers 503 at once instead of queueing on the handle."""
+        An app with no running replica that is deploying, restarting or unhealthy is also marked down for
+        ``open``, which then answers 503 at once instead of queueing on the handle until one is back."""
         from ray import serve
 
         status = await asyncio.to_thread(serve.status)
@@ -181,7 +181,10 @@ class RoutedBackends:
             running = sum(int(n) for d in app.deployments.values() for state, n in d.replica_states.items()
                           if getattr(state, "value", state) == "RUNNING")
             out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
-            if not running and app.status != "RUNNING":
+            starting = sum(int(n) for d in app.deployments.values() for n in d.replica_states.values())
+            # No running replica and either the app is not RUNNING or replicas are coming up (a restart):
+            # down. A RUNNING app with no replica at all is scaled to zero, and a request scales it up.
+            if not running and (app.status != "RUNNING" or starting):
                 down[name] = str(getattr(app.status, "value", app.status))
         self.serve.down = down
         return out

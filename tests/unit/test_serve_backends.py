@@ -57,17 +57,20 @@ async def test_an_app_without_a_running_replica_is_answered_503_at_once(fake_ser
         "app-up": _App("RUNNING", {"d": _Deployment({"RUNNING": 1})}),
         "app-restarting": _App("DEPLOYING", {"d": _Deployment({"STARTING": 1})}),
         "app-scaled-to-zero": _App("RUNNING", {"d": _Deployment({})}),
+        "app-replica-restarting": _App("RUNNING", {"d": _Deployment({"RECOVERING": 1})}),
     }
     backends = RoutedBackends(GatewaySettings())
     status = await backends.probe_apps()
     assert status["app-up"] == (True, "")
     assert status["app-restarting"][0] is False
-    assert backends.serve.down == {"app-restarting": "DEPLOYING"}  # a RUNNING app at zero still scales up
+    # A RUNNING app at zero replicas still scales up on a request; one whose replica is coming back does not.
+    assert backends.serve.down == {"app-restarting": "DEPLOYING", "app-replica-restarting": "RUNNING"}
     request = EngineRequest("chat", {"model": "m", "messages": []})
     items = [i async for i in backends.open(Backend(kind="app", name="app-restarting", weight=1), request)]
     assert items == [Failure("unavailable", 503, "backend 'app-restarting' has no replica ready right now")]
     assert fake_serve["handle"].calls == 0
     fake_serve["apps"]["app-restarting"] = _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})
+    fake_serve["apps"]["app-replica-restarting"] = _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})
     await backends.probe_apps()
     assert backends.serve.down == {}
 
