@@ -193,6 +193,18 @@ def test_huggingface_through_its_client_at_a_local_endpoint(tmp_path: Path) -> N
             pull_source("acme/tiny", src, tmp_path / "n", {"HF_TOKEN": "wrong"}, NullSink())
 
 
+def test_the_hub_token_is_not_sent_on_to_another_host(tmp_path: Path) -> None:
+    """The hub answers file URLs with a redirect to its CDN (another host): the CDN gets no token."""
+    with FileServer(FILES) as cdn:
+        cdn_url = cdn.url.replace("127.0.0.1", "localhost")  # another host name, the same server
+        with FileServer(FILES, token="hf_secret", redirect_to=cdn_url) as hub:
+            src = source(huggingface={"endpoint": hub.url, "tokenSecretRef": {"name": "hf"}})
+            pull_source("acme/tiny", src, tmp_path / "m", {"HF_TOKEN": "hf_secret"}, NullSink())
+        assert_model(tmp_path / "m", FILES)
+        assert set(hub.auth_seen) == {"Bearer hf_secret"}
+        assert cdn.auth_seen == [None] * len(FILES)
+
+
 def test_huggingface_refuses_a_file_whose_lfs_sha_differs(tmp_path: Path) -> None:
     with FileServer(FILES, Behaviour(corrupt={"model.safetensors"})) as server:
         src = source(huggingface={"endpoint": server.url})
@@ -363,3 +375,42 @@ async def test_the_operator_reports_download_progress_on_the_emulator(operators:
     assert status["phase"] == "ModelLoading"
     assert status["progress"] == "3.0 MiB / 12.0 MiB (25%), 1/4 files, 1.0 MiB/s, ETA 9s"
     assert status["download"]["filesTotal"] == 4
+
+
+def test_up_pulls_the_model_and_serves_it_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`arks-ray up` with an http-source model: the model is pulled (with the Job's code) before Ray is
+    started, and the deployed Serve config loads it from the cache. Ray itself is replaced here: only the
+    wiring between the pull and the deploy is under test."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from arks_ray.cli import app
+    from arks_ray.local import runner
+
+    monkeypatch.setenv("ARKS_RAY_CACHE", str(tmp_path / "cache"))
+    deployed: list[dict[str, Any]] = []
+    monkeypatch.setattr(runner, "detect_gpus", lambda *a, **k: 0)
+    monkeypatch.setattr(runner, "start_ray", lambda *a, **k: True)
+    monkeypatch.setattr(runner, "deploy", deployed.append)
+    monkeypatch.setattr(runner, "wait_ready", lambda *a, **k: {})
+    docs = list(yaml.safe_load_all((Path(__file__).parents[2] / "configs/examples/local-demo.yaml").read_text()))
+    with FileServer(FILES) as server:
+        for d in docs:
+            if d["kind"] == "ArksModel":
+                d["spec"] = {"model": "acme/tiny-chat", "source": {"http": {"files": [
+                    {"url": f"{server.url}/files/{n}", "path": n} for n in FILES]}},
+                    "storage": {"pvc": {"spec": {"resources": {"requests": {"storage": "1Gi"}}}}}}
+        manifest = tmp_path / "demo.yaml"
+        manifest.write_text(yaml.safe_dump_all(docs))
+        result = CliRunner().invoke(app, ["up", "-f", str(manifest), "--detach", "--port", "18123"])
+        assert result.exit_code == 0, result.output
+        assert "pulled default/tiny-qwen2" in result.output
+        (config,) = deployed
+        (engine,) = [a for a in config["applications"] if a["name"] != "gateway"]
+        path = Path(engine["args"]["llm_config"]["model_loading_config"]["model_source"])
+        assert path.parent == tmp_path / "cache" / "models"
+        assert_model(path, FILES)
+        server.files = {}  # a second `up` needs no server: the copy is complete
+        again = CliRunner().invoke(app, ["up", "-f", str(manifest), "--detach", "--port", "18123"])
+        assert again.exit_code == 0, again.output
+        assert "is already in" in again.output

@@ -44,10 +44,12 @@ class FileServer:
     (ModelScope) list them, with ``repo`` any path prefix the test picks."""
 
     def __init__(self, files: dict[str, bytes], behaviour: Behaviour | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, redirect_to: str | None = None) -> None:
         self.files = files
         self.behaviour = behaviour or Behaviour()
         self.token = token
+        self.redirect_to = redirect_to
+        """Answer hub file URLs (``/resolve/``) with a 302 to ``<redirect_to>/files/<path>`` (a CDN)."""
         self.gets: Counter[str] = Counter()
         self.ranges: list[tuple[str, str | None]] = []
         self.auth_seen: list[str | None] = []
@@ -87,6 +89,12 @@ class FileServer:
                     name = urllib.parse.parse_qs(url.query)["FilePath"][0]
                 elif "/resolve/" in url.path:
                     name = urllib.parse.unquote(url.path.split("/resolve/", 1)[1].split("/", 1)[1])
+                    if server.redirect_to:
+                        self.send_response(302)
+                        self.send_header("Location", f"{server.redirect_to}/files/{urllib.parse.quote(name)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                 else:
                     name = urllib.parse.unquote(url.path.removeprefix("/files/"))
                 self._file(name, head)
