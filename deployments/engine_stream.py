@@ -36,9 +36,11 @@ def engine_failure(part: Any) -> Failure:
     info = part.error
     status = int(getattr(info, "code", 500) or 500)
     message = str(getattr(info, "message", "") or "engine error")[:500]
-    if status < 500:
+    if status < 500 and status not in (408, 429):
         return invalid(message, getattr(info, "param", None), status)
     logger.warning("engine error %d: %s", status, message)
+    if status in (429, 503):  # overloaded or not ready: worth a retry elsewhere, or later
+        return Failure("unavailable", 503, "the engine cannot take this request right now")
     return Failure("engine", 500, "the engine failed to answer this request")
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from arks_ray.engines.protocol import EngineRequest, Failure
 from arks_ray.gateway.records import RequestRecord
-from deployments.engine_stream import engine_items
+from deployments.engine_stream import engine_failure, engine_items
 from deployments.gateway_metrics import NoMetrics
 from deployments.http_api import make_api
 from tests.support.mock_engine import MockBackends, pipeline, token
@@ -162,3 +162,14 @@ def test_requests_refused_before_their_lifecycle_are_recorded_too() -> None:
     got = [(r.kind, r.outcome, r.status, r.token) for r in metrics.records]
     assert got == [("chat", "unauthorized", 401, ""), ("completions", "client_error", 400, "mallory"),
                    ("completions", "ok", 200, "mallory")]
+
+
+@pytest.mark.parametrize(("code", "kind", "status"), [
+    (400, "invalid", 400), (404, "invalid", 404), (429, "unavailable", 503), (503, "unavailable", 503),
+    (500, "engine", 500),
+])
+def test_engine_error_responses_are_classified(code: int, kind: str, status: int) -> None:
+    info = type("ErrorInfo", (), {"code": code, "message": "m", "param": None})()
+    part = type("ErrorResponse", (), {"error": info})()
+    failure = engine_failure(part)
+    assert (failure.kind, failure.status) == (kind, status)
