@@ -5,6 +5,9 @@ One Ray for the module, with two apps rendered from Arks objects: ``dyn`` (an Ar
 ArksDisaggregatedApplication: a frontend replica plus prefill and decode mocker workers, each in its own
 deployment). Both are served through the gateway with token auth and usage accounting; the sidecars are
 killed and must come back. Needs ``.venv-dynamo`` (``make dynamo-venv``).
+
+Runs on the shared e2e stack (``arks_stack``): the module adds the two apps (on one more local raylet,
+their pods being a worker group of their own), their endpoints and tokens, and removes them when it ends.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ import httpx
 import openai
 import pytest
 
-from arks_ray.local import runner
 from deployments.dynamo_engine import REPO_PYTHON
-from tests.support.redis_server import free_port
-from tests.support.stack import bring_up, demo_without, make_plan
+from tests.support.stack import SharedStack
 
 pytestmark = pytest.mark.e2e
 
@@ -81,25 +82,20 @@ CHAT = [{"role": "user", "content": "Say hello"}]
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
+def stack(arks_stack: SharedStack) -> Iterator[dict[str, Any]]:
     if not (os.environ.get("ARKS_DYNAMO_PYTHON") or REPO_PYTHON.exists()):
         pytest.fail(f"Dynamo's virtualenv is missing: run `make dynamo-venv` (expected {REPO_PYTHON})")
-    port = free_port()
-    plan = make_plan(EXTRA, port, base=demo_without("ArksApplication", "ArksEndpoint", "ArksToken"))
     started = time.monotonic()
-    try:
-        bring_up(plan, timeout_s=300)
-        print(f"dynamo apps ready {time.monotonic() - started:.1f}s after start (cold, including Ray)")
+    with arks_stack.extended(EXTRA, label="test_dynamo"):
+        print(f"dynamo apps ready {time.monotonic() - started:.1f}s after they were deployed")
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="auto", log_to_driver=False)
-        yield {"base": f"http://127.0.0.1:{port}"}
-    finally:
-        import ray
-
-        ray.shutdown()
-        runner.down()
+        try:
+            yield {"base": arks_stack.url}
+        finally:
+            ray.shutdown()
 
 
 def client(stack: dict[str, Any], token: str = "sk-dyn-user") -> openai.OpenAI:
