@@ -1,13 +1,14 @@
 """SLO autoscaling and replica routers end to end, on real Ray Serve and real vLLM (CPU).
 
-One stack for the module: the gateway and two engine apps serving the tiny model.
+Runs on the shared e2e stack (``arks_stack``), which the module extends with two engine apps serving
+the tiny model (removed when it ends):
 
-- ``tiny`` autoscales between 1 and 2 replicas under the arks-ray policy (``deployments.autoscaling``)
+- ``scale`` autoscales between 1 and 2 replicas under the arks-ray policy (``deployments.autoscaling``)
   and routes with ``consistentHash``; the load's clients each send their own ``x-session-id``.
-- ``tiny-prefix`` has one replica behind the ``prefixCache`` router.
+- ``scale-prefix`` has one replica behind the ``prefixCache`` router.
 
 Checked: both routers are what Serve runs and both apps answer through them; light load holds at one
-replica; a load step raises ``tiny`` to two, the controller's decision log says why (with the signals
+replica; a load step raises ``scale`` to two, the controller's decision log says why (with the signals
 the replicas reported, KV-cache use from vLLM's own scheduler included), and the new replica then
 serves its share (it reports requests in flight, and the gateway's consistent-hash ring has two
 replicas). About three minutes on two cores, most of it vLLM starting (the two apps, then the new
@@ -24,7 +25,6 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from arks_ray.local import runner
 from arks_ray.render.serve_config import ROUTERS
 from tests.support.autoscaling import (
     LoadStep,
@@ -33,8 +33,7 @@ from tests.support.autoscaling import (
     replica_log_lines,
     running_replicas,
 )
-from tests.support.redis_server import free_port
-from tests.support.stack import TINY_ENGINE, bring_up, demo_without, make_plan
+from tests.support.stack import TINY_ENGINE, SharedStack
 
 pytestmark = pytest.mark.e2e
 
@@ -44,9 +43,9 @@ ENGINE = TINY_ENGINE
 OBJECTS = f"""
 apiVersion: arks.ai/v1
 kind: ArksApplication
-metadata: {{name: tiny, namespace: default}}
+metadata: {{name: scale, namespace: default}}
 spec:
-  servedModelName: tiny
+  servedModelName: scale
 {ENGINE}
   autoscaling:
     minReplicas: 1
@@ -59,15 +58,20 @@ spec:
 ---
 apiVersion: arks.ai/v1
 kind: ArksApplication
-metadata: {{name: tiny-prefix, namespace: default}}
+metadata: {{name: scale-prefix, namespace: default}}
 spec:
-  servedModelName: tiny-prefix
+  servedModelName: scale-prefix
 {ENGINE}
   routing: {{router: prefixCache}}
 ---
 apiVersion: arks.ai/v1
 kind: ArksEndpoint
-metadata: {{name: tiny-prefix, namespace: default}}
+metadata: {{name: scale, namespace: default}}
+spec: {{defaultWeight: 1}}
+---
+apiVersion: arks.ai/v1
+kind: ArksEndpoint
+metadata: {{name: scale-prefix, namespace: default}}
 spec: {{defaultWeight: 1}}
 ---
 apiVersion: arks.ai/v1
@@ -75,7 +79,7 @@ kind: ArksToken
 metadata: {{name: both, namespace: default}}
 spec:
   token: sk-both-apps
-  qos: [{{arksEndpoint: {{name: tiny}}}}, {{arksEndpoint: {{name: tiny-prefix}}}}]
+  qos: [{{arksEndpoint: {{name: scale}}}}, {{arksEndpoint: {{name: scale-prefix}}}}]
 """
 TOKEN = "sk-both-apps"
 T = TypeVar("T")
@@ -92,14 +96,9 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, every_s
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
-    port = free_port()
-    plan = make_plan(OBJECTS, port, base=demo_without("ArksApplication", "ArksToken"))
-    try:
-        bring_up(plan)
-        yield {"port": port, "base": f"http://127.0.0.1:{port}"}
-    finally:
-        runner.down()
+def stack(arks_stack: SharedStack) -> Iterator[dict[str, Any]]:
+    with arks_stack.extended(OBJECTS, label="test_autoscaling"):
+        yield {"port": arks_stack.port, "base": arks_stack.url}
 
 
 def ups(app: str) -> list[dict[str, Any]]:
@@ -112,7 +111,7 @@ def chat(stack: dict[str, Any], model: str) -> httpx.Response:
         "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello there"}]})
 
 
-@pytest.mark.parametrize(("app", "router"), [("tiny", "consistentHash"), ("tiny-prefix", "prefixCache")])
+@pytest.mark.parametrize(("app", "router"), [("scale", "consistentHash"), ("scale-prefix", "prefixCache")])
 def test_apps_run_and_answer_behind_their_routers(stack: dict[str, Any], app: str, router: str) -> None:
     (config,) = deployed_configs(app).values()
     assert config["request_router_config"]["request_router_class"] == ROUTERS[router]
@@ -122,29 +121,29 @@ def test_apps_run_and_answer_behind_their_routers(stack: dict[str, Any], app: st
 
 
 def test_light_load_holds_one_replica(stack: dict[str, Any]) -> None:
-    with LoadStep(stack["base"], TOKEN, "tiny", clients=1) as load:
+    with LoadStep(stack["base"], TOKEN, "scale", clients=1) as load:
         time.sleep(10)
     assert load.ok > 0
     assert not load.failed
-    assert ups("tiny") == []
-    assert running_replicas("tiny") == 1
+    assert ups("scale") == []
+    assert running_replicas("scale") == 1
     configured = [d for d in policy_decisions() if d.get("action") == "configured"]
     assert configured
     assert configured[-1]["settings"]["ttft_ms"] == 100
 
 
 def test_a_load_step_scales_up_and_the_log_says_why(stack: dict[str, Any]) -> None:
-    with LoadStep(stack["base"], TOKEN, "tiny", clients=32) as step:
-        (up, *_) = wait_for("a scale-up decision", lambda: ups("tiny"), timeout_s=90)
+    with LoadStep(stack["base"], TOKEN, "scale", clients=32) as step:
+        (up, *_) = wait_for("a scale-up decision", lambda: ups("scale"), timeout_s=90)
     decided_s = up["at"] - step.started_at
     # On two cores, load would starve the new replica's start for minutes: let it start, then load again
     # with twelve sessions, so the consistent-hash ring sends some to the new replica.
-    wait_for("the second replica running", lambda: running_replicas("tiny") == 2, timeout_s=150)
+    wait_for("the second replica running", lambda: running_replicas("scale") == 2, timeout_s=150)
     running_s = time.time() - up["at"]
-    with LoadStep(stack["base"], TOKEN, "tiny", clients=12) as load:
+    with LoadStep(stack["base"], TOKEN, "scale", clients=12) as load:
 
         def both_serving() -> dict[str, Any] | None:
-            for d in policy_decisions("tiny"):
+            for d in policy_decisions("scale"):
                 match = re.search(r"2 of 2 replica\(s\) reporting: in flight ([\d.]+)\+([\d.]+)", d.get("signals", ""))
                 if d.get("at", 0) > load.started_at and match and float(match[1]) > 0 and float(match[2]) > 0:
                     return d
@@ -154,14 +153,14 @@ def test_a_load_step_scales_up_and_the_log_says_why(stack: dict[str, Any]) -> No
         serving = wait_for("both replicas serving, in the decision log", both_serving, timeout_s=45)
     print(f"\nscale-up decided {decided_s:.1f}s after the step ({up['signal']}: {up['reason']} | {up['signals']}); "
           f"second replica running {running_s:.1f}s after the decision; {serving['signals']}")
-    assert (up["from"], up["to"], up["deployment"]) == (1, 2, "arks-engine:tiny")
+    assert (up["from"], up["to"], up["deployment"]) == (1, 2, "arks-engine:scale")
     assert up["signal"] in ("ttft", "load")
     assert ("TTFT p90" in up["reason"]) if up["signal"] == "ttft" else ("requests in flight" in up["reason"])
     # What the replicas reported, read by the controller: percentiles and vLLM's own KV-cache use.
     assert "TTFT p90" in up["signals"]
     assert "KV cache" in up["signals"]
-    assert replica_log_lines("gateway", "consistent-hash ring for Deployment(name='arks-engine:tiny', "
-                                        "app='tiny'): 2 replicas")
+    assert replica_log_lines("gateway", "consistent-hash ring for Deployment(name='arks-engine:scale', "
+                                        "app='scale'): 2 replicas")
     assert step.ok > 0
     assert load.ok > 0
     assert not step.failed + load.failed, (step.failed + load.failed)[:3]
