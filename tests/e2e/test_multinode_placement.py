@@ -12,6 +12,9 @@ apps of different pod shapes render into two worker groups:
 
 Requests go through the gateway with the openai client. Then a third app that needs three nodes of a
 two-node group shows the gang property: its placement group stays pending with nothing reserved.
+
+This module needs a Ray of its own (several raylets), so it does not use the shared e2e stack: it asks for
+``no_shared_stack``, and ``tests/e2e/conftest.py`` runs it before the modules that share one.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def group_resource(llm_config: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
+def stack(no_shared_stack: None) -> Iterator[dict[str, Any]]:
     port = free_port()
     first = plan(port, SPREAD, SOLO)
     llm = {a["name"]: a["args"]["llm_config"] for a in first.serve_config["applications"] if a["name"] != "gateway"}
