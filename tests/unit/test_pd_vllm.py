@@ -230,8 +230,8 @@ async def test_a_prefill_error_becomes_the_requests_failure(no_ray: None, monkey
     server = decode_server(FakePrefill(error=failure), monkeypatch)
     body = {"model": "ds-lite", "messages": [{"role": "user", "content": "hi"}]}
     (item,) = [item async for item in server.generate(EngineRequest("chat", body))]
-    # The engine's failure (held against the backend, retried elsewhere); its text stays in the replica's log.
-    assert item == Failure("engine", 500, "the engine failed to answer this request")
+    # Unavailable (held against the backend, retried elsewhere, Retry-After); its text stays in the replica's log.
+    assert item == Failure("unavailable", 503, "the engine cannot take this request right now")
     assert item.blames_backend
     assert server.engine.requests == []
 
