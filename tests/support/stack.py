@@ -162,6 +162,7 @@ class SharedStack:
         """Delete the apps, stop every raylet of this machine and Redis."""
         if self.plan is not None:
             runner.down()
+            print("shared stack down")
         self.plan = None
         self.offered = set()
         if self.redis is not None:
