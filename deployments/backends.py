@@ -114,6 +114,8 @@ class ServeBackends:
             handle = self._handle(backend.name)
             if request.session is not None:
                 handle = handle.options(session_id=request.session)
+            if backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it loaded
+                handle = handle.options(multiplexed_model_id=backend.adapter)
             gen = handle.remote(request)
         except Exception as exc:  # the app is missing or not deployed yet
             return ItemStream(_once(describe_failure(backend.name, exc)), backend.name)

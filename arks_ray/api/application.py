@@ -1,8 +1,8 @@
 """ArksApplication: one served model, on one engine runtime, with N replicas of M pods each.
 
 Read by the renderer (``arks_ray.render``) and the controller. Every Arks field keeps its meaning;
-``autoscaling``, ``placement``, ``pipelineParallelSize``, ``accelerator``, ``routing`` and ``dynamo`` are
-arks-ray extensions.
+``autoscaling``, ``placement``, ``pipelineParallelSize``, ``accelerator``, ``routing``, ``dynamo`` and
+``lora`` are arks-ray extensions.
 """
 
 from __future__ import annotations
@@ -90,6 +90,40 @@ class Dynamo(Spec):
     args: list[str] = Field(default_factory=list, description="Extra arguments for the Dynamo worker.")
 
 
+class Adapter(Spec):
+    """One LoRA adapter served on the application's base model (extension)."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$",
+        description="Adapter name; clients send the model '<servedModelName>:<name>', and tokens are granted it "
+                    "by that name in their qos, like an ArksEndpoint.")
+    model: LocalObjectReference = Field(
+        description="The ArksModel holding the adapter's weights (adapter_config.json and its safetensors): "
+                    "its source and storage work as for any model. In a cluster it must live in the base "
+                    "model's storage (same PVC), which the engine pods already mount.")
+
+
+class LoRA(Spec):
+    """LoRA adapters on the base model, through Ray Serve LLM's multi-LoRA (extension).
+
+    Setting this enables LoRA in the engine (a restart once); adding or removing adapters afterwards is a
+    live change: it reaches running and new replicas without restarting the engine."""
+
+    adapters: list[Adapter] = Field(default_factory=list, max_length=256, description="Adapters served.")
+    max_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank the engine accepts (vLLM max_lora_rank).")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, le=256, description="Adapters kept loaded on one replica (least recently used ones are evicted); "
+                                     "also how many one batch may mix (vLLM max_loras).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> LoRA:
+        names = [a.name for a in self.adapters]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"adapters: duplicate name(s) {', '.join(dup)}")
+        return self
+
+
 class ArksApplicationSpec(Spec):
     """Desired state of an ArksApplication."""
 
@@ -121,6 +155,7 @@ class ArksApplicationSpec(Spec):
         None, description="Ray accelerator type the replicas need, e.g. A100, H100, L4 (extension).")
     routing: Routing | None = Field(None, description="Replica routing inside the application (extension).")
     dynamo: Dynamo | None = Field(None, description="Dynamo settings, when runtime is dynamo (extension).")
+    lora: LoRA | None = Field(None, description="LoRA adapters served on the base model (extension; vLLM).")
 
     @field_validator("size", mode="before")
     @classmethod
@@ -145,6 +180,8 @@ class ArksApplicationSpec(Spec):
             warn(info, "spec.tensorParallelSize", "ignored for runtime dynamo; pass it in spec.dynamo.args")
         if self.dynamo is not None and self.runtime != "dynamo":
             warn(info, "spec.dynamo", f"ignored because spec.runtime is {self.runtime}")
+        if self.lora is not None and self.runtime != "vllm":
+            raise ValueError(f"lora: LoRA adapters are served by runtime vllm only, not {self.runtime}")
         return self
 
     @property

@@ -34,6 +34,10 @@ class Backend(_Frozen):
     slo_tpot_ms: float | None = Field(None, gt=0, description="The app's TPOT target; breaching it lowers the weight.")
     session_header: str | None = Field(
         None, description="Request header whose value keys the app's consistent-hash replica routing.")
+    adapter: str | None = Field(
+        None, exclude_if=lambda v: v is None,  # absent unless set: configs without LoRA render as before
+        description="LoRA adapter id ('<base>:<adapter>') the app serves this endpoint with: sent as the "
+                          "Serve multiplexed model id, so replicas that have it loaded are preferred.")
 
 
 class Endpoint(_Frozen):

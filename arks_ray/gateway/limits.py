@@ -194,6 +194,8 @@ def usage_from(payload: dict[str, Any] | None, fallback_prompt: int, counted_com
     """Actual usage from an engine's usage object; when absent (failure, disconnect), what was counted."""
     if isinstance(payload, dict) and isinstance(payload.get("prompt_tokens"), int):
         return Usage(int(payload["prompt_tokens"]), int(payload.get("completion_tokens") or 0))
+    if isinstance(payload, dict) and isinstance(payload.get("input_tokens"), int):  # the Responses API's names
+        return Usage(int(payload["input_tokens"]), int(payload.get("output_tokens") or 0))
     return Usage(fallback_prompt, counted_completion)
 
 

@@ -64,4 +64,25 @@ def check_request(kind: str, body: Any, *, max_n: int, max_prompts: int) -> dict
         if isinstance(items, list) and len(items) > max_prompts and not all(isinstance(i, int) for i in items):
             raise InvalidRequest(f"'{field}' holds {len(items)} items; at most {max_prompts} are accepted",
                                  param=field)
+    if kind == "responses":
+        refuse_stateful(body)
     return body
+
+
+STATEFUL = {
+    "previous_response_id": "previous_response_id needs responses stored by the server",
+    "conversation": "conversation needs conversations stored by the server",
+    "background": "background needs the response stored by the server",
+}
+
+
+def refuse_stateful(body: dict[str, Any]) -> None:
+    """The Responses API is served statelessly: nothing is stored, so what needs stored state is a 400
+    naming the field (send the whole input each time instead)."""
+    for field, why in STATEFUL.items():
+        if body.get(field) not in (None, False):
+            raise InvalidRequest(f"'{field}' is not supported: {why}, and this platform keeps no state; "
+                                 "send the full input instead", param=field)
+    if body.get("store") is True:
+        raise InvalidRequest("'store': true is not supported: this platform keeps no responses; leave it unset "
+                             "or false", param="store")

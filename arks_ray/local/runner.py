@@ -29,6 +29,8 @@ from arks_ray.render import Rendered, RenderOptions, render_namespace
 from arks_ray.render.cluster import parse_ray_resources
 
 TINY_MODEL_ID = "arks-ray/tiny-qwen2"
+TINY_EMBED_ID = "arks-ray/tiny-qwen2-embed"
+TINY_LORA_ID = "arks-ray/tiny-qwen2-lora"
 DASHBOARD_PORT = 8265
 MIN_LOGICAL_CPUS = 8
 
@@ -147,6 +149,14 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
                      gateway_env=keys.for_namespace(namespace).environ())
 
 
+def _generated_model(model_id: str) -> Callable[[], Path] | None:
+    """The generator of a built-in offline model id: the tiny chat model, its embedding twin, a LoRA for it."""
+    from arks_ray.local import tinyfamily, tinymodel
+
+    return {TINY_MODEL_ID: tinymodel.ensure_tiny_model, TINY_EMBED_ID: tinyfamily.ensure_tiny_embedding_model,
+            TINY_LORA_ID: tinyfamily.ensure_tiny_lora}.get(model_id)
+
+
 def ensure_local_models(loaded: Loaded) -> list[str]:
     """Make sure every local-source model path exists; the built-in tiny model is generated on demand."""
     notes = []
@@ -156,17 +166,16 @@ def ensure_local_models(loaded: Loaded) -> list[str]:
         path = Path(obj.spec.source.local.path)
         if path.exists():
             continue
-        if obj.spec.model != TINY_MODEL_ID:
+        generate = _generated_model(obj.spec.model)
+        if generate is None:
             raise LocalError(f"ArksModel/{obj.metadata.name}: spec.source.local.path {path} does not exist")
-        from arks_ray.local.tinymodel import ensure_tiny_model
-
         started = time.monotonic()
-        built = ensure_tiny_model()
+        built = generate()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():
             path.unlink()
         path.symlink_to(built, target_is_directory=True)
-        notes.append(f"generated {TINY_MODEL_ID} at {built} ({time.monotonic() - started:.1f}s), linked from {path}")
+        notes.append(f"generated {obj.spec.model} at {built} ({time.monotonic() - started:.1f}s), linked from {path}")
     return notes
 
 

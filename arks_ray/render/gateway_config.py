@@ -81,6 +81,26 @@ def compile_endpoint(
     return Endpoint(name=name, backends=(*discovered, *backends), pricing=spec.pricing), problems
 
 
+def adapter_endpoints(endpoint: Endpoint,
+                      apps: Iterable[ArksApplication | ArksDisaggregatedApplication]) -> list[Endpoint]:
+    """One endpoint per LoRA adapter of the apps behind ``endpoint``, named ``<endpoint>:<adapter>``.
+
+    Its backends are the endpoint's app backends that list the adapter, at the same weights, each told
+    the adapter id; tokens are granted it, and limited and charged on it, as on any endpoint."""
+    listed: dict[str, set[str]] = {}
+    for app in apps:
+        if isinstance(app, ArksApplication) and app.spec.lora is not None:
+            listed[app.metadata.name] = {a.name for a in app.spec.lora.adapters}
+    names = sorted({a for b in endpoint.backends if b.kind == "app" for a in listed.get(b.name, ())})
+    out = []
+    for adapter in names:
+        ident = f"{endpoint.name}:{adapter}"
+        backends = tuple(b.model_copy(update={"adapter": ident}) for b in endpoint.backends
+                         if b.kind == "app" and adapter in listed.get(b.name, ()))
+        out.append(Endpoint(name=ident, backends=backends, pricing=endpoint.pricing))
+    return out
+
+
 def compile_token(
     token: ArksToken, secrets: Mapping[tuple[str, str], Secret], endpoints: set[str], quotas: set[str], namespace: str,
     keys: TokenKeys | None = None,
@@ -144,6 +164,7 @@ def compile_gateway(
     for ep in sorted(endpoints, key=lambda e: e.metadata.name):
         endpoint, found = compile_endpoint(ep, apps, namespace)
         compiled_endpoints.append(endpoint)
+        compiled_endpoints += adapter_endpoints(endpoint, apps)
         problems += found
     endpoint_names = {e.name for e in compiled_endpoints}
     quota_names = {q.metadata.name for q in quotas}

@@ -36,6 +36,7 @@ from arks_ray.render.cluster import (
 from arks_ray.render.engine_args import ArgsError
 from arks_ray.render.gang import gang_labels
 from arks_ray.render.gateway_config import compile_gateway
+from arks_ray.render.lora import apply_lora
 from arks_ray.render.models import render_download_job, render_pvc
 from arks_ray.render.names import RAYSERVICE_NAME, digest
 from arks_ray.render.options import RenderOptions
@@ -241,6 +242,8 @@ def render_namespace(
         model = models[app.spec.model.name]
         if isinstance(app, ArksApplication):
             rendered, found = _render_app(app, model, groups, namespace, options)
+            if rendered is not None:
+                found += apply_lora(rendered, app, models, namespace, options)
         else:
             rendered, found = _render_disaggregated(app, model, groups, namespace, options)
         problems += found
