@@ -21,6 +21,8 @@ from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
+from deployments.lora import AdapterTable, install_loader, resolve_adapter
+from deployments.responses import responses_items
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -83,6 +85,18 @@ def _llm_server_class() -> type:
             super()._init_shared(llm_config, *args, **kwargs)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
 
+        def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
+            # LoRA adapters come from the table in user_config (deployments.lora), not Ray's cloud loader.
+            self._arks_adapters = AdapterTable()
+            multiplex = self._llm_config.multiplex_config()
+            if multiplex is None:
+                super()._init_multiplex_loader(model_downloader_cls)
+            else:
+                install_loader(self, self._arks_adapters, multiplex.max_num_models_per_replica)
+
+        async def _maybe_resolve_lora_from_multiplex(self) -> None:
+            await resolve_adapter(self, self._arks_adapters)
+
         async def start(self) -> None:
             await super().start()  # type: ignore[no-untyped-call]
             if self.engine is not None:
@@ -91,6 +105,10 @@ def _llm_server_class() -> type:
         async def record_autoscaling_stats(self) -> dict[str, float]:
             """Serve's hook: this replica's TTFT/TPOT percentiles, queue depth and KV-cache use."""
             return self._arks_stats.report(time.monotonic())
+
+        def reconfigure(self, config: dict[str, Any] | None) -> None:
+            """Serve's ``user_config``, applied live."""
+            self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
 
         def _batch_output_stream(self, generator: Any) -> Any:
             # Ray batches stream chunks every 50 ms, which also holds back the first one; send the first
@@ -113,8 +131,10 @@ def _llm_server_class() -> type:
             meter = StreamMeter(request.client_usage)
             timer = self._arks_stats.start(time.monotonic())
             try:
-                async for item in engine_items(
-                        self, request, lambda: self._arks_stats.first_output(timer, time.monotonic()), meter):
+                on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
+                items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex) \
+                    if request.kind == "responses" else engine_items(self, request, on_first, meter)
+                async for item in items:
                     yield item
             finally:
                 # However the request ends (done, engine error, client gone), it leaves the queue.
