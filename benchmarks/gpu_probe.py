@@ -128,16 +128,24 @@ def pids_by_role() -> dict[str, list[int]]:
 # ------------------------------------------------------------------------------- the engine, by handle
 
 
-async def _one_by_handle(handle: Any, body: dict[str, Any]) -> dict[str, Any]:
+def _engine_call(handle: Any, body: dict[str, Any]) -> Any:
+    """``generate`` as the gateway calls it: typed ``EngineRequest`` (since 1a21438) or (kind, body, usage)."""
     from arks_ray.engines import protocol
 
+    if hasattr(protocol, "EngineRequest"):
+        return handle.remote(protocol.EngineRequest("chat", body, False))
+    return handle.remote("chat", protocol.RequestBody(body), False)  # type: ignore[attr-defined]
+
+
+async def _one_by_handle(handle: Any, body: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     ttft, items, events, tokens = None, 0, 0, 0
-    async for item in handle.remote("chat", protocol.RequestBody(body), False):
+    async for item in _engine_call(handle, body):
         items += 1
-        if not isinstance(item, str):
+        text = item if isinstance(item, str) else getattr(item, "text", None)
+        if not isinstance(text, str):
             continue
-        for event in item.split("\n\n"):
+        for event in text.split("\n\n"):
             if not event.startswith("data: {"):
                 continue
             events += 1

@@ -8,8 +8,10 @@ from typing import Any
 
 
 def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the most tokens/s: the steady state, past any warm-up left in the first round."""
-    return max(rounds, key=lambda r: r["tokens_per_s"])
+    """The round with the most tokens/s: the steady state, past any warm-up left in the first round.
+    Rounds with failed requests count only when no clean round exists."""
+    clean = [r for r in rounds if not r.get("failed")] or rounds
+    return max(clean, key=lambda r: r["tokens_per_s"])
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
@@ -32,6 +34,9 @@ def report(data: dict[str, Any], png: Path | None) -> str:
             if not rounds:
                 continue
             b, raw = best(rounds), targets.get("raw", {}).get(str(c))
+            if b.get("failed"):
+                lines.append(f"| {name} | {c} | (every round had failures: {b['first_errors'][:1]}) | | | | | |")
+                continue
             ratio = f"{b['tokens_per_s'] / best(raw)['tokens_per_s']:.2f}" if raw else "-"
             extra = f"{b['ttft_p50_ms'] - best(raw)['ttft_p50_ms']:+.0f}" if raw else "-"
             each = " / ".join(f"{r['tokens_per_s']:.0f}" for r in rounds)
@@ -53,7 +58,7 @@ def report(data: dict[str, Any], png: Path | None) -> str:
             return "\n".join(lines)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for name, by_c in targets.items():
-            cs = [c for c in levels if str(c) in by_c]
+            cs = [c for c in levels if str(c) in by_c and not best(by_c[str(c)]).get("failed")]
             a1.plot(cs, [best(by_c[str(c)])["tokens_per_s"] for c in cs], marker="o", label=name)
             a2.plot(cs, [best(by_c[str(c)])["ttft_p50_ms"] for c in cs], marker="o", label=name)
         a1.set(xlabel="concurrent streams", ylabel="output tokens/s", xticks=levels)

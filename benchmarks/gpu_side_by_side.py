@@ -203,8 +203,17 @@ def http_target(url: str, headers: dict[str, str]) -> Any:
     return lambda bodies, conc: http_load(url, headers, bodies, conc)
 
 
-def warm(url: str, headers: dict[str, str]) -> None:
-    asyncio.run(http_load(url, headers, [body(i, 999, 16) for i in range(16)], 8))
+def warm(url: str, headers: dict[str, str], timeout_s: float = 120) -> float:
+    """Warm-up requests until they all succeed (a fresh app can be RUNNING before the gateway routes to it);
+    returns the seconds that took."""
+    t0 = time.monotonic()
+    while True:
+        _, results = asyncio.run(http_load(url, headers, [body(i, 999, 16) for i in range(16)], 8))
+        if all(r["ok"] for r in results):
+            return round(time.monotonic() - t0, 1)
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"warm-up still failing after {timeout_s}s: {results[0].get('error')}")
+        time.sleep(0.5)
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> float:
@@ -276,6 +285,7 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
     (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
     extra = dict(kv.split("=", 1) for kv in args.serve_env)
     os.environ.update(extra)
+    os.environ.update(getattr(lp, "gateway_env", None) or {})  # the gateway's token keys (since 4927463)
     env = {k: v for k, v in os.environ.items() if k.startswith(("PYTHONPATH", "VLLM_", "HF_", "RAY_SERVE_",
                                                                  "TRANSFORMERS_"))}
     t0 = time.monotonic()
@@ -288,17 +298,28 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
     res["startup"].update({f"{args.label}_{'gateway' if k == 'gateway' else 'engine'}_ready_s": v
                            for k, v in ready.items()})
     res["startup"][f"{args.label}_total_s"] = round(time.monotonic() - t0, 1)
-    log(f"arks ready: {res['startup']}")
     url, hdr = "http://127.0.0.1:8000/v1/chat/completions", {"Authorization": f"Bearer {TOKEN}"}
-    warm(url, hdr)
+    res["startup"][f"{args.label}_serving_after_running_s"] = warm(url, hdr)
+    log(f"arks ready: {res['startup']}")
     measure(args.label, http_target(url, hdr), args, res["targets"])
     gpu_probe.dump(res, args.json)
     if args.hops:
-        measure(f"{args.label}:handle", lambda b, c: gpu_probe.handle_load(engine_app, b, c), args, res["hops"],
-                seed0=500, rounds=1)
+        optional(res, "hops", lambda: measure(f"{args.label}:handle", lambda b, c: gpu_probe.handle_load(
+            engine_app, b, c), args, res["hops"], seed0=500, rounds=1))
+        gpu_probe.dump(res, args.json)
+    for ms in args.stream_intervals:
+        if remaining(args) < 60:
+            break
+
+        def interval_step(ms: float = ms) -> None:
+            res["startup"][f"reconfigure_{ms:g}ms_s"] = stream_interval(client, serve, lp.serve_config, engine_app, ms)
+            measure(f"{args.label}@{ms:g}ms", http_target(url, hdr), args, res["targets"], seed0=300, rounds=1)
+
+        optional(res, f"interval {ms:g}", interval_step)
         gpu_probe.dump(res, args.json)
     if args.profile:
-        profile(args, res, f"{args.label}", http_target(url, hdr), ["proxy", "gateway", "engine_replica"])
+        optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
+                                                 ["proxy", "gateway", "engine_replica"]))
     if args.stock and remaining(args) > 200:
         serve.delete(engine_app)
         from ray.serve.llm import LLMConfig, build_openai_app
@@ -319,6 +340,32 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
             profile(args, res, "stock", http_target(surl, {}), ["proxy", "stock_ingress", "engine_replica"])
     if redis:
         redis.stop()
+
+
+def stream_interval(client: Any, serve: Any, config: dict[str, Any], app: str, ms: float) -> float:
+    """Set the engine's stream coalescing interval live (its Serve ``user_config``); seconds it took."""
+    from ray.serve.schema import ServeDeploySchema
+
+    deployment = next(iter(serve.status().applications[app].deployments))
+    cfg = json.loads(json.dumps(config))
+    for entry in cfg["applications"]:
+        if entry["name"] == app:
+            entry["deployments"] = [{"name": deployment, "user_config": {"stream_interval_ms": ms}}]
+    t0 = time.monotonic()
+    client.deploy_apps(ServeDeploySchema.model_validate(cfg))
+    time.sleep(2)
+    _wait_apps(serve, [app], 300)
+    log(f"stream interval {ms:g} ms applied in {time.monotonic() - t0:.1f}s")
+    return round(time.monotonic() - t0, 1)
+
+
+def optional(res: dict[str, Any], name: str, step: Any) -> None:
+    """Run an optional step; a failure is recorded and the phase goes on (its measurements are kept)."""
+    try:
+        step()
+    except Exception as exc:
+        log(f"{name} failed: {type(exc).__name__}: {exc}")
+        res.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
 
 
 def remaining(args: argparse.Namespace) -> float:
@@ -389,6 +436,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
     ap.add_argument("--profile-s", type=int, default=8)
     ap.add_argument("--serve-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--stream-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                    help="then the same load once per engine stream interval (ms), set live via user_config")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
     args = ap.parse_args()
     if args.phase == "report":

@@ -7,6 +7,9 @@ It also feeds the SLO autoscaling policy (``deployments.autoscaling``): ``genera
 (TTFT, TPOT, requests in flight), a stat logger added to vLLM's engine takes the scheduler's queue and
 KV-cache use after each step, and ``record_autoscaling_stats`` reports them to Serve
 (``arks_ray.autoscaling.replica``).
+
+Streams leave the replica coalesced: the first output at once, then one item per ``STREAM_INTERVAL_MS``
+(every item costs CPU in each Serve hop behind it); ``user_config.stream_interval_ms`` changes it live.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
-from deployments.lora import AdapterTable, install_loader, resolve_adapter
-from deployments.responses import responses_items
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -74,6 +75,20 @@ def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
     return True
 
 
+STREAM_INTERVAL_MS = 100.0
+"""How long the engine coalesces stream chunks into one item for the gateway, unless the app's LLMConfig
+``experimental_configs.stream_batching_interval_ms`` or the deployment's ``user_config.stream_interval_ms``
+says otherwise. Ray's default is 50 ms. Each item costs CPU in every Serve hop (the engine replica, the
+gateway, the proxy), and on an H200 those hops, not the engine, bound throughput: 20 / 50 / 100 ms gave
+2379 / 4101 / 4909 output tokens/s at 128 streams (benchmarks/results/gpu_after.json). The first output
+is never held back (``_batch_output_stream``); a client sees later tokens in bursts of up to 100 ms."""
+
+
+def carries_output(item: Any) -> bool:
+    """Whether a stream item holds output (or ends the stream): anything but vLLM's role-only first chunk."""
+    return not (isinstance(item, str) and '"role":' in item and '"content":""' in item and '"text":"' not in item)
+
+
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
     from ray.serve.llm import LLMServer
@@ -83,19 +98,8 @@ def _llm_server_class() -> type:
 
         def _init_shared(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:
             super()._init_shared(llm_config, *args, **kwargs)
+            self._llm_config.experimental_configs.setdefault("stream_batching_interval_ms", STREAM_INTERVAL_MS)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
-
-        def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
-            # LoRA adapters come from the table in user_config (deployments.lora), not Ray's cloud loader.
-            self._arks_adapters = AdapterTable()
-            multiplex = self._llm_config.multiplex_config()
-            if multiplex is None:
-                super()._init_multiplex_loader(model_downloader_cls)
-            else:
-                install_loader(self, self._arks_adapters, multiplex.max_num_models_per_replica)
-
-        async def _maybe_resolve_lora_from_multiplex(self) -> None:
-            await resolve_adapter(self, self._arks_adapters)
 
         async def start(self) -> None:
             await super().start()  # type: ignore[no-untyped-call]
@@ -107,34 +111,40 @@ def _llm_server_class() -> type:
             return self._arks_stats.report(time.monotonic())
 
         def reconfigure(self, config: dict[str, Any] | None) -> None:
-            """Serve's ``user_config``, applied live."""
-            self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
+            """Serve's ``user_config``, applied live: ``stream_interval_ms`` is how long stream chunks are
+            coalesced into one item (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its own)."""
+            interval = (config or {}).get("stream_interval_ms")
+            if interval is not None:
+                self._llm_config.experimental_configs["stream_batching_interval_ms"] = float(interval)
 
         def _batch_output_stream(self, generator: Any) -> Any:
-            # Ray batches stream chunks every 50 ms, which also holds back the first one; send the first
-            # chunk at once (time to first token) and batch the rest as Ray does.
+            # Ray coalesces stream chunks per interval, which would also hold back the first token by up to
+            # one interval; send everything up to and including the first chunk with output at once (with
+            # vLLM, the role-only chunk and the first token in one item), then coalesce as Ray does.
             batch = super()._batch_output_stream
 
-            async def first_then_batched() -> AsyncIterator[list[Any]]:
-                try:
-                    first = await generator.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield [first]
+            async def first_output_then_batched() -> AsyncIterator[list[Any]]:
+                head: list[Any] = []
+                while not head or not carries_output(head[-1]):
+                    try:
+                        head.append(await generator.__anext__())
+                    except StopAsyncIteration:
+                        if head:
+                            yield head
+                        return
+                yield head
                 async for items in batch(generator):
                     yield items
 
-            return first_then_batched()
+            return first_output_then_batched()
 
         async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
             """The gateway's port (``arks_ray.engines.protocol``), timed for the autoscaling policy."""
             meter = StreamMeter(request.client_usage)
             timer = self._arks_stats.start(time.monotonic())
             try:
-                on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
-                items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex) \
-                    if request.kind == "responses" else engine_items(self, request, on_first, meter)
-                async for item in items:
+                async for item in engine_items(
+                        self, request, lambda: self._arks_stats.first_output(timer, time.monotonic()), meter):
                     yield item
             finally:
                 # However the request ends (done, engine error, client gone), it leaves the queue.
