@@ -1,5 +1,5 @@
-# The arks-ray image: the operator (python -m controller), the Ray head (Serve controller, HTTP proxy and
-# the gateway ingress) and model download Jobs (python -m arks_ray.models). CPU only.
+# The arks-ray image: the operator (python -m controller) and model download Jobs (python -m arks_ray.models).
+# CPU only, without an engine: not a Ray head (Serve builds engine apps there, and ray.serve.llm needs vLLM).
 #
 #   make images            (buildah; see docker/README.md for the local base and what differs)
 #   docker build -f docker/operator.Dockerfile -t ghcr.io/arks-ray/arks-ray:0.1.0 .
@@ -17,7 +17,7 @@ RUN /opt/arks-ray/bin/pip install --no-cache-dir /src \
 
 FROM ${BASE}
 LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
-      org.opencontainers.image.description="arks-ray operator, Ray head and model downloader" \
+      org.opencontainers.image.description="arks-ray operator and model downloader" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/arks-ray /opt/arks-ray
 ENV PATH=/opt/arks-ray/bin:$PATH \

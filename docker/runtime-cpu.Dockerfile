@@ -28,6 +28,9 @@ FROM ${BASE}
 LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
       org.opencontainers.image.description="arks-ray Ray runtime with vLLM for CPUs" \
       org.opencontainers.image.licenses="Apache-2.0"
+# KubeRay v1.7's readiness probe of RayService worker pods runs wget (bash -c 'wget ... | grep success').
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/arks-ray /opt/arks-ray
 ENV PATH=/opt/arks-ray/bin:$PATH \
     PYTHONUNBUFFERED=1 \

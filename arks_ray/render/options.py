@@ -33,8 +33,10 @@ class RenderOptions:
     ray_version: str = "2.60.0"
     """Ray version of every image; KubeRay checks it against the cluster."""
 
-    head_image: str = f"{IMAGE_REPO}:{__version__}"
-    """Image of the head pod, which runs the Serve controller, proxy and gateway ingress."""
+    head_image: str = f"{IMAGE_REPO}-vllm:{__version__}"
+    """Image of the head pod, which runs the Serve controller, proxy and gateway ingress. A runtime image:
+    Serve builds every application there, and ``ray.serve.llm`` refuses to import without vLLM or SGLang
+    (found by the image smoke test), so the operator's slim image cannot be the head."""
 
     runtime_images: dict[str, str] = field(default_factory=_runtime_images)
     """Default worker image per runtime, when an app sets no ``runtimeImage``."""
