@@ -18,18 +18,9 @@ from pydantic import BaseModel, ValidationError
 
 from arks_ray.engines.protocol import DONE, Answer, Chunk, EngineItem, EngineRequest, Failure, invalid, with_usage
 from arks_ray.engines.sse import StreamMeter
-from deployments.openai_requests import parse_request, validation_failure
+from deployments.openai_requests import client_failure, is_client_error, parse_request, validation_failure
 
 logger = logging.getLogger("ray.serve.arks.engines")
-
-CLIENT_ERRORS = (ValueError, TypeError, KeyError, OverflowError, UnicodeError, IndexError)
-"""What engines raise on input they cannot take (vLLM's validators and tokenizers, SGLang's checks)."""
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"invalid request: {text}"[:500]
-
 
 def engine_failure(part: Any) -> Failure:
     """An engine's ``ErrorResponse`` (vLLM's or Ray's: both carry ``error`` with code, message, param)."""
@@ -85,17 +76,14 @@ async def engine_items(server: Any, request: EngineRequest, on_first: Callable[[
     except ValidationError as exc:
         yield validation_failure(exc)
         return
-    except CLIENT_ERRORS as exc:
-        # Before any output this is the engine refusing the input; after it, the engine broke.
-        if not streamed:
-            yield invalid(_message(exc))
+    except Exception as exc:
+        # Before any output, an engine refusing the input is the client's; after it, the engine broke.
+        if is_client_error(exc) and not streamed:
+            yield client_failure(exc)
             return
-        logger.exception("engine failed mid-stream")
-        yield Failure("engine", 500, "the engine failed mid-stream")
-        return
-    except Exception:
-        logger.exception("engine failed")
-        yield Failure("engine", 500, "the engine failed to answer this request")
+        logger.exception("engine failed%s", " mid-stream" if streamed else "")
+        yield Failure("engine", 500, "the engine failed mid-stream" if streamed else
+                      "the engine failed to answer this request")
         return
     if streamed and not done:  # Ray's SGLang server ends its streams without [DONE]
         yield Chunk(DONE)

@@ -12,6 +12,27 @@ from pydantic import ValidationError
 
 from arks_ray.engines.protocol import Failure, invalid
 
+CLIENT_ERRORS = (ValueError, TypeError, KeyError, OverflowError, UnicodeError, IndexError, AttributeError)
+"""Python's own exceptions that engines raise on input they cannot take (validators, tokenizers)."""
+CLIENT_ERROR_BASES = frozenset({"VLLMClientError"})
+"""Engine exception classes that say "the request's fault" (vLLM maps them to 4xx; matched by name so that
+this module imports no engine)."""
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Did the engine refuse the request itself (the client's mistake), rather than fail?"""
+    if isinstance(exc, CLIENT_ERRORS):
+        return True
+    return any(cls.__name__ in CLIENT_ERROR_BASES for cls in type(exc).__mro__)
+
+
+def client_failure(exc: BaseException) -> Failure:
+    """An engine's refusal as a 400: the first line of its message, and its parameter when it names one."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    param = getattr(exc, "parameter", None)
+    return invalid(f"invalid request: {first}"[:500], param=param if isinstance(param, str) else None)
+
 
 def validation_failure(exc: ValidationError) -> Failure:
     """A pydantic error as a 400: the first problem, its field as ``param`` (no input echoed back)."""
@@ -40,7 +61,9 @@ def parse_request(kind: str, body: dict[str, Any]) -> Any:
         return models[kind].model_validate(body)
     except ValidationError as exc:
         return validation_failure(exc)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        # vLLM's "before" validators can raise these directly on ill-typed input (e.g. a number for
-        # messages); pydantic only wraps ValueError. Either way it is the client's mistake.
-        return invalid(f"invalid request: {type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:
+        # vLLM's "before" validators raise Python's own errors on ill-typed input (a number for messages),
+        # and its own VLLMValidationError on values it refuses (tool_choice: 5); pydantic wraps neither.
+        if is_client_error(exc):
+            return client_failure(exc)
+        raise

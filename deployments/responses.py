@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from arks_ray.engines.protocol import Answer, Chunk, EngineItem, EngineRequest, Failure, Final, invalid
-from deployments.engine_stream import CLIENT_ERRORS, engine_failure
-from deployments.openai_requests import validation_failure
+from deployments.engine_stream import engine_failure
+from deployments.openai_requests import client_failure, is_client_error, validation_failure
 
 logger = logging.getLogger("ray.serve.arks.engines")
 
@@ -52,10 +52,10 @@ async def responses_items(server: Any, request: EngineRequest, on_first: Callabl
     except ValidationError as exc:
         yield validation_failure(exc)
         return
-    except CLIENT_ERRORS as exc:
-        yield invalid(f"invalid request: {str(exc)[:300]}")
-        return
-    except Exception:
+    except Exception as exc:
+        if is_client_error(exc):
+            yield client_failure(exc)
+            return
         logger.exception("engine failed on a Responses request")
         yield Failure("engine", 500, "the engine failed to answer this request")
         return

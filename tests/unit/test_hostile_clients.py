@@ -120,7 +120,18 @@ class _Server:
         return gen()
 
 
+class VLLMClientError(Exception):
+    """Named as vLLM's (``vllm.exceptions``): the adapter recognises the hierarchy by name."""
+
+
+class VLLMValidationError(VLLMClientError):
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 @pytest.mark.parametrize(("exc", "kind", "status"), [
+    (VLLMValidationError("tool_choice must be a string or object (value=5)", parameter="tool_choice"), "invalid", 400),
     (ValueError("tool_choice must be one of none, auto, required"), "invalid", 400),
     (TypeError("'int' object is not iterable"), "invalid", 400),
     (UnicodeEncodeError("utf-8", "a\ud800b", 1, 2, "surrogates not allowed"), "invalid", 400),
