@@ -8,10 +8,14 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS build
 RUN python3 -m venv /opt/arks-ray
 COPY pyproject.toml README.md /src/
+# Dependencies first, from pyproject.toml alone, so a code change rebuilds only the small layer after them.
+RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+print('\\n'.join(p['dependencies']))" > /src/requirements.txt \
+    && /opt/arks-ray/bin/pip install --no-cache-dir -r /src/requirements.txt
 COPY arks_ray /src/arks_ray
 COPY controller /src/controller
 COPY deployments /src/deployments
-RUN /opt/arks-ray/bin/pip install --no-cache-dir /src \
+RUN /opt/arks-ray/bin/pip install --no-cache-dir --no-deps /src \
     && /opt/arks-ray/bin/pip uninstall -y pip \
     && find /opt/arks-ray -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -15,12 +15,16 @@ COPY build/wheels /wheels
 RUN /opt/arks-ray/bin/pip install --no-cache-dir --find-links /wheels \
         ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==2.13.0"
 COPY pyproject.toml README.md /src/
+# torchvision/torchaudio/torchcodec from PyPI break beside CPU torch ("torchvision::nms does not exist").
+# Dependencies first, from pyproject.toml alone, so a code change rebuilds only the small layer after them.
+RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+print('\\n'.join(p['dependencies'] + p['optional-dependencies']['cpu']))" > /src/requirements.txt \
+    && /opt/arks-ray/bin/pip install --no-cache-dir --find-links /wheels -r /src/requirements.txt \
+    && (/opt/arks-ray/bin/pip uninstall -y torchvision torchaudio torchcodec || true)
 COPY arks_ray /src/arks_ray
 COPY controller /src/controller
 COPY deployments /src/deployments
-# torchvision/torchaudio/torchcodec from PyPI break beside CPU torch ("torchvision::nms does not exist").
-RUN /opt/arks-ray/bin/pip install --no-cache-dir --find-links /wheels "/src[cpu]" \
-    && (/opt/arks-ray/bin/pip uninstall -y torchvision torchaudio torchcodec || true) \
+RUN /opt/arks-ray/bin/pip install --no-cache-dir --no-deps /src \
     && /opt/arks-ray/bin/pip uninstall -y pip \
     && find /opt/arks-ray -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -1,0 +1,58 @@
+"""Smoke test of the built CPU runtime image: the local demo inside it, answering a streamed chat.
+
+Runs only when ``ARKS_RUNTIME_IMAGE`` names an image in buildah's local storage (``make images`` builds
+``ghcr.io/arks-ray/arks-ray-cpu:<version>``); ``make test`` skips it. Inside the image, as the image's
+user: the head-side imports Serve needs (``ray.serve.llm`` with vLLM, every ``deployments`` builder), then
+``arks-ray up`` of ``configs/examples/local-demo.yaml`` (Ray, Serve, the gateway, real vLLM for CPUs on the
+generated tiny model) and one ``arks-ray chat`` through the gateway with the demo token.
+Run it under ``flock /tmp/arks-ray.lock``: it starts Ray on the host network (ports 8000 and 8265).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.support.paths import ROOT
+
+IMAGE = os.environ.get("ARKS_RUNTIME_IMAGE", "")
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not IMAGE or shutil.which("buildah") is None,
+                       reason="set ARKS_RUNTIME_IMAGE to an image built by `make images` (needs buildah)"),
+]
+
+SCRIPT = """
+set -e
+cd /home/ray
+python -c 'from ray.serve.llm import LLMConfig; import vllm, deployments.engines, deployments.gateway, \
+deployments.disaggregated; print("imports ok, vllm", vllm.__version__)'
+arks-ray up -f /repo/configs/examples/local-demo.yaml --detach --timeout 600
+ARKS_TOKEN=sk-arks-demo-local-only arks-ray chat -m tiny "Hello! Who are you?" > /tmp/answer.txt
+echo "answer: $(head -c 200 /tmp/answer.txt)"
+test -s /tmp/answer.txt
+ARKS_TOKEN=sk-not-the-demo-token arks-ray chat -m tiny "Hello" 2>&1 | grep -q "invalid API token" \
+  && echo "refused a wrong token"
+arks-ray down
+"""
+
+
+def test_the_cpu_runtime_image_runs_the_local_demo() -> None:
+    container = subprocess.run([*BUILDAH, "from", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        proc = subprocess.run(
+            [*BUILDAH, "run", "--isolation", "chroot", "--network", "host",
+             "-v", f"{ROOT / 'configs'}:/repo/configs:ro", container, "--", "bash", "-c", SCRIPT],
+            capture_output=True, text=True, timeout=900, check=False)
+    finally:
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True, check=False)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    assert "imports ok, vllm 0.32" in proc.stdout
+    assert "answer: " in proc.stdout
+    assert "refused a wrong token" in proc.stdout
