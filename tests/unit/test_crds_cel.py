@@ -17,6 +17,8 @@ import yaml
 
 from arks_ray.api import load_documents
 from arks_ray.render import render
+from controller.plans import Observed, plan_namespace
+from controller.snapshot import take
 from tests.support.keys import TEST_OPTIONS
 from tests.support.paths import ROOT
 
@@ -117,3 +119,21 @@ def test_admission_and_validate_agree(doc: dict[str, Any], field: str | None) ->
     else:
         assert {kind for kind, _ in errors} == {doc["kind"]}
         assert any(path.startswith(field) or field.startswith(path) for _, path in errors), errors
+
+
+def test_the_operators_precheck_refuses_sglang_pd_naming_the_field() -> None:
+    """What kubectl would have been refused (admission) the operator's precheck refuses too, for objects
+    created before the rule existed: Failed, Precheck=False, with the field in the message."""
+    docs = [copy.deepcopy(d) for d in (MODEL, ENDPOINT, pd(runtime="sglang"))]
+    for i, d in enumerate(docs):
+        d["metadata"].update(namespace="default", uid=f"u{i}", generation=1)
+    plan = plan_namespace(take("default", docs), Observed(), options=TEST_OPTIONS, now=1.8e9, finalizer="f")
+    (status,) = [w.body["status"] for w in plan.writes
+                 if w.verb == "status" and w.kind == "ArksDisaggregatedApplication" and w.body]
+    assert status["phase"] == "Failed"
+    precheck = next(c for c in status["conditions"] if c["type"] == "Precheck")
+    assert precheck["status"] == "False"
+    assert "spec.runtime" in precheck["message"]
+    assert "sglang" in precheck["message"]
+    assert plan.rendered is not None
+    assert "pd" not in plan.rendered.serve_apps
