@@ -317,6 +317,17 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
         optional(res, f"interval {ms:g}", interval_step)
         gpu_probe.dump(res, args.json)
+    for n in args.gateway_replicas:
+        if remaining(args) < 60:
+            break
+
+        def replicas_step(n: int = n) -> None:
+            res["startup"][f"gateway_x{n}_s"] = scale_gateway(client, serve, lp.serve_config, n)
+            warm(url, hdr)
+            measure(f"{args.label} x{n} gateway", http_target(url, hdr), args, res["targets"], seed0=400, rounds=1)
+
+        optional(res, f"gateway x{n}", replicas_step)
+        gpu_probe.dump(res, args.json)
     if args.profile:
         optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
                                                  ["proxy", "gateway", "engine_replica"]))
@@ -366,6 +377,24 @@ def optional(res: dict[str, Any], name: str, step: Any) -> None:
     except Exception as exc:
         log(f"{name} failed: {type(exc).__name__}: {exc}")
         res.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
+
+
+def scale_gateway(client: Any, serve: Any, config: dict[str, Any], replicas: int) -> float:
+    """Run ``replicas`` gateway replicas (a live Serve update of the gateway app only); seconds it took."""
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = json.loads(json.dumps(config))
+    for entry in cfg["applications"]:
+        if entry["name"] == "gateway":
+            deps = entry.setdefault("deployments", [])
+            found = [d for d in deps if d.get("name") == "ArksGateway"]
+            (found[0] if found else deps.append({"name": "ArksGateway"}) or deps[-1])["num_replicas"] = replicas
+    t0 = time.monotonic()
+    client.deploy_apps(ServeDeploySchema.model_validate(cfg))
+    time.sleep(2)
+    _wait_apps(serve, ["gateway"], 120)
+    log(f"{replicas} gateway replicas in {time.monotonic() - t0:.1f}s")
+    return round(time.monotonic() - t0, 1)
 
 
 def remaining(args: argparse.Namespace) -> float:
@@ -436,6 +465,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
     ap.add_argument("--profile-s", type=int, default=8)
     ap.add_argument("--serve-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--gateway-replicas", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="then the same load once per gateway replica count (a live update of the gateway app)")
     ap.add_argument("--stream-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                     help="then the same load once per engine stream interval (ms), set live via user_config")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
