@@ -60,7 +60,7 @@ async def responses_items(server: Any, request: EngineRequest, on_first: Callabl
         yield Failure("engine", 500, "the engine failed to answer this request")
         return
     if isinstance(result, ResponsesResponse):
-        yield Answer(result.model_dump(mode="json", by_alias=True, exclude_none=True))
+        yield Answer(result.model_dump(mode="json", by_alias=True))  # as vLLM answers it
         return
     if hasattr(result, "error"):
         yield engine_failure(result)
