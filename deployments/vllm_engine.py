@@ -24,6 +24,8 @@ from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
+from deployments.lora import AdapterTable, install_loader, resolve_adapter
+from deployments.responses import responses_items
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -101,6 +103,18 @@ def _llm_server_class() -> type:
             self._llm_config.experimental_configs.setdefault("stream_batching_interval_ms", STREAM_INTERVAL_MS)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
 
+        def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
+            # LoRA adapters come from the table in user_config (deployments.lora), not Ray's cloud loader.
+            self._arks_adapters = AdapterTable()
+            multiplex = self._llm_config.multiplex_config()
+            if multiplex is None:
+                super()._init_multiplex_loader(model_downloader_cls)
+            else:
+                install_loader(self, self._arks_adapters, multiplex.max_num_models_per_replica)
+
+        async def _maybe_resolve_lora_from_multiplex(self) -> None:
+            await resolve_adapter(self, self._arks_adapters)
+
         async def start(self) -> None:
             await super().start()  # type: ignore[no-untyped-call]
             if self.engine is not None:
@@ -113,6 +127,7 @@ def _llm_server_class() -> type:
         def reconfigure(self, config: dict[str, Any] | None) -> None:
             """Serve's ``user_config``, applied live: ``stream_interval_ms`` is how long stream chunks are
             coalesced into one item (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its own)."""
+            self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
             interval = (config or {}).get("stream_interval_ms")
             if interval is not None:
                 self._llm_config.experimental_configs["stream_batching_interval_ms"] = float(interval)
@@ -143,8 +158,10 @@ def _llm_server_class() -> type:
             meter = StreamMeter(request.client_usage)
             timer = self._arks_stats.start(time.monotonic())
             try:
-                async for item in engine_items(
-                        self, request, lambda: self._arks_stats.first_output(timer, time.monotonic()), meter):
+                on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
+                items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex) \
+                    if request.kind == "responses" else engine_items(self, request, on_first, meter)
+                async for item in items:
                     yield item
             finally:
                 # However the request ends (done, engine error, client gone), it leaves the queue.

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from deployments.lora import AdapterTable
 from deployments.vllm_engine import _llm_server_class, carries_output
 
 ROLE = 'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -34,6 +35,7 @@ def server(interval_ms: float | None = None) -> Any:
     cls = type("ScriptedServer", (_llm_server_class(),), {"__del__": lambda self: None})
     srv = cls.__new__(cls)
     srv._llm_config = SimpleNamespace(experimental_configs={})
+    srv._arks_adapters = AdapterTable()  # what _init_multiplex_loader sets up; reconfigure updates it too
     if interval_ms is not None:
         srv._llm_config.experimental_configs["stream_batching_interval_ms"] = interval_ms
     return srv
