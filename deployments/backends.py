@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from arks_ray.api.gateway import Backend
@@ -86,12 +87,21 @@ def describe_failure(name: str, exc: BaseException) -> Failure:
 
 
 class ServeBackends:
-    """Serve applications through deployment handles, one cached handle per application."""
+    """Serve applications through deployment handles, one cached handle per application.
 
-    def __init__(self) -> None:
+    Apps found with no running replica while deploying, restarting or unhealthy are *down*: a request to
+    one is answered 503 at once instead of queueing on the handle until a replica is back (a minute or more
+    for an engine), and a request still waiting for its first item when its app goes down gets the same.
+    A request to a down app re-reads Serve's status first if the last read is older than ``recheck_s``,
+    so an app that just came up is served at once, not after the next health check."""
+
+    def __init__(self, recheck_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._handles: dict[str, Any] = {}
         self.down: dict[str, str] = {}
-        """Apps the last health check found with no running replica (answered 503 at once)."""
+        self.recheck_s = recheck_s
+        self._clock = clock
+        self._checked_at = -1e9
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
     def _handle(self, name: str) -> Any:
         handle = self._handles.get(name)
@@ -107,23 +117,111 @@ class ServeBackends:
         self._handles.pop(name, None)
 
     def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
-        if backend.name in self.down:
-            return ItemStream(_once(Failure("unavailable", 503, f"backend {backend.name!r} has no replica ready "
-                                            "right now")), backend.name)
+        return _ServeStream(self, backend, request)
+
+    async def probe(self) -> dict[str, tuple[bool, str]]:
+        """Serve's status of every app: can it serve (a running replica), and if not, why; marks apps down."""
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        self._checked_at = self._clock()
+        out: dict[str, tuple[bool, str]] = {}
+        down: dict[str, str] = {}
+        for name, app in status.applications.items():
+            states = [(getattr(state, "value", state), int(n)) for d in app.deployments.values()
+                      for state, n in d.replica_states.items()]
+            running = sum(n for state, n in states if state == "RUNNING")
+            out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
+            # No running replica and either the app is not RUNNING or replicas are coming up (a restart):
+            # down. A RUNNING app with no replica at all is scaled to zero, and a request scales it up.
+            if not running and (app.status != "RUNNING" or any(n for _, n in states)):
+                down[name] = str(getattr(app.status, "value", app.status))
+        self.mark_down(down)
+        return out
+
+    def mark_down(self, down: dict[str, str]) -> None:
+        for name in set(down) - set(self.down):
+            for waiter in self._waiters.pop(name, set()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        self.down = down
+
+    async def still_down(self, name: str) -> bool:
+        if name in self.down and self._clock() - self._checked_at >= self.recheck_s:
+            try:
+                await self.probe()
+            except Exception as exc:  # Serve's controller unreachable: keep what the last check said
+                logger.warning("Serve status unavailable: %s", type(exc).__name__)
+        return name in self.down
+
+    def watch(self, name: str) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(name, set()).add(waiter)
+        return waiter
+
+    def unwatch(self, name: str, waiter: asyncio.Future[None]) -> None:
+        self._waiters.get(name, set()).discard(waiter)
+
+
+class _ServeStream:
+    """One request to a Serve app: refused at once while the app is down, or while it waits for its first
+    item and the app goes down; Ray's exceptions as failures."""
+
+    def __init__(self, owner: ServeBackends, backend: Backend, request: EngineRequest) -> None:
+        self.owner, self.backend, self.request = owner, backend, request
+        self.name = backend.name
+        self._gen: Any = None
+
+    def cancel(self) -> None:
+        if self._gen is not None:
+            self._gen.cancel()
+
+    def __aiter__(self) -> AsyncIterator[EngineItem]:
+        return self._items()
+
+    def _down(self) -> Failure:
+        return Failure("unavailable", 503, f"backend {self.name!r} has no replica ready right now")
+
+    async def _items(self) -> AsyncIterator[EngineItem]:
+        if await self.owner.still_down(self.name):
+            yield self._down()
+            return
         try:
-            handle = self._handle(backend.name)
-            if request.session is not None:
-                handle = handle.options(session_id=request.session)
-            if backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it loaded
-                handle = handle.options(multiplexed_model_id=backend.adapter)
-            gen = handle.remote(request)
+            handle = self.owner._handle(self.name)
+            if self.request.session is not None:
+                handle = handle.options(session_id=self.request.session)
+            if self.backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it loaded
+                handle = handle.options(multiplexed_model_id=self.backend.adapter)
+            self._gen = handle.remote(self.request)
         except Exception as exc:  # the app is missing or not deployed yet
-            return ItemStream(_once(describe_failure(backend.name, exc)), backend.name)
-        return ItemStream(gen, backend.name, gen.cancel)
+            yield describe_failure(self.name, exc)
+            return
+        items = self._gen.__aiter__()
+        first = asyncio.ensure_future(items.__anext__())
+        waiter = self.owner.watch(self.name)
+        try:
+            await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            first.cancel()
+            raise
+        finally:
+            self.owner.unwatch(self.name, waiter)
+        if not first.done():  # the app went down while this request waited for a replica
+            first.cancel()
+            self._gen.cancel()
+            yield self._down()
+            return
+        async for item in ItemStream(_after(first, items), self.name):
+            yield item
 
 
-async def _once(item: EngineItem) -> AsyncIterator[EngineItem]:
-    yield item
+async def _after(first: asyncio.Future[Any], items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        yield first.result()
+    except StopAsyncIteration:
+        return
+    async for item in items:
+        yield item
 
 
 class HttpBackends:
@@ -170,26 +268,8 @@ class RoutedBackends:
             self.serve.forget(backend.name)
 
     async def probe_apps(self) -> dict[str, tuple[bool, str]]:
-        """Every Serve application: can it serve (at least one running replica), and if not, why.
-
-        An app with no running replica that is deploying, restarting or unhealthy is also marked down for
-        ``open``, which then answers 503 at once instead of queueing on the handle until one is back."""
-        from ray import serve
-
-        status = await asyncio.to_thread(serve.status)
-        out: dict[str, tuple[bool, str]] = {}
-        down: dict[str, str] = {}
-        for name, app in status.applications.items():
-            running = sum(int(n) for d in app.deployments.values() for state, n in d.replica_states.items()
-                          if getattr(state, "value", state) == "RUNNING")
-            out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
-            starting = sum(int(n) for d in app.deployments.values() for n in d.replica_states.values())
-            # No running replica and either the app is not RUNNING or replicas are coming up (a restart):
-            # down. A RUNNING app with no replica at all is scaled to zero, and a request scales it up.
-            if not running and (app.status != "RUNNING" or starting):
-                down[name] = str(getattr(app.status, "value", app.status))
-        self.serve.down = down
-        return out
+        """Every Serve application: can it serve (at least one running replica), and if not, why."""
+        return await self.serve.probe()
 
     async def probe_http(self, backend: Backend) -> tuple[bool, str]:
         """GET the service's health path; any answer below 500 within the timeout is alive."""

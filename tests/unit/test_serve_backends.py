@@ -3,6 +3,7 @@ exceptions turned into failures a client may see (no exception text)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import types
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from arks_ray.api.gateway import Backend
-from arks_ray.engines.protocol import EngineRequest, Failure
+from arks_ray.engines.protocol import Answer, EngineRequest, Failure
 from arks_ray.gateway.settings import GatewaySettings
 from deployments.backends import ItemStream, RoutedBackends, describe_failure
 
@@ -27,16 +28,42 @@ class _App:
     deployments: dict[str, _Deployment]
 
 
+class _Gen:
+    """A Serve response generator: its first item comes when ``release`` is set."""
+
+    def __init__(self, release: asyncio.Event) -> None:
+        self.release, self.cancelled = release, False
+
+    def __aiter__(self) -> _Gen:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.cancelled:
+            raise StopAsyncIteration
+        await self.release.wait()
+        self.cancelled = True  # one item, then the end
+        return Answer({"ok": True})
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class _Handle:
     def __init__(self) -> None:
         self.calls = 0
+        self.release = asyncio.Event()
+        self.gens: list[_Gen] = []
+        self.refuse = True
 
     def options(self, **_: Any) -> _Handle:
         return self
 
     def remote(self, request: EngineRequest) -> Any:
         self.calls += 1
-        raise AssertionError("a request reached a handle of an app that has no replica")
+        if self.refuse:
+            raise AssertionError("a request reached a handle of an app that has no replica")
+        self.gens.append(_Gen(self.release))
+        return self.gens[-1]
 
 
 @pytest.fixture
@@ -100,3 +127,41 @@ async def test_ray_exceptions_become_failures_without_their_text(exc: Exception,
     assert isinstance(item, Failure)
     for leak in ("10.0.0.5", "pid=", "/work/", "actor_id"):
         assert leak not in item.message
+
+
+async def test_a_request_waiting_for_a_replica_gets_503_when_its_app_goes_down(fake_serve: dict[str, Any]) -> None:
+    fake_serve["apps"] = {"app": _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})}
+    handle = fake_serve["handle"]
+    handle.refuse = False
+    backends = RoutedBackends(GatewaySettings())
+    await backends.probe_apps()
+    request = EngineRequest("chat", {"model": "m", "messages": []})
+    stream = backends.open(Backend(kind="app", name="app", weight=1), request)
+    pending = asyncio.ensure_future(anext(aiter(stream)))
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # queued on the handle, as Serve does while a replica comes back
+    fake_serve["apps"] = {"app": _App("UNHEALTHY", {"d": _Deployment({"STARTING": 1})})}
+    await backends.probe_apps()
+    item = await asyncio.wait_for(pending, 1)
+    assert item == Failure("unavailable", 503, "backend 'app' has no replica ready right now")
+    assert handle.gens[0].cancelled
+
+
+async def test_a_down_app_is_served_as_soon_as_serve_says_it_runs(fake_serve: dict[str, Any]) -> None:
+    fake_serve["apps"] = {"app": _App("DEPLOYING", {"d": _Deployment({"STARTING": 1})})}
+    handle = fake_serve["handle"]
+    handle.refuse = False
+    handle.release.set()
+    now = [0.0]
+    backends = RoutedBackends(GatewaySettings())
+    backends.serve._clock = lambda: now[0]
+    await backends.probe_apps()
+    request = EngineRequest("chat", {"model": "m", "messages": []})
+    app = Backend(kind="app", name="app", weight=1)
+    (item,) = [i async for i in backends.open(app, request)]
+    assert item == Failure("unavailable", 503, "backend 'app' has no replica ready right now")
+    fake_serve["apps"] = {"app": _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})}
+    (item,) = [i async for i in backends.open(app, request)]  # not re-read within a second
+    assert isinstance(item, Failure)
+    now[0] += 1.0
+    assert [i async for i in backends.open(app, request)] == [Answer({"ok": True})]  # re-read, not waited for
