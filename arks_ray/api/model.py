@@ -179,6 +179,28 @@ class ModelLoader(Spec):
         return self
 
 
+NODE_CACHE_PATH = "/var/lib/arks-ray/models"
+
+
+class NodeLocalCache(Spec):
+    """A copy of the weights on each serving node's own disk (a hostPath), made from the shared claim once
+    per node; engines then load from local disk (extension)."""
+
+    path: str = Field(NODE_CACHE_PATH, description="hostPath directory on the nodes holding the copies.",
+                      pattern=r"^/.+")
+    node_selector: dict[str, str] | None = Field(
+        None, description="Nodes to preload; default the instanceSpec.nodeSelector of the apps using the model "
+                          "when they all agree, else every node.")
+    preload: bool = Field(True, description="Copy onto the selected nodes ahead of any replica (a DaemonSet); "
+                                            "false: each node copies when its first replica starts.")
+
+
+class ModelCache(Spec):
+    """Cache tiers below the shared copy (extension)."""
+
+    node_local: NodeLocalCache | None = Field(None, description="Node-local copy (hostPath) of the weights.")
+
+
 class ArksModelSpec(Spec):
     """Desired state of an ArksModel."""
 
@@ -189,6 +211,7 @@ class ArksModelSpec(Spec):
         default_factory=list, description="imagePullSecrets for the download Job.")
     instance_spec: InstanceSpec | None = Field(None, description="Pod template pieces for the download Job.")
     loader: ModelLoader | None = Field(None, description="How engines load the weights (extension).")
+    cache: ModelCache | None = Field(None, description="Cache tiers: a node-local copy (extension).")
 
     @model_validator(mode="after")
     def _storage(self, info: ValidationInfo) -> ArksModelSpec:
@@ -196,6 +219,9 @@ class ArksModelSpec(Spec):
         in_place = kind in ("local", "pvc")
         if not in_place and (self.storage is None or self.storage.pvc is None):
             raise ValueError("storage.pvc: required unless source.local or source.pvc is set")
+        if self.node_cache is not None and not self.downloads:
+            raise ValueError("cache.nodeLocal: needs a downloaded model (source huggingface, modelscope, s3 or "
+                             "http): only a download leaves the completion marker a node copy is checked against")
         if in_place and self.storage is not None:
             warn(info, "spec.storage", f"ignored because spec.source.{kind} is set")
         warn_instance_replicas(info, "spec.instanceSpec", self.instance_spec)
@@ -208,6 +234,10 @@ class ArksModelSpec(Spec):
     @property
     def downloads(self) -> bool:
         return self.source is not None and self.source.kind in DOWNLOAD_KINDS
+
+    @property
+    def node_cache(self) -> NodeLocalCache | None:
+        return self.cache.node_local if self.cache is not None else None
 
 
 class DownloadStatus(Status):

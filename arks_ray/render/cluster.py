@@ -19,6 +19,7 @@ from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME, InstanceSpec
 from arks_ray.render.names import MAX_LABEL, digest, dns_label, label_value
+from arks_ray.render.node_cache import NodeCache
 
 GPU_RESOURCE = "nvidia.com/gpu"
 APP_LABEL = "arks.ai/application"
@@ -93,6 +94,8 @@ class PodShape:
     accelerator: str | None = None
     app: str = ""
     role: str | None = None
+    node_cache: NodeCache | None = None
+    """The model's node-local tier: a hostPath, and an init container copying the model onto it."""
 
     def template(self, group: str) -> dict[str, Any]:
         inst = self.instance
@@ -109,6 +112,9 @@ class PodShape:
             mounts.insert(0, {"name": RESERVED_VOLUME, "mountPath": RESERVED_MOUNT_PATH, "readOnly": True})
             volumes.insert(0, {"name": RESERVED_VOLUME,
                                "persistentVolumeClaim": {"claimName": self.model_pvc, "readOnly": True}})
+        if self.node_cache:
+            mounts.insert(1, self.node_cache.mount(read_only=True))
+            volumes.insert(1, self.node_cache.volume())
         if mounts:
             container["volumeMounts"] = mounts
         pod: dict[str, Any] = {"containers": [container]}
@@ -118,6 +124,8 @@ class PodShape:
             value = getattr(inst, attr)
             if value is not None:
                 pod[key] = value
+        if self.node_cache:
+            pod["initContainers"] = [self.node_cache.init_container(), *pod.get("initContainers", [])]
         if self.image_pull_secrets:
             pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
         labels = {**(inst.labels or {}), "app.kubernetes.io/managed-by": "arks-ray", "arks.ai/worker-group": group,

@@ -39,6 +39,7 @@ from arks_ray.render.gateway_config import compile_gateway
 from arks_ray.render.lora import apply_lora
 from arks_ray.render.models import render_download_job, render_pvc
 from arks_ray.render.names import RAYSERVICE_NAME, digest
+from arks_ray.render.node_cache import node_cache_of, preload_daemonset
 from arks_ray.render.options import RenderOptions
 from arks_ray.render.serve_config import (
     disaggregated_app,
@@ -104,7 +105,16 @@ def _shape(app: AnyApp, runtime: str, inst: Any, model: ArksModel, accelerator: 
         accelerator=accelerator,
         app=app.metadata.name,
         role=role,
+        node_cache=None if options.local else node_cache_of(model, app.metadata.namespace or "default",
+                                                            options.downloader_image),
     )
+
+
+def _instances(app: AnyApp) -> list[Any]:
+    """The instanceSpecs of an app's pods (both sides of a PD app)."""
+    if isinstance(app, ArksApplication):
+        return [app.spec.instance_spec]
+    return [app.spec.prefill.instance_spec, app.spec.decode.instance_spec]
 
 
 def _app_problems(app: AnyApp, models: Mapping[str, ArksModel], names: set[str]) -> list[Problem]:
@@ -265,8 +275,10 @@ def render_namespace(
 
     children: list[dict[str, Any]] = []
     for model in sorted(models.values(), key=lambda m: m.metadata.name):
+        users = [inst for app in apps if app.spec.model.name == model.metadata.name for inst in _instances(app)]
+        preload = None if options.local else preload_daemonset(model, namespace, options.downloader_image, users)
         for child in (render_pvc(model, namespace),
-                      render_download_job(model, namespace, options.downloader_image)):
+                      render_download_job(model, namespace, options.downloader_image), preload):
             if child is not None:
                 children.append(child)
 

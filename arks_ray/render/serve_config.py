@@ -24,6 +24,7 @@ from arks_ray.render.engine_args import (
     sglang_server_args,
 )
 from arks_ray.render.models import loader_engine_kwargs
+from arks_ray.render.node_cache import cached_path
 from arks_ray.render.options import RenderOptions
 from arks_ray.render.placement import sglang_placement, strategy_of
 
@@ -51,9 +52,12 @@ def literal_env(env: list[dict[str, Any]] | None) -> dict[str, str]:
 
 
 def model_source(model: ArksModel, namespace: str, options: RenderOptions) -> str:
-    """Where the engine loads weights: the PVC path in a cluster; the hub id locally, for hub models."""
+    """Where the engine loads weights: the PVC path in a cluster (the node-local copy when the model has that
+    tier); the hub id locally, for hub models."""
     if options.local and model.spec.downloads:
         return model.spec.model
+    if not options.local and (node_copy := cached_path(model, namespace)) is not None:
+        return node_copy
     return model.model_path(namespace)
 
 
