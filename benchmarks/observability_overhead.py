@@ -116,12 +116,15 @@ async def load(port: int, n: int, concurrency: int, stream: bool, tenants: int, 
 
 def series_counts(wait_s: float) -> dict[str, Any]:
     """The gateway's series in Ray's metrics agent, per token and per endpoint (polled until stable)."""
+    import ray
+
     from arks_ray.local import top
 
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
     deadline = time.monotonic() + wait_s
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        keys = list(top.snapshot(top.scrape(top.discover())))
+        keys = list(top.snapshot(top.scrape(urls)))
         per_token = Counter(dict(labels).get("token") for _, labels in keys)
         per_endpoint = Counter(dict(labels).get("endpoint") for _, labels in keys)
         now = {"total": len(keys), "per_token": {k: v for k, v in per_token.items() if k},
