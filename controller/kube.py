@@ -61,6 +61,7 @@ RESOURCES: dict[str, Resource] = {
     "RayService": Resource("ray.io", "v1", "rayservices", "RayService"),
     "PersistentVolumeClaim": Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     "Job": Resource("batch", "v1", "jobs", "Job"),
+    "DaemonSet": Resource("apps", "v1", "daemonsets", "DaemonSet"),
     "Secret": Resource("", "v1", "secrets", "Secret"),
     "Pod": Resource("", "v1", "pods", "Pod"),
 }

@@ -33,6 +33,7 @@ from controller import status as st
 from controller.downloads import ModelInputs, plan_model
 from controller.gateway_secret import gateway_secret, secret_write
 from controller.meta import MANAGED_BY, annotation, contains, finalizers, meta, name_of, owner_ref
+from controller.node_caches import plan_node_caches
 from controller.snapshot import APP_KINDS, Snapshot, add_problems
 from controller.writes import Write
 
@@ -52,6 +53,8 @@ class Observed:
     """The live gateway Secret (only its metadata is used: its content id)."""
     download_logs: Mapping[str, str] = field(default_factory=dict)
     """Log tails of running download Jobs, by Job name (their progress reports)."""
+    daemonsets: Sequence[dict[str, Any]] = ()
+    """The namespace's managed DaemonSets (node-cache preloads)."""
 
 
 @dataclass
@@ -278,6 +281,8 @@ def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, no
     full = render_namespace(snap.objects, ns, secrets=secrets, previous=live_rs, options=options)
     add_problems(snap, full.problems, kinds=(*APP_KINDS, "ArksModel"))
     models = _plan_models(snap, full, seen, now, download_backoff)
+    live_models = {name_of(o): o for o in snap.live() if o.get("kind") == "ArksModel"}
+    models.writes += plan_node_caches(ns, live_models, models.states, full.children, seen.daemonsets)
     gated = _gate(snap, models.states, live_apps(live_rs))
     applied = full if len(gated) == len(snap.objects) else render_namespace(
         gated, ns, secrets=secrets, previous=live_rs, options=options)

@@ -121,12 +121,14 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
         asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
         kube.get("RayService", ns, RAYSERVICE_NAME), kube.get("Secret", ns, gateway_secret))
     snap = take(ns, [o for items in lists for o in items])
-    secrets, pvcs, jobs, usage, weights = await asyncio.gather(
+    secrets, pvcs, jobs, usage, weights, daemonsets = await asyncio.gather(
         _secrets(kube, ns, snap.secret_names()),
         asyncio.gather(*(_pvc(kube, ns, n) for n in sorted(snap.pvc_names()))),
         kube.list("Job", ns, MANAGED_BY) if snap.downloads() else _nothing(),
         _usage(reader, snap.quota_config(), snap.quota_floors(), now, metrics),
-        _routes(routes, ns, any(isinstance(o, ArksEndpoint) for o in snap.loaded.objects), now, metrics))
+        _routes(routes, ns, any(isinstance(o, ArksEndpoint) for o in snap.loaded.objects), now, metrics),
+        # Node-cache preloads, also of models that no longer want one (to delete them).
+        kube.list("DaemonSet", ns, MANAGED_BY) if snap.models() else _nothing())
     logs = await download_logs(kube, ns, jobs)
     if secrets:
         found = load_documents(secrets, ns)
@@ -134,7 +136,7 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
     # Only the gateway Secret's metadata is kept: its values are never read back.
     secret_meta = {"metadata": secret.get("metadata") or {}} if secret else None
     return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, gateway_secret=secret_meta,
-                          download_logs=logs)
+                          download_logs=logs, daemonsets=daemonsets)
 
 
 async def _nothing() -> list[dict[str, Any]]:

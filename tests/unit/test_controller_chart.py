@@ -155,6 +155,7 @@ EXPECTED_RULES = {
     ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
+    ("apps", "daemonsets"): {"list", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
