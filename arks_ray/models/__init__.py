@@ -12,4 +12,6 @@ One downloader serves the cluster's download Job (``python -m arks_ray.models``)
 - ``downloader``: a whole model: a lock, a staging directory, parallel fetches, the marker written last,
   then one rename into place, so a half-finished download is never taken for a model.
 - ``local``: the cache directory and credentials for ``arks-ray`` on a workstation.
+- ``node_cache``: the node-local tier's copy step (``python -m arks_ray.models.node_cache``): a complete
+  model copied from the shared claim onto the node's disk, once per node.
 """

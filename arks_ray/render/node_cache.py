@@ -19,11 +19,12 @@ from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME, InstanceSpec
 from arks_ray.api.model import ArksModel
-from arks_ray.render.names import dns_label, label_value
+from arks_ray.render.names import digest, dns_label, label_value
 
 VOLUME = "arks-node-cache"
 MOUNT = "/arks-node-cache"
 COPY_RESOURCES = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}}
+SOURCE_ANNOTATION = "arks.ai/source-digest"
 HOLD_RESOURCES = {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "32Mi"}}
 
 
@@ -93,6 +94,7 @@ def preload_daemonset(model: ArksModel, namespace: str, image: str,
     if selector is None:
         selector = _agreed([s.node_selector for s in specs])
     tolerations = _agreed([s.tolerations for s in specs])
+    source = digest(model.spec.source.model_dump(mode="json") if model.spec.source else None, 16)
     labels = {"app.kubernetes.io/managed-by": "arks-ray", "arks.ai/model": label_value(model.metadata.name)}
     pod: dict[str, Any] = {
         "initContainers": [node.init_container()],
@@ -114,6 +116,8 @@ def preload_daemonset(model: ArksModel, namespace: str, image: str,
         "metadata": {"name": dns_label("arks-cache", model.metadata.name), "namespace": namespace, "labels": labels},
         "spec": {
             "selector": {"matchLabels": dict(labels)},
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+            # A new download (changed source) rolls the DaemonSet, so every node copies it again.
+            "template": {"metadata": {"labels": dict(labels), "annotations": {SOURCE_ANNOTATION: source}},
+                         "spec": pod},
         },
     }

@@ -76,6 +76,16 @@ def test_the_preload_daemonset_runs_the_same_copy_on_the_apps_nodes() -> None:
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
+def test_a_new_source_rolls_the_daemonset_so_nodes_copy_again() -> None:
+    changed = docs()
+    next(d for d in changed if d["kind"] == "ArksModel")["spec"]["source"]["huggingface"] = {"revision": "v2"}
+    (before,) = daemonsets(rendered(docs())[0])
+    (after,) = daemonsets(rendered(changed)[0])
+    key = "arks.ai/source-digest"
+    assert before["spec"]["template"]["metadata"]["annotations"][key] != \
+        after["spec"]["template"]["metadata"]["annotations"][key]
+
+
 def test_node_selection_explicit_or_agreed_or_every_node() -> None:
     explicit = {"nodeLocal": {"nodeSelector": {"pool": "llm"}}}
     (ds,) = daemonsets(rendered(docs(explicit))[0])
