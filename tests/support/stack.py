@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from arks_ray.api.digests import TOKEN_KEY_ENV, TOKEN_KEY_NEXT_ENV
 from arks_ray.api.loading import load_yaml
 from arks_ray.local import runner
 from tests.support.redis_server import RedisServer, free_port
@@ -75,6 +77,21 @@ def merge_objects(base: str, extra: str) -> str:
     return "\n---\n".join(d.strip("\n") for d in merged.values()) + "\n"
 
 
+@contextlib.contextmanager
+def installation_key() -> Iterator[None]:
+    """Renders and ``ray start`` with the local installation's key file, whatever the test's environment says.
+
+    ``tests/conftest.py`` puts a namespace key into every test's environment (for in-process gateways), and
+    the local runner reads that variable as the installation key: a stack brought up in a fixture and
+    redeployed from a test would otherwise digest tokens with a key its gateway does not hold.
+    """
+    saved = {k: os.environ.pop(k) for k in (TOKEN_KEY_ENV, TOKEN_KEY_NEXT_ENV) if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class SharedStack:
     """One local Ray and one Serve deployment for every e2e module that asks for ``arks_stack``.
 
@@ -112,8 +129,9 @@ class SharedStack:
         assert not loaded.errors, loaded.errors
         runner.ensure_local_models(loaded)
         gateway = {**self.BASE_SETTINGS, "redis_url": self.redis.url, **(settings or {})}
-        return runner.plan(loaded, "default", self.port, gateway_settings=gateway,
-                           gateway_replicas=self.GATEWAY_REPLICAS)
+        with installation_key():
+            return runner.plan(loaded, "default", self.port, gateway_settings=gateway,
+                               gateway_replicas=self.GATEWAY_REPLICAS)
 
     def up(self) -> SharedStack:
         """Start Redis and Ray (stopping a Ray left over on this machine) and deploy the base."""
@@ -124,7 +142,8 @@ class SharedStack:
             runner.down()
         self.redis = RedisServer().start()
         plan = self.render()
-        runner.start_ray(max(self.HEAD_CPUS, plan.num_cpus), plan.resources)
+        with installation_key():
+            runner.start_ray(max(self.HEAD_CPUS, plan.num_cpus), plan.resources)
         self.offered = set(plan.resources)
         self._deploy(plan)
         self.setup_s["base"] = time.monotonic() - started
@@ -190,7 +209,8 @@ class SharedStack:
         self.raylets += 1
         cmd = [runner._ray_bin(), "start", f"--address={address}", "--num-cpus=8", "--num-gpus=0",
                f"--resources={json.dumps(missing)}", "--disable-usage-stats"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        with installation_key():
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
         if proc.returncode != 0:
             raise RuntimeError(f"adding a raylet for {sorted(missing)} failed:\n{proc.stdout}\n{proc.stderr}")
         self.offered |= set(missing)
