@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 TAG=${TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)}
 REPO=${REPO:-ghcr.io/arks-ray}
 BUILDAH=(buildah --storage-driver vfs)
-BUD=("${BUILDAH[@]}" bud --isolation chroot --layers --network host)
+# No --layers: with vfs every cached layer is a full copy of the root filesystem (a 4 GB venv, per step).
+BUD=("${BUILDAH[@]}" bud --isolation chroot --network host)
 LOCAL_BASE=localhost/arks-ray-base:bookworm
 ROOTFS=${ROOTFS:-/var/tmp/arks-images/rootfs}
 TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(operator cpu)
