@@ -3,10 +3,11 @@
 Runs on the shared e2e stack (``arks_stack``: the demo's ``tiny`` app on vLLM CPU behind two gateway
 replicas). Bodies that vLLM itself refuses (found by trying them on it, not by reading its code) must come
 back as 400 with an OpenAI error body naming no Ray internals, and must not take the app out of rotation:
-an endpoint ``pair`` splits traffic between ``tiny`` and a slower static OpenAI server started here; after
-a barrage of bad requests, good ones still reach ``tiny`` (a breaker opened by the client's mistakes would
-send them all to the static server). And when the engine replica dies, requests get a fast 503 while Serve
-brings a new one up, instead of waiting for it.
+an endpoint ``pair`` splits traffic 100:1 between ``tiny`` and a static OpenAI server started here; after a
+barrage of bad requests, good ones still reach ``tiny`` (the SLO weighting may take ``tiny``'s factor down
+to 0.05 against the faster static server, which still leaves it 5:1; only a breaker opened by the client's
+mistakes would send them all to the static server). And when the engine replica dies, requests get a fast
+503 while Serve brings a new one up, instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -71,9 +72,6 @@ class _Static(BaseHTTPRequestHandler):
                 or body.get("max_tokens", 1) < 1:
             self._send(400, {"error": {"message": "invalid request", "type": "BadRequestError", "code": 400}})
             return
-        # Slower than the tiny app, so that the gateway's SLO weighting (which favours the faster backend)
-        # leans towards tiny: only an open breaker could then send everything here.
-        time.sleep(1.0)
         self._send(200, {"id": "s", "object": "chat.completion", "created": 1, "model": "tiny",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
                                       "finish_reason": "stop"}],
@@ -91,7 +89,7 @@ kind: ArksEndpoint
 metadata: {{name: pair, namespace: default}}
 spec:
   routeConfigs:
-    - {{kind: ArksApplication, name: tiny, weight: 1}}
+    - {{kind: ArksApplication, name: tiny, weight: 100}}
     - {{name: "{url}", weight: 1}}
 ---
 apiVersion: arks.ai/v1
