@@ -11,6 +11,7 @@ inside the machine's Ray lock.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,12 @@ class LocalCluster:
         return f"127.0.0.1:{self.port}"
 
     def _ray(self, *args: str) -> None:
-        proc = subprocess.run([runner._ray_bin(), *args], capture_output=True, text=True, check=False)
+        from arks_ray.local.keys import local_token_keys
+        from tests.support.stack import installation_key
+
+        with installation_key():  # the gateway's namespace key, as runner.start_ray gives it
+            env = {**os.environ, **local_token_keys().for_namespace("default").environ()}
+        proc = subprocess.run([runner._ray_bin(), *args], capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"ray {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 

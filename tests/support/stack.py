@@ -51,11 +51,13 @@ def make_plan(extra: str, port: int, *, base: str | None = None, **kwargs: Any) 
     loaded = load_yaml((DEMO.read_text() if base is None else base) + "\n---\n" + extra)
     assert not loaded.errors, loaded.errors
     runner.ensure_local_models(loaded)
-    return runner.plan(loaded, "default", port, **kwargs)
+    with installation_key():
+        return runner.plan(loaded, "default", port, **kwargs)
 
 
 def bring_up(plan: runner.LocalPlan, timeout_s: float = 600) -> None:
-    runner.start_ray(plan.num_cpus, plan.resources)
+    with installation_key():
+        runner.start_ray(plan.num_cpus, plan.resources)
     runner.deploy(plan.serve_config)
     runner.wait_ready(["gateway", *plan.engine_apps], timeout_s=timeout_s, progress=print)
 
