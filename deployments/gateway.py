@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,7 +36,10 @@ logger = logging.getLogger("ray.serve.arks.gateway")
 DEPLOYMENT_NAME = "ArksGateway"
 
 
-def make_store(settings: GatewaySettings) -> CounterStore:
+def make_store(settings: GatewaySettings, environ: Mapping[str, str] = os.environ) -> CounterStore:
+    """The counter store; the Redis password comes from the replica's environment (a Secret, through
+    ``secretKeyRef``), never from the rendered settings."""
+    settings = settings.with_secrets(environ)
     if settings.redis_url:
         from arks_ray.stores.redis import RedisStore
 

@@ -165,3 +165,13 @@ async def test_a_down_app_is_served_as_soon_as_serve_says_it_runs(fake_serve: di
     assert isinstance(item, Failure)
     now[0] += 1.0
     assert [i async for i in backends.open(app, request)] == [Answer({"ok": True})]  # re-read, not waited for
+
+
+def test_the_gateway_store_takes_the_redis_password_from_its_environment() -> None:
+    from deployments.gateway import make_store
+
+    settings = GatewaySettings(redis_url="redis://redis.arks-system:6379/0")
+    store = make_store(settings, {settings.redis_password_env: "s3cret/pw"})
+    kwargs = store._redis.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    assert kwargs["password"] == "s3cret/pw"
+    assert "s3cret" not in settings.model_dump_json()
