@@ -171,6 +171,7 @@ def test_the_gateway_store_takes_the_redis_password_from_its_environment() -> No
     from deployments.gateway import make_store
 
     settings = GatewaySettings(redis_url="redis://redis.arks-system:6379/0")
+    assert settings.redis_password_env
     store = make_store(settings, {settings.redis_password_env: "s3cret/pw"})
     kwargs = store._redis.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     assert kwargs["password"] == "s3cret/pw"
