@@ -61,7 +61,7 @@ spec:
 BIND = '\n      - {name: VLLM_CPU_OMP_THREADS_BIND, value: "0|1"}'
 SPREAD = app("spread", "a", 2, 2, "STRICT_SPREAD", BIND)
 SOLO = app("solo", "b", 1, 1, None)
-# Same pod shape as spread (so the same worker group, of two nodes), but three bundles, one per node.
+# Three bundles, one per node, on a worker group of its own (groups are per app) that has two nodes.
 GANG = app("gang", "a", 3, 3, "STRICT_SPREAD", BIND)
 REST = """apiVersion: arks.ai/v1
 kind: ArksEndpoint
@@ -96,13 +96,15 @@ def group_resource(llm_config: dict[str, Any]) -> str:
 def stack(no_shared_stack: None) -> Iterator[dict[str, Any]]:
     port = free_port()
     first = plan(port, SPREAD, SOLO)
-    llm = {a["name"]: a["args"]["llm_config"] for a in first.serve_config["applications"] if a["name"] != "gateway"}
+    every = plan(port, SPREAD, SOLO, GANG)
+    llm = {a["name"]: a["args"]["llm_config"] for a in every.serve_config["applications"] if a["name"] != "gateway"}
     groups = {name: group_resource(cfg) for name, cfg in llm.items()}
     assert groups["spread"] != groups["solo"], "two pod shapes, two worker groups"
+    # Nodes a1 and a2 are the pods of two groups: spread's, and the gang app's (two nodes for three bundles).
+    two = {groups["spread"]: 1000, groups["gang"]: 1000}
     cluster = LocalCluster(
         NodeSpec("head", 3, {"arks-head": 1000}),
-        [NodeSpec("a1", 3, {groups["spread"]: 1000}), NodeSpec("a2", 3, {groups["spread"]: 1000}),
-         NodeSpec("b1", 3, {groups["solo"]: 1000})])
+        [NodeSpec("a1", 3, two), NodeSpec("a2", 3, dict(two)), NodeSpec("b1", 3, {groups["solo"]: 1000})])
     try:
         cluster.start()
         runner.deploy(first.serve_config)
@@ -190,7 +192,7 @@ def test_a_replica_that_cannot_be_placed_whole_reserves_nothing(stack: dict[str,
     port = stack["port"]
     runner.deploy(plan(port, SPREAD, SOLO, GANG).serve_config)
     try:
-        pending = _eventually(lambda: [pg for pg in pg_of(stack["groups"]["spread"]) if len(pg["bundles"]) == 3])
+        pending = _eventually(lambda: [pg for pg in pg_of(stack["groups"]["gang"]) if len(pg["bundles"]) == 3])
         (pg,) = pending
         show("gang placement group", pg, stack["nodes"])
         assert pg["state"] == "PENDING"
