@@ -3,7 +3,7 @@
 Runs on the shared e2e stack (``arks_stack``: the demo's ``tiny`` app on vLLM CPU behind two gateway
 replicas). Bodies that vLLM itself refuses (found by trying them on it, not by reading its code) must come
 back as 400 with an OpenAI error body naming no Ray internals, and must not take the app out of rotation:
-an endpoint ``pair`` splits traffic 100:1 between ``tiny`` and a static OpenAI server started here; after a
+the endpoint ``tiny`` splits traffic 100:1 between the app and a static OpenAI server started here; after a
 barrage of bad requests, good ones still reach ``tiny`` (the SLO weighting may take ``tiny``'s factor down
 to 0.05 against the faster static server, which still leaves it 5:1; only a breaker opened by the client's
 mistakes would send them all to the static server). And when the engine replica dies, requests get a fast
@@ -82,26 +82,9 @@ class _Static(BaseHTTPRequestHandler):
 def stack(arks_stack: SharedStack) -> Iterator[dict[str, Any]]:
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Static)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    extra = f"""
-apiVersion: arks.ai/v1
-kind: ArksEndpoint
-metadata: {{name: pair, namespace: default}}
-spec:
-  routeConfigs:
-    - {{kind: ArksApplication, name: tiny, weight: 100}}
-    - {{name: "{url}", weight: 1}}
----
-apiVersion: arks.ai/v1
-kind: ArksToken
-metadata: {{name: demo, namespace: default}}
-spec:
-  token: {DEMO_TOKEN}
-  qos: [{{arksEndpoint: {{name: tiny}}}}, {{arksEndpoint: {{name: pair}}}}]
-"""
     try:
-        with arks_stack.extended(extra, label="test_request_path"):
-            yield {"base": arks_stack.url, "static": url}
+        yield {"base": arks_stack.url, "static": f"http://127.0.0.1:{server.server_address[1]}",
+               "shared": arks_stack}
     finally:
         server.shutdown()
 
@@ -125,13 +108,25 @@ def test_what_the_gateway_refuses_is_a_clean_400(stack: dict[str, Any], path: st
 
 
 def test_a_tenants_bad_requests_do_not_take_the_app_out_of_rotation(stack: dict[str, Any]) -> None:
-    with httpx.Client(base_url=stack["base"], headers=AUTH, timeout=120) as c:
+    # The endpoint tiny (an app serves the endpoint of its servedModelName) with a static route beside the app.
+    routes = f"""
+apiVersion: arks.ai/v1
+kind: ArksEndpoint
+metadata: {{name: tiny, namespace: default}}
+spec:
+  routeConfigs:
+    - {{kind: ArksApplication, name: tiny, weight: 100}}
+    - {{name: "{stack['static']}", weight: 1}}
+"""
+    with stack["shared"].extended(routes, label="test_request_path rotation"), \
+            httpx.Client(base_url=stack["base"], headers=AUTH, timeout=120) as c:
         for _ in range(4):
             for _, body in REFUSED_BY_VLLM[:4]:
-                _assert_clean_400(c.post("/v1/chat/completions", json={**body, "model": "pair"}))
-        served = collections.Counter(
-            c.post("/v1/chat/completions", json={"model": "pair", "messages": MSG, "max_tokens": 1})
-            .headers["x-arks-backend"] for _ in range(20))
+                _assert_clean_400(c.post("/v1/chat/completions", json=body))
+        answers = [c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 1})
+                   for _ in range(20)]
+    assert {r.status_code for r in answers} == {200}
+    served = collections.Counter(r.headers["x-arks-backend"] for r in answers)
     assert served["tiny"] >= 5, f"the app left rotation after the client's mistakes: {served}"
 
 
