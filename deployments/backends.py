@@ -132,9 +132,10 @@ class ServeBackends:
                       for state, n in d.replica_states.items()]
             running = sum(n for state, n in states if state == "RUNNING")
             out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
-            # No running replica and either the app is not RUNNING or replicas are coming up (a restart):
-            # down. A RUNNING app with no replica at all is scaled to zero, and a request scales it up.
-            if not running and (app.status != "RUNNING" or any(n for _, n in states)):
+            # Down only when Serve itself says the app is not serving (deploying, unhealthy after a replica
+            # died, deleting) and no replica runs: a RUNNING app is never refused here (one scaled to zero
+            # takes the request that scales it up).
+            if not running and app.status != "RUNNING":
                 down[name] = str(getattr(app.status, "value", app.status))
         self.mark_down(down)
         return out

@@ -84,14 +84,15 @@ async def test_an_app_without_a_running_replica_is_answered_503_at_once(fake_ser
         "app-up": _App("RUNNING", {"d": _Deployment({"RUNNING": 1})}),
         "app-restarting": _App("DEPLOYING", {"d": _Deployment({"STARTING": 1})}),
         "app-scaled-to-zero": _App("RUNNING", {"d": _Deployment({})}),
-        "app-replica-restarting": _App("RUNNING", {"d": _Deployment({"RECOVERING": 1})}),
+        "app-replica-restarting": _App("UNHEALTHY", {"d": _Deployment({"STARTING": 1})}),
+        "app-running-while-replacing": _App("RUNNING", {"d": _Deployment({"STARTING": 1})}),
     }
     backends = RoutedBackends(GatewaySettings())
     status = await backends.probe_apps()
     assert status["app-up"] == (True, "")
     assert status["app-restarting"][0] is False
-    # A RUNNING app at zero replicas still scales up on a request; one whose replica is coming back does not.
-    assert backends.serve.down == {"app-restarting": "DEPLOYING", "app-replica-restarting": "RUNNING"}
+    # A RUNNING app is never refused here (at zero replicas a request scales it up).
+    assert backends.serve.down == {"app-restarting": "DEPLOYING", "app-replica-restarting": "UNHEALTHY"}
     request = EngineRequest("chat", {"model": "m", "messages": []})
     items = [i async for i in backends.open(Backend(kind="app", name="app-restarting", weight=1), request)]
     assert items == [Failure("unavailable", 503, "backend 'app-restarting' has no replica ready right now")]
