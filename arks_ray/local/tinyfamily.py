@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from arks_ray.local import tinymodel
+from arks_ray.models.disk import exclusive_lock
 
 EMBED_MODEL_NAME = "arks-tiny-qwen2-embed"
 LORA_NAME = "arks-tiny-qwen2-lora"
@@ -40,7 +41,7 @@ def _build_once(target: Path, lock_name: str, write: Callable[[Path], None]) -> 
         return target
     root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    with tinymodel._exclusive_lock(root / lock_name):
+    with exclusive_lock(root / lock_name):
         if (target / ".complete").is_file():
             return target
         shutil.rmtree(target, ignore_errors=True)

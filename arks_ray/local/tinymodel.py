@@ -17,15 +17,15 @@ that need them, so importing this module is cheap.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from arks_ray.models.disk import exclusive_lock, fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -254,7 +254,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
         return target
 
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f".{TINY_MODEL_NAME}.lock"):
+    with exclusive_lock(root / f".{TINY_MODEL_NAME}.lock"):
         if _is_complete(target):  # another caller built it while we waited
             return target
         # Builders hold this lock, so any temp dir still here was left by one that was killed.
@@ -272,9 +272,9 @@ def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
             for child in tmp.iterdir():
                 child.chmod(0o644)
             tmp.chmod(0o755)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, target)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -283,25 +283,6 @@ def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
 
 def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

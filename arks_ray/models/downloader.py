@@ -15,16 +15,15 @@ Called by the download Job (``python -m arks_ray.models``) and by ``arks-ray mod
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from arks_ray.models.archive import unpack
+from arks_ray.models.disk import exclusive_lock, fsync_dir, write_durably
 from arks_ray.models.fetch import RetryPolicy, fetch
 from arks_ray.models.files import MARKER, DownloadError, RemoteFile, check_unique, marker_digest, marker_text
 from arks_ray.models.progress import Snapshot, Tracker
@@ -49,26 +48,6 @@ def is_complete(dest: Path, digest: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _prepare_staging(staging: Path, digest: str) -> None:
     try:
         held = (staging / SOURCE_FILE).read_text().strip()
@@ -77,7 +56,7 @@ def _prepare_staging(staging: Path, digest: str) -> None:
     if held != digest and staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    _write_durably(staging / SOURCE_FILE, digest)
+    write_durably(staging / SOURCE_FILE, digest)
 
 
 def _bytes_on_disk(staging: Path, files: list[RemoteFile]) -> int:
@@ -95,11 +74,7 @@ def _swap_in(staging: Path, dest: Path) -> None:
     if dest.exists() or dest.is_symlink():
         os.replace(dest, old)
     os.replace(staging, dest)
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dest.parent)
     if old.is_symlink():
         old.unlink()
     elif old.exists():
@@ -113,7 +88,7 @@ def pull(dest: Path, digest: str, resolve: Callable[[], list[RemoteFile]], trans
     if is_complete(dest, digest):
         return PullResult(dest, False, 0, None)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dest.parent / f".{dest.name}.lock"):
+    with exclusive_lock(dest.parent / f".{dest.name}.lock"):
         if is_complete(dest, digest):
             return PullResult(dest, False, 0, None)
         staging = dest.parent / f".{dest.name}.partial"
@@ -148,6 +123,6 @@ def pull(dest: Path, digest: str, resolve: Callable[[], list[RemoteFile]], trans
                     got[rel] = (staging / rel).stat().st_size
                 archive.unlink()
         (staging / SOURCE_FILE).unlink()
-        _write_durably(staging / MARKER, marker_text(digest, listed, got))
+        write_durably(staging / MARKER, marker_text(digest, listed, got))
         _swap_in(staging, dest)
         return PullResult(dest, True, len(files), tracker.finish())

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from arks_ray.models.downloader import _locked, _swap_in, _write_durably
+from arks_ray.models.disk import exclusive_lock, write_durably
+from arks_ray.models.downloader import _swap_in
 from arks_ray.models.files import MARKER
 
 
@@ -101,7 +102,7 @@ def cache_model(source: Path, cache: Path, key: str | None = None) -> CacheResul
     if is_current(dest, wanted):
         return CacheResult(dest, False)
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".{key}.lock"):
+    with exclusive_lock(cache / f".{key}.lock"):
         if is_current(dest, wanted):
             return CacheResult(dest, False)
         started = time.perf_counter()
@@ -114,7 +115,7 @@ def cache_model(source: Path, cache: Path, key: str | None = None) -> CacheResul
             if not got.is_file() or got.stat().st_size != size:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise CacheError(f"{rel}: the shared copy does not match its marker (size), not cached")
-        _write_durably(staging / MARKER, wanted)
+        write_durably(staging / MARKER, wanted)
         _swap_in(staging, dest)
         return CacheResult(dest, True, files, total, time.perf_counter() - started)
 
