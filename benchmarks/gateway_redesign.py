@@ -119,43 +119,17 @@ async def _old_stream(b: dict[str, Any], body: Any, chunk: str) -> Any:
 
 
 async def _load(port: int, n: int, concurrency: int, stream: bool) -> dict[str, float]:
-    import httpx
+    from load import closed_loop
 
     payload = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": stream}
-    latencies: list[float] = []
-    todo = iter(range(n))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                                 headers={"Authorization": "Bearer sk-bench"}) as client:
-        async def worker() -> None:
-            for _ in todo:
-                t0 = time.perf_counter()
-                resp = await client.post("/v1/chat/completions", json=payload)
-                assert resp.status_code == 200, resp.text
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {"rps": n / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+    return await closed_loop(port, n, concurrency, lambda _: (payload, {"Authorization": "Bearer sk-bench"}))
 
 
 def run_side(redis_url: str, n: int, concurrency: int) -> None:
-    import socket
-    import threading
-
-    import uvicorn
+    from load import serve
 
     app, calls = _side_app(redis_url)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off",
-                                           access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.01)
+    port, server = serve(app)
     out: dict[str, Any] = {}
     for stream in (False, True):
         asyncio.run(_load(port, 20, concurrency, stream))  # warm up

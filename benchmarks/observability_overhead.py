@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from load import closed_loop, serve  # noqa: E402 - found through the path set just above
 
 BODY = {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
@@ -76,42 +76,12 @@ def config(tenants: int, endpoints: int, keys: Any) -> dict[str, Any]:
     return GatewayConfig(namespace="bench", endpoints=eps, tokens=tokens).model_dump(mode="json")
 
 
-def serve(app: Any) -> int:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off",
-                                           access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.01)
-    return port
-
-
 async def load(port: int, n: int, concurrency: int, stream: bool, tenants: int, endpoints: int) -> dict[str, float]:
-    import httpx
+    def request(i: int) -> tuple[dict[str, Any], dict[str, str]]:
+        return ({"model": f"m{i % endpoints}", "messages": [{"role": "user", "content": "hello"}],
+                 "max_tokens": 16, "stream": stream}, {"Authorization": f"Bearer sk-bench-{i % tenants}"})
 
-    latencies: list[float] = []
-    todo = iter(range(n))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        async def worker() -> None:
-            for i in todo:
-                payload = {"model": f"m{i % endpoints}", "messages": [{"role": "user", "content": "hello"}],
-                           "max_tokens": 16, "stream": stream}
-                t0 = time.perf_counter()
-                resp = await client.post("/v1/chat/completions", json=payload,
-                                         headers={"Authorization": f"Bearer sk-bench-{i % tenants}"})
-                assert resp.status_code == 200, resp.text
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {"rps": n / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+    return await closed_loop(port, n, concurrency, request)
 
 
 def series_counts(wait_s: float) -> dict[str, Any]:
@@ -194,7 +164,7 @@ def main() -> int:
         for name, metrics in sides.items():
             pipeline = Pipeline(settings, MockEngine(), metrics=metrics, keys=keys)  # type: ignore[arg-type]
             pipeline.reconfigure(config(args.tenants, args.endpoints, keys))
-            ports[name] = serve(make_api(pipeline))
+            ports[name], _ = serve(make_api(pipeline))
         rounds: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
         for name in ("on", "off"):  # warm-up
             for stream in (False, True):
