@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from arks_ray.api.gateway import Token
+from arks_ray.engines.protocol import PATHS
 from arks_ray.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -35,8 +37,8 @@ logger = logging.getLogger("ray.serve.arks.gateway")
 TOKEN_KEY = "arks_token"  # noqa: S105 - the scope key, not a token
 STARTED_KEY = "arks_started"
 OPEN_PATHS = ("/healthz",)
-KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
-         "/v1/responses": "responses", "/v1/models": "models"}
+KINDS = {**{path: kind for kind, path in PATHS.items()}, "/v1/models": "models"}
+"""The kind of request each path serves (for requests refused before routing)."""
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -119,6 +121,14 @@ def _model(pipeline: Pipeline, entry: Any) -> dict[str, Any]:
     return {"id": entry.name, "object": "model", "created": 0, "owned_by": pipeline.index.config.namespace}
 
 
+def _route(serve: Callable[[str, Request], Awaitable[Response]], kind: str) -> Callable[[Request],
+                                                                                     Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await serve(kind, request)
+
+    return endpoint
+
+
 def make_api(pipeline: Pipeline) -> FastAPI:
     """The HTTP surface of one ``Pipeline``: used by the Serve replica and, directly, by tests."""
     api = FastAPI(title="arks-ray gateway", docs_url=None, redoc_url=None, openapi_url=None)
@@ -160,21 +170,8 @@ def make_api(pipeline: Pipeline) -> FastAPI:
             raise
         return to_response(await pipeline.serve(kind, _token(request), body, request.headers, started))
 
-    @api.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await serve("chat", request)
-
-    @api.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await serve("completions", request)
-
-    @api.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await serve("embeddings", request)
-
-    @api.post("/v1/responses")
-    async def responses(request: Request) -> Response:
-        return await serve("responses", request)
+    for kind, path in PATHS.items():  # each kind in the engine port's path table is a POST route
+        api.add_api_route(path, _route(serve, kind), methods=["POST"], name=kind)
 
     api.add_middleware(AuthMiddleware, pipeline=pipeline)
     return api

@@ -134,7 +134,7 @@ class Pipeline:
         except RequestError as err:
             life.on_inference_complete(_outcome_of(err), err.status, reason=err.reason)
             if err.status == 503 and "Retry-After" not in err.headers:
-                err.headers["Retry-After"] = str(max(1, math.ceil(self.settings.health_check_interval_s or 1)))
+                err.headers["Retry-After"] = self.retry_after()
             return error_reply(err)
         except BaseException:
             life.on_inference_complete("client_gone", 499)
@@ -156,6 +156,10 @@ class Pipeline:
         task = asyncio.get_running_loop().create_task(self.governor.settle(admission, usage))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+
+    def retry_after(self) -> str:
+        """When to retry a request no backend could take: after the next health check has looked again."""
+        return str(max(1, math.ceil(self.settings.health_check_interval_s or 1)))
 
     def backend_header(self, backend: Backend | None) -> dict[str, str]:
         return {"x-arks-backend": backend.name} if backend is not None and self.settings.backend_header else {}
@@ -283,7 +287,7 @@ class RequestLifecycle:
         """The backend failed and no retry is left: the failure, with Retry-After when it is transient."""
         headers = self._headers()
         if failure.kind in ("unavailable", "timeout"):
-            headers["Retry-After"] = str(max(1, math.ceil(self.p.settings.health_check_interval_s or 1)))
+            headers["Retry-After"] = self.p.retry_after()
         self.on_inference_complete("backend_error", failure.status)
         return Reply(failure.status, headers, failure.body())
 
