@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -89,19 +90,23 @@ def describe_failure(name: str, exc: BaseException) -> Failure:
 class ServeBackends:
     """Serve applications through deployment handles, one cached handle per application.
 
-    Apps found with no running replica while deploying, restarting or unhealthy are *down*: a request to
-    one is answered 503 at once instead of queueing on the handle until a replica is back (a minute or more
-    for an engine), and a request still waiting for its first item when its app goes down gets the same.
-    A request to a down app re-reads Serve's status first if the last read is older than ``recheck_s``,
-    so an app that just came up is served at once, not after the next health check."""
+    An app with no running replica while Serve says it is deploying, restarting or unhealthy is *down*.
+    A request waiting for its first item is answered 503 as soon as a read of Serve's status that began
+    after the request arrived finds its app down, instead of queueing on the handle until a replica is
+    back (a minute or more for an engine). A request to an app already known down asks for such a read
+    at once (reads are shared, and spaced by ``spacing_s``), so it gets its 503 within one round trip to
+    Serve's controller, and an app that has just come up serves it. A read that began before the request
+    never refuses it: a slow or stale read cannot turn away a request to an app that runs."""
 
-    def __init__(self, recheck_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, spacing_s: float = 0.2, clock: Callable[[], float] = time.monotonic) -> None:
         self._handles: dict[str, Any] = {}
         self.down: dict[str, str] = {}
-        self.recheck_s = recheck_s
+        self.spacing_s = spacing_s
         self._clock = clock
-        self._checked_at = -1e9
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._down_read_at = -math.inf  # when the read that ``down`` comes from began
+        self._waiters: dict[str, dict[asyncio.Future[None], float]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._read_again = False
 
     def _handle(self, name: str) -> Any:
         handle = self._handles.get(name)
@@ -120,11 +125,12 @@ class ServeBackends:
         return _ServeStream(self, backend, request)
 
     async def probe(self) -> dict[str, tuple[bool, str]]:
-        """Serve's status of every app: can it serve (a running replica), and if not, why; marks apps down."""
+        """Serve's status of every app: can it serve (a running replica), and if not, why; marks apps down
+        and answers the requests that wait on a down app and arrived before this read began."""
         from ray import serve
 
+        began = self._clock()
         status = await asyncio.to_thread(serve.status)
-        self._checked_at = self._clock()
         out: dict[str, tuple[bool, str]] = {}
         down: dict[str, str] = {}
         for name, app in status.applications.items():
@@ -137,36 +143,55 @@ class ServeBackends:
             # takes the request that scales it up).
             if not running and app.status != "RUNNING":
                 down[name] = str(getattr(app.status, "value", app.status))
-        self.mark_down(down)
+        if began >= self._down_read_at:  # a read that began earlier and ended later is not the news
+            self._down_read_at, self.down = began, down
+        for name in down:
+            for waiter, arrived in list(self._waiters.get(name, {}).items()):
+                if arrived <= began and not waiter.done():
+                    waiter.set_result(None)
         return out
 
-    def mark_down(self, down: dict[str, str]) -> None:
-        for name in set(down) - set(self.down):
-            for waiter in self._waiters.pop(name, set()):
-                if not waiter.done():
-                    waiter.set_result(None)
-        self.down = down
-
-    async def still_down(self, name: str) -> bool:
-        if name in self.down and self._clock() - self._checked_at >= self.recheck_s:
-            try:
-                await self.probe()
-            except Exception as exc:  # Serve's controller unreachable: keep what the last check said
-                logger.warning("Serve status unavailable: %s", type(exc).__name__)
-        return name in self.down
-
     def watch(self, name: str) -> asyncio.Future[None]:
+        """A future set when a read begun from now on finds ``name`` down; asks for one if it is known down."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(name, set()).add(waiter)
+        self._waiters.setdefault(name, {})[waiter] = self._clock()
+        if name in self.down:
+            self._read_soon()
         return waiter
 
     def unwatch(self, name: str, waiter: asyncio.Future[None]) -> None:
-        self._waiters.get(name, set()).discard(waiter)
+        waiters = self._waiters.get(name)
+        if waiters is not None:
+            waiters.pop(waiter, None)
+            if not waiters:
+                del self._waiters[name]
+
+    def _read_soon(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._read_again = True  # the read in flight began too early for this request
+            return
+        self._reader = asyncio.get_running_loop().create_task(self._read_while_asked())
+
+    async def _read_while_asked(self) -> None:
+        while True:
+            self._read_again = False
+            began = self._clock()
+            try:
+                await self.probe()
+            except Exception as exc:  # Serve's controller unreachable: the requests keep waiting on Serve
+                logger.warning("Serve status unavailable: %s", type(exc).__name__)
+            if not self._read_again:
+                return
+            await asyncio.sleep(max(0.0, self.spacing_s - (self._clock() - began)))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 class _ServeStream:
-    """One request to a Serve app: refused at once while the app is down, or while it waits for its first
-    item and the app goes down; Ray's exceptions as failures."""
+    """One request to a Serve app: refused when a status read begun after it arrived finds its app down
+    before its first item; Ray's exceptions as failures."""
 
     def __init__(self, owner: ServeBackends, backend: Backend, request: EngineRequest) -> None:
         self.owner, self.backend, self.request = owner, backend, request
@@ -180,37 +205,32 @@ class _ServeStream:
     def __aiter__(self) -> AsyncIterator[EngineItem]:
         return self._items()
 
-    def _down(self) -> Failure:
-        return Failure("unavailable", 503, f"backend {self.name!r} has no replica ready right now")
-
     async def _items(self) -> AsyncIterator[EngineItem]:
-        if await self.owner.still_down(self.name):
-            yield self._down()
-            return
-        try:
-            handle = self.owner._handle(self.name)
-            if self.request.session is not None:
-                handle = handle.options(session_id=self.request.session)
-            if self.backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it loaded
-                handle = handle.options(multiplexed_model_id=self.backend.adapter)
-            self._gen = handle.remote(self.request)
-        except Exception as exc:  # the app is missing or not deployed yet
-            yield describe_failure(self.name, exc)
-            return
-        items = self._gen.__aiter__()
-        first = asyncio.ensure_future(items.__anext__())
         waiter = self.owner.watch(self.name)
         try:
-            await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            first.cancel()
-            raise
+            try:
+                handle = self.owner._handle(self.name)
+                if self.request.session is not None:
+                    handle = handle.options(session_id=self.request.session)
+                if self.backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it
+                    handle = handle.options(multiplexed_model_id=self.backend.adapter)
+                self._gen = handle.remote(self.request)
+            except Exception as exc:  # the app is missing or not deployed yet
+                yield describe_failure(self.name, exc)
+                return
+            items = self._gen.__aiter__()
+            first = asyncio.ensure_future(items.__anext__())
+            try:
+                await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                first.cancel()
+                raise
         finally:
             self.owner.unwatch(self.name, waiter)
-        if not first.done():  # the app went down while this request waited for a replica
+        if not first.done():  # the app is down while this request waits for a replica
             first.cancel()
             self._gen.cancel()
-            yield self._down()
+            yield Failure("unavailable", 503, f"backend {self.name!r} has no replica ready right now")
             return
         async for item in ItemStream(_after(first, items), self.name):
             yield item
@@ -287,4 +307,5 @@ class RoutedBackends:
             return False, f"health check failed: {type(exc).__name__}"
 
     async def close(self) -> None:
+        await self.serve.close()
         await self.http.close()

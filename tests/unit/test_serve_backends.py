@@ -87,6 +87,8 @@ async def test_an_app_without_a_running_replica_is_answered_503_at_once(fake_ser
         "app-replica-restarting": _App("UNHEALTHY", {"d": _Deployment({"STARTING": 1})}),
         "app-running-while-replacing": _App("RUNNING", {"d": _Deployment({"STARTING": 1})}),
     }
+    handle = fake_serve["handle"]
+    handle.refuse = False
     backends = RoutedBackends(GatewaySettings())
     status = await backends.probe_apps()
     assert status["app-up"] == (True, "")
@@ -94,13 +96,20 @@ async def test_an_app_without_a_running_replica_is_answered_503_at_once(fake_ser
     # A RUNNING app is never refused here (at zero replicas a request scales it up).
     assert backends.serve.down == {"app-restarting": "DEPLOYING", "app-replica-restarting": "UNHEALTHY"}
     request = EngineRequest("chat", {"model": "m", "messages": []})
-    items = [i async for i in backends.open(Backend(kind="app", name="app-restarting", weight=1), request)]
+    # A request to a known-down app asks for a fresh read itself: its 503 does not wait for a health check.
+    items = await asyncio.wait_for(
+        _items(backends.open(Backend(kind="app", name="app-restarting", weight=1), request)), 1)
     assert items == [Failure("unavailable", 503, "backend 'app-restarting' has no replica ready right now")]
-    assert fake_serve["handle"].calls == 0
+    assert handle.gens[0].cancelled  # its place in Serve's queue is given up
     fake_serve["apps"]["app-restarting"] = _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})
     fake_serve["apps"]["app-replica-restarting"] = _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})
     await backends.probe_apps()
     assert backends.serve.down == {}
+    await backends.close()
+
+
+async def _items(stream: Any) -> list[Any]:
+    return [i async for i in stream]
 
 
 class RayActorError(Exception):
@@ -152,20 +161,49 @@ async def test_a_down_app_is_served_as_soon_as_serve_says_it_runs(fake_serve: di
     fake_serve["apps"] = {"app": _App("DEPLOYING", {"d": _Deployment({"STARTING": 1})})}
     handle = fake_serve["handle"]
     handle.refuse = False
-    handle.release.set()
-    now = [0.0]
     backends = RoutedBackends(GatewaySettings())
-    backends.serve._clock = lambda: now[0]
     await backends.probe_apps()
-    request = EngineRequest("chat", {"model": "m", "messages": []})
-    app = Backend(kind="app", name="app", weight=1)
-    (item,) = [i async for i in backends.open(app, request)]
-    assert item == Failure("unavailable", 503, "backend 'app' has no replica ready right now")
+    assert "app" in backends.serve.down
+    # Serve has the app running again before the gateway's next health check: the request's own read
+    # sees it, and the request is served, not refused on the health check's older news.
     fake_serve["apps"] = {"app": _App("RUNNING", {"d": _Deployment({"RUNNING": 1})})}
-    (item,) = [i async for i in backends.open(app, request)]  # not re-read within a second
-    assert isinstance(item, Failure)
-    now[0] += 1.0
-    assert [i async for i in backends.open(app, request)] == [Answer({"ok": True})]  # re-read, not waited for
+    request = EngineRequest("chat", {"model": "m", "messages": []})
+    pending = asyncio.ensure_future(_items(backends.open(Backend(kind="app", name="app", weight=1), request)))
+    await asyncio.sleep(0.05)
+    assert backends.serve.down == {}
+    handle.release.set()
+    assert await asyncio.wait_for(pending, 1) == [Answer({"ok": True})]
+    await backends.close()
+
+
+async def test_a_read_that_began_before_a_request_never_refuses_it(fake_serve: dict[str, Any]) -> None:
+    """A slow status read (Serve's controller busy) that says "down" is older news than the request."""
+    started, finish = asyncio.Event(), asyncio.Event()
+    apps = {"app": _App("DEPLOYING", {"d": _Deployment({"STARTING": 1})})}
+
+    def slow_status() -> Any:
+        started.set()
+        asyncio.run_coroutine_threadsafe(finish.wait(), loop).result()
+        return types.SimpleNamespace(applications=apps)
+
+    loop = asyncio.get_running_loop()
+    sys.modules["ray"].serve.status = slow_status  # type: ignore[attr-defined]
+    handle = fake_serve["handle"]
+    handle.refuse = False
+    backends = RoutedBackends(GatewaySettings())
+    read = asyncio.ensure_future(backends.probe_apps())  # a health check, begun while the app deploys
+    await started.wait()
+    request = EngineRequest("chat", {"model": "m", "messages": []})
+    pending = asyncio.ensure_future(_items(backends.open(Backend(kind="app", name="app", weight=1), request)))
+    await asyncio.sleep(0.05)
+    finish.set()
+    await read
+    assert "app" in backends.serve.down
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # still waiting on Serve, not refused on the old read
+    handle.release.set()
+    assert await asyncio.wait_for(pending, 1) == [Answer({"ok": True})]
+    await backends.close()
 
 
 def test_the_gateway_store_takes_the_redis_password_from_its_environment() -> None:
