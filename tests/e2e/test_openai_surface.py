@@ -31,6 +31,7 @@ from tests.support.stack import TINY_ENGINE, SharedStack
 pytestmark = pytest.mark.e2e
 
 TENANT = "sk-tenant-lora"
+EMBED_METERED, EMBED_TPM = "sk-tenant-embed-tpm", 100
 ENGINE_ARGS = "[--dtype bfloat16, --max-model-len 2048, --gpu-memory-utilization 0.1, --enforce-eager]"
 ENV = 'env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}, {name: HF_HUB_OFFLINE, value: "1"}]'
 
@@ -92,6 +93,14 @@ spec:
     - {{arksEndpoint: {{name: tiny}}}}
     - {{arksEndpoint: {{name: embed}}}}
     - {{arksEndpoint: {{name: lora}}}}{grants}
+---
+apiVersion: arks.ai/v1
+kind: ArksToken
+metadata: {{name: embed-metered, namespace: default}}
+spec:
+  token: {EMBED_METERED}
+  qos:
+    - {{arksEndpoint: {{name: embed}}, rateLimits: [{{type: tpm, value: {EMBED_TPM}}}]}}
 """
 
 
@@ -156,11 +165,6 @@ def test_chat_and_completions_match_the_sdk_types(stack: SharedStack) -> None:
         assert chunks[-1].usage.completion_tokens == 4
 
 
-# vLLM CPU 0.32's worker process dies on the first pooling forward pass in some runs (a native crash, not
-# diagnosed; README, "Embeddings, Responses and LoRA adapters"): the gateway then answers 500. Only that
-# is expected to fail; a wrong shape or dimension still fails the test.
-@pytest.mark.xfail(raises=openai.InternalServerError, strict=False,
-                   reason="vLLM CPU 0.32 pooling worker crashes in some runs")
 def test_embeddings_return_vectors_and_are_metered(stack: SharedStack) -> None:
     c = client(stack)
     raw = c.embeddings.with_raw_response.create(model="embed", input=["hello world", "the cat sat"],
@@ -174,6 +178,26 @@ def test_embeddings_return_vectors_and_are_metered(stack: SharedStack) -> None:
     assert again.data[0].embedding == pytest.approx(resp.data[0].embedding, abs=1e-3)
     with pytest.raises(openai.BadRequestError):  # a generative model refuses, with a clear message
         c.embeddings.create(model="tiny", input="hello")
+
+
+def test_embeddings_count_their_real_prompt_tokens_against_a_tpm_limit(stack: SharedStack) -> None:
+    """The tiny tokenizer reads a digit or a space as a token, so this input's real count (the engine's
+    usage) is about 4x the gateway's admission estimate (4 characters a token): the limit must refuse
+    once the real tokens are spent, not after 4x as many requests."""
+    c = client(stack, EMBED_METERED)
+    text = " ".join(str(i) for i in range(12))
+    estimate = -(-len(text) // 4)
+    spent: list[int] = []
+    for _ in range(EMBED_TPM // estimate + 1):
+        try:
+            spent.append(c.embeddings.create(model="embed", input=text).usage.prompt_tokens)
+        except openai.RateLimitError:
+            break
+    else:
+        pytest.fail(f"no 429 within {len(spent)} requests: {spent} prompt tokens were not counted")
+    assert min(spent) > 2 * estimate  # the input is what the docstring says
+    # Each admitted request fit the tokens left (by its estimate); the refused one did not.
+    assert sum(spent[:-1]) + estimate <= EMBED_TPM < sum(spent) + estimate
 
 
 def test_responses_non_streaming_and_streaming(stack: SharedStack) -> None:
