@@ -29,6 +29,8 @@ from arks_ray.gateway.series import (
 from arks_ray.gateway.settings import GatewaySettings
 
 HEALTH_VALUE = {"closed": 1.0, "half_open": 0.5, "open": 0.0}
+# Every operation a store failure is reported for (the governor, the settlement queue, the replica's reports).
+STORE_OPERATIONS = ("reserve", "renew", "settle", "settle_dropped", "report", "quota_read")
 
 
 class Metrics(Protocol):
@@ -125,6 +127,18 @@ class ServeMetrics(NoMetrics):
                                      tag_keys=tenant)
         self._store = m.Counter("arks_gateway_store_failures_total", "Counter store failures by operation.",
                                 tag_keys=("operation",))
+        # Each operation's series exists at 0 before its first failure: a counter born at its first failures
+        # shows no rate() when they all fall between two scrapes (a short Redis outage), so the
+        # ArksStoreFailures alert would miss it. Ray's Counter.inc refuses 0; _record is what it calls, after
+        # Serve's Counter fills the route tag (empty outside a request). Best effort: never fail a replica.
+        for operation in STORE_OPERATIONS:
+            zero = {"operation": operation}
+            if "route" in (getattr(self._store, "_tag_keys", None) or ()):
+                zero["route"] = ""
+            try:
+                self._store._record(0, tags=zero)
+            except Exception:  # a Ray without _record: the series appears at its first failure instead
+                break
         self._retried = m.Counter("arks_gateway_retries_total", "Requests retried on another backend.",
                                   tag_keys=("endpoint", "backend"))
         tags = ("endpoint", "backend")

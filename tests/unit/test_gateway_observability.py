@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import types
 from dataclasses import replace
 from typing import Any
 
@@ -193,3 +194,30 @@ def test_the_access_log_writes_one_line_per_request_and_can_be_turned_off() -> N
     on = build_metrics(GatewaySettings())
     assert isinstance(on, Fanout)
     assert any(isinstance(s, AccessLog) for s in on.sinks)
+
+
+def test_every_store_operation_that_can_fail_has_its_series_from_the_start() -> None:
+    """The store-failure counter starts at 0 for each operation (so rate() sees a short outage's first
+    failures); the operations are those the code reports, found in its source."""
+    import re
+    from pathlib import Path
+
+    from deployments.gateway_metrics import STORE_OPERATIONS
+
+    root = Path(__file__).resolve().parents[2]
+    sources = [*root.joinpath("arks_ray/gateway").glob("*.py"), *root.joinpath("deployments").glob("*.py")]
+    reported = {op for path in sources
+                for op in re.findall(r"(?:on_store_failure|on_failure|store_failure)\(\"(\w+)\"\)", path.read_text())}
+    assert reported
+    assert reported <= set(STORE_OPERATIONS)
+
+    class Metric:
+        def __init__(self, name: str, *_: Any, **__: Any) -> None:
+            self.name, self.records = name, []
+
+        def _record(self, value: float, tags: dict[str, str] | None = None) -> None:
+            self.records.append((value, tags))
+
+    fake = types.SimpleNamespace(Counter=Metric, Gauge=Metric, Histogram=Metric)
+    metrics = ServeMetrics(metrics_module=fake)
+    assert metrics._store.records == [(0, {"operation": op}) for op in STORE_OPERATIONS]
