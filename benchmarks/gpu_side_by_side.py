@@ -20,8 +20,11 @@ each hop carried (SSE events, HTTP body chunks at the client, Serve stream items
     python benchmarks/gpu_side_by_side.py ray  --model DIR --out OUT --hops --redis-server redis-server
     python benchmarks/gpu_side_by_side.py report OUT OUT/gpu_side_by_side.png
 
-``--serve-env K=V`` sets environment variables for every Ray process of the ``ray`` phase (for example
-``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``); ``--label`` names the target in the results.
+``--mock-engine TTFT,TPOT,INTERVAL`` (ms) puts a stand-in engine at a GPU engine's pace in the engine app's
+place (``benchmarks/mock_serve_engine.py``), so that the Serve path alone is measured, on any machine.
+``--serve-env K=V`` sets environment variables for every Ray process of the ``ray`` phase, over the Serve
+settings a rendered cluster has (``arks_ray.render.options.SERVE_THROUGHPUT_ENV``; for Ray's defaults:
+``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=0``); ``--label`` names the target in the results.
 """
 
 from __future__ import annotations
@@ -279,11 +282,25 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
         redis = RedisServer().start()
     settings = {"redis_url": redis.url} if redis else {}
     res["governance"] = {"redis": bool(redis), "limits": "rpm, tpm, concurrency, quota (total)"}
-    loaded = load_yaml(arks_yaml(args.model, args.gpus > 0), source="gpu-bench")
+    loaded = load_yaml(arks_yaml(args.model or "/nonexistent", args.gpus > 0), source="gpu-bench")
     lp = plan(loaded, "default", 8000, gateway_settings=settings)
     engine_app = lp.engine_apps[0]
+    if args.mock_engine:  # the engine app's place goes to a stand-in at a GPU engine's pace
+        ttft, tpot, interval = (float(x) for x in args.mock_engine.split(","))
+        (app,) = [a for a in lp.serve_config["applications"] if a["name"] == engine_app]
+        app.pop("runtime_env", None)
+        app.update(import_path="mock_serve_engine:build_app",
+                   args={"ttft_ms": ttft, "tpot_ms": tpot, "interval_ms": interval})
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "benchmarks"), str(REPO),
+                                                    os.environ.get("PYTHONPATH", "")])
+        res["mock_engine"] = {"ttft_ms": ttft, "tpot_ms": tpot, "interval_ms": interval}
     (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
-    extra = dict(kv.split("=", 1) for kv in args.serve_env)
+    from arks_ray.render.options import SERVE_THROUGHPUT_ENV
+
+    # What a rendered cluster runs with, unless --serve-env says otherwise (RAY_SERVE_THROUGHPUT_OPTIMIZED=0:
+    # Ray's defaults).
+    extra = {**SERVE_THROUGHPUT_ENV, **dict(kv.split("=", 1) for kv in args.serve_env)}
+    res["serve_env"] = extra
     os.environ.update(extra)
     os.environ.update(getattr(lp, "gateway_env", None) or {})  # the gateway's token keys (since 4927463)
     env = {k: v for k, v in os.environ.items() if k.startswith(("PYTHONPATH", "VLLM_", "HF_", "RAY_SERVE_",
@@ -469,6 +486,9 @@ def main() -> int:
                     help="then the same load once per gateway replica count (a live update of the gateway app)")
     ap.add_argument("--stream-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                     help="then the same load once per engine stream interval (ms), set live via user_config")
+    ap.add_argument("--mock-engine", metavar="TTFT_MS,TPOT_MS,INTERVAL_MS",
+                    help="ray phase: serve a stand-in engine at this pace instead of vLLM (benchmarks/"
+                         "mock_serve_engine.py), so that only the Serve path is measured")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
     args = ap.parse_args()
     if args.phase == "report":

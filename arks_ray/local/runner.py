@@ -27,6 +27,7 @@ from arks_ray.api.model import ArksModel
 from arks_ray.local.keys import local_token_keys
 from arks_ray.render import Rendered, RenderOptions, render_namespace
 from arks_ray.render.cluster import parse_ray_resources
+from arks_ray.render.options import SERVE_THROUGHPUT_ENV
 
 TINY_MODEL_ID = "arks-ray/tiny-qwen2"
 TINY_EMBED_ID = "arks-ray/tiny-qwen2-embed"
@@ -245,6 +246,12 @@ def missing_resources(resources: dict[str, float]) -> list[str]:
     return sorted(name for name in resources if name not in total)
 
 
+def ray_env(gateway_env: dict[str, str]) -> dict[str, str]:
+    """The environment of ``ray start`` on every local node: Ray Serve's settings as a rendered cluster has
+    them (``SERVE_THROUGHPUT_ENV``; the user's own environment wins), then the gateway's keys."""
+    return {**SERVE_THROUGHPUT_ENV, **os.environ, **gateway_env}
+
+
 def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpus_wanted: float = 0.0,
               gateway_env: dict[str, str] | None = None) -> bool:
     """Start a local head node unless one answers already; True if this call started it.
@@ -263,8 +270,7 @@ def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpu
            "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
     _auth_env()
     _ensure_auth_token()
-    env = {**os.environ, **(gateway_env if gateway_env is not None else
-                            local_token_keys().for_namespace("default").environ())}
+    env = ray_env(gateway_env if gateway_env is not None else local_token_keys().for_namespace("default").environ())
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)  # noqa: S603 - our own ray
     if proc.returncode != 0:
         raise LocalError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")

@@ -18,6 +18,21 @@ GangScheduler = Literal["none", "volcano", "yunikorn", "scheduler-plugins"]
 UpgradeStrategy = Literal["NewCluster", "None"]
 
 
+# Ray Serve's throughput-optimized mode (Ray 2.60: gRPC between handles and replicas, user code and the
+# router on the replica's own event loop, GC frozen after start), with its logging left as Ray's defaults
+# have it and direct ingress off. Direct ingress: the Kubernetes Service and `arks-ray up` reach Serve's
+# proxy on port 8000. Logging: the mode buffers 1000 records per Serve component (the gateway's routers and
+# the autoscaling decisions would reach their files late, and be lost with the process) and sends replica
+# stdout to the Serve log file only (the gateway's JSON access log goes to stdout). Measured on the Serve
+# path alone (benchmarks/gpu_side_by_side.py --mock-engine; README, Performance).
+SERVE_THROUGHPUT_ENV: dict[str, str] = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+}
+
+
 def _runtime_images() -> dict[str, str]:
     return {
         "vllm": f"{IMAGE_REPO}-vllm:{__version__}",
@@ -83,6 +98,11 @@ class RenderOptions:
 
     gang_scheduler: GangScheduler = "none"
     """The batch scheduler KubeRay runs with (its ``batchScheduler`` setting); podGroupPolicy maps onto it."""
+
+    serve_env: dict[str, str] = field(default_factory=lambda: dict(SERVE_THROUGHPUT_ENV))
+    """Ray Serve settings put in the environment of every Ray container, head and workers alike (a handle
+    and the replica it calls must agree on the transport). An app's own ``instanceSpec.env`` wins for its
+    pods; ``{}`` renders Ray's defaults."""
 
     upgrade_strategy: UpgradeStrategy = "NewCluster"
     """RayService ``upgradeStrategy.type``: what KubeRay does when the cluster spec changes beyond appended

@@ -202,6 +202,20 @@ def _secret_env(options: RenderOptions) -> list[dict[str, Any]]:
     return out
 
 
+def _env_list(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _add_env(template: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``env`` into each container of a pod template, after what the app set itself (which wins)."""
+    for container in (template.get("spec") or {}).get("containers") or []:
+        own = list(container.get("env") or [])
+        names = {e.get("name") for e in own}
+        added = [e for e in _env_list(env) if e["name"] not in names]
+        if added:
+            container["env"] = added + own
+
+
 def _head(options: RenderOptions) -> dict[str, Any]:
     ports = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000), ("metrics", 8080)]
     return {
@@ -217,7 +231,7 @@ def _head(options: RenderOptions) -> dict[str, Any]:
                 "image": options.head_image,
                 "imagePullPolicy": "IfNotPresent",
                 "resources": options.head_resources,
-                "env": _secret_env(options),
+                "env": [*_env_list(options.serve_env), *_secret_env(options)],
                 "ports": [{"name": n, "containerPort": p} for n, p in ports],
             }]},
         },
@@ -288,6 +302,8 @@ def render_namespace(
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
         "headGroupSpec": _head(options),
     }
+    for group in groups.wanted.values():
+        _add_env(group.template, options.serve_env)
     before = previous_groups(previous)
     cluster["workerGroupSpecs"] = order_groups(groups.wanted, before, options.group_resource_units)
     if before and needs_new_cluster(((previous or {}).get("spec") or {}).get("rayClusterConfig"), cluster):

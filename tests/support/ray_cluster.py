@@ -11,7 +11,6 @@ inside the machine's Ray lock.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ class LocalCluster:
         from tests.support.stack import installation_key
 
         with installation_key():  # the gateway's namespace key, as runner.start_ray gives it
-            env = {**os.environ, **local_token_keys().for_namespace("default").environ()}
+            env = runner.ray_env(local_token_keys().for_namespace("default").environ())
         proc = subprocess.run([runner._ray_bin(), *args], capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"ray {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -196,3 +196,25 @@ def test_runtime_images_that_are_not_ray_images_are_warned(image: str, ray: bool
     rendered = render(app("a", runtimeImage=image))
     assert warnings(rendered) == ([] if ray else [("a", "spec.runtimeImage")])
     assert rendered.errors == []
+
+
+def _env(template: dict[str, Any]) -> dict[str, Any]:
+    (container,) = template["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+def test_every_ray_container_gets_the_serve_settings_and_an_apps_own_env_wins() -> None:
+    """A handle and the replica it calls must agree on Serve's transport, so head and workers alike get the
+    settings; an app that sets one of them itself keeps its value (and only for its own pods)."""
+    from arks_ray.render.options import SERVE_THROUGHPUT_ENV
+
+    own = {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "0"}
+    rendered = render(app("a"), app("b", instanceSpec={"env": [own, {"name": "X", "value": "y"}]}))
+    head = rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert SERVE_THROUGHPUT_ENV.items() <= _env(head).items()
+    by_app = {g["template"]["metadata"]["labels"]["arks.ai/application"]: _env(g["template"]) for g in groups(rendered)}
+    assert SERVE_THROUGHPUT_ENV.items() <= by_app["a"].items()
+    assert by_app["b"] == {**SERVE_THROUGHPUT_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "X": "y"}
+    # {} renders Ray's own defaults: no Serve settings anywhere.
+    bare = render(app("a"), serve_env={})
+    assert not any(k.startswith("RAY_SERVE") for g in groups(bare) for k in _env(g["template"]))
