@@ -60,24 +60,23 @@ def vllm_stream(request: EngineRequest, text: list[str]) -> list[EngineItem]:
     model = request.body["model"]
     chat = request.kind == "chat"
 
-    def event(choice: dict[str, Any]) -> str:
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if chat else "text_completion"
         return "data: " + json.dumps({"id": "c1", "object": obj, "created": 1, "model": model,
-                                      "choices": [choice]}, separators=(",", ":")) + "\n\n"
+                                      "choices": choices, **extra}, separators=(",", ":")) + "\n\n"
 
     items: list[EngineItem] = []
     if chat:
-        items.append(Chunk(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})))
+        items.append(Chunk(event([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None}])))
     for i, word in enumerate(text):
         last = "length" if i == len(text) - 1 else None
         choice = {"index": 0, "delta": {"content": word}, "finish_reason": last} if chat else \
             {"index": 0, "text": word, "finish_reason": last, "logprobs": None}
-        items.append(Chunk(event(choice)))
+        items.append(Chunk(event([choice])))
     usage = {"prompt_tokens": 7, "completion_tokens": len(text), "total_tokens": 7 + len(text)}
     if request.client_usage:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        items.append(Chunk("data: " + json.dumps({"id": "c1", "object": obj, "created": 1, "model": model,
-                                                  "choices": [], "usage": usage}) + "\n\n"))
+        items.append(Chunk(event([], usage=usage)))
     items.append(Chunk("data: [DONE]\n\n"))
     items.append(Final(usage, len(text) + (1 if chat else 0)))
     return items
