@@ -100,8 +100,10 @@ class RenderOptions:
     """The batch scheduler KubeRay runs with (its ``batchScheduler`` setting); podGroupPolicy maps onto it."""
 
     serve_env: dict[str, str] = field(default_factory=lambda: dict(SERVE_THROUGHPUT_ENV))
-    """Ray Serve settings put in the environment of every Ray container, head and workers alike (a handle
-    and the replica it calls must agree on the transport). An app's own ``instanceSpec.env`` wins for its
+    """Ray Serve settings put in the environment of every Ray container, head and workers alike: the
+    caller's setting picks a handle's transport (the gateway on the head; a PD decode replica calling its
+    prefill), while the replica-side parts (user code on the event loop, GC frozen) act where the replica
+    runs. Every replica serves gRPC whatever its own setting. An app's own ``instanceSpec.env`` wins for its
     pods; ``{}`` renders Ray's defaults."""
 
     upgrade_strategy: UpgradeStrategy = "NewCluster"

@@ -204,8 +204,8 @@ def _env(template: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_ray_container_gets_the_serve_settings_and_an_apps_own_env_wins() -> None:
-    """A handle and the replica it calls must agree on Serve's transport, so head and workers alike get the
-    settings; an app that sets one of them itself keeps its value (and only for its own pods)."""
+    """Callers (the gateway on the head) and replicas (on the workers) alike get the settings; an app that
+    sets one of them itself keeps its value (and only for its own pods)."""
     from arks_ray.render.options import SERVE_THROUGHPUT_ENV
 
     own = {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "0"}
