@@ -7,6 +7,9 @@
 - ``handle_load``: the same streaming chats sent straight to the engine deployment through a Serve handle
   from the driver, skipping the Serve proxy and the gateway: the difference to the full path is what the
   proxy, the gateway and their extra hop cost;
+- ``gateway_view``: what the gateway replicas saw of the same load, from their JSON access log: time to
+  the first engine output and the gateway's own time before asking the engine, per request. The client's
+  TTFT minus the gateway's is what the Serve proxy and the HTTP hops in and out add;
 - ``profile``: ``py-spy record`` on the replicas during one extra load, then the top functions by self
   time per process (the raw stacks are kept for reading later).
 """
@@ -172,6 +175,48 @@ async def handle_load(app: str, bodies: list[dict[str, Any]], concurrency: int) 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - started, results
+
+
+# ------------------------------------------------------------------------------- the gateway's own view
+
+
+def _unix(iso: str) -> float:
+    """The access log's ``time`` (UTC, ``2026-12-02T23:01:02.345Z``) as Unix seconds."""
+    import calendar
+
+    whole, _, millis = iso.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis or 0) / 1000
+
+
+def gateway_view(started_unix: float, ended_unix: float, logs: Path = Path("/tmp/ray/session_latest/logs")
+                 ) -> dict[str, Any] | None:
+    """p50/p90 of the access log's ``ttft_ms`` and ``gateway_ms`` for the requests the gateway replicas
+    (found by process) started between the two times; None when no gateway line is found."""
+    pids = pids_by_role().get("gateway", [])
+    ttft: list[float] = []
+    own: list[float] = []
+    for pid in pids:
+        for path in logs.glob(f"worker-*-{pid}.out"):
+            for line in path.read_text(errors="replace").splitlines():
+                if not line.startswith("{") or '"ttft_ms"' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                    at = _unix(entry["time"])
+                except (ValueError, KeyError):
+                    continue
+                if started_unix - 0.5 <= at <= ended_unix and entry.get("ttft_ms") is not None:
+                    ttft.append(float(entry["ttft_ms"]))
+                    own.append(float(entry["gateway_ms"]))
+    if not ttft:
+        return None
+
+    def q(values: list[float], f: float) -> float:
+        s = sorted(values)
+        return round(s[min(int(len(s) * f), len(s) - 1)], 1)
+
+    return {"requests": len(ttft), "ttft_p50_ms": q(ttft, 0.5), "ttft_p90_ms": q(ttft, 0.9),
+            "gateway_p50_ms": q(own, 0.5), "gateway_p90_ms": q(own, 0.9)}
 
 
 # --------------------------------------------------------------------------------------------- py-spy

@@ -194,12 +194,16 @@ def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any],
             bodies = [body(i, seed0 + 10 * rnd + conc, args.max_tokens) for i in range(n)]
             sampler = gpu_probe.CpuSampler()
             sampler.start()
+            began = time.time()
             wall, results = asyncio.run(fn(bodies, conc))
             s = summary(wall, results, sampler.stop())
+            s["gateway"] = gpu_probe.gateway_view(began, time.time())
             store.setdefault(name, {}).setdefault(str(conc), []).append(s)
             roles = ", ".join(f"{k} {v:.2f}" for k, v in list(s["cpu"]["cores_by_role"].items())[:6])
-            log(f"{name} c={conc} round {rnd}: {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_ms']} ms, "
-                f"failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
+            seen = s["gateway"] and f" (at the gateway: TTFT p50 {s['gateway']['ttft_p50_ms']} ms, own " \
+                                    f"{s['gateway']['gateway_p50_ms']} ms)"
+            log(f"{name} c={conc} round {rnd}: {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_ms']} ms"
+                f"{seen or ''}, failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
 
 
 def http_target(url: str, headers: dict[str, str]) -> Any:

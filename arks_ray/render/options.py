@@ -25,8 +25,12 @@ UpgradeStrategy = Literal["NewCluster", "None"]
 # the autoscaling decisions would reach their files late, and be lost with the process) and sends replica
 # stdout to the Serve log file only (the gateway's JSON access log goes to stdout). Measured on the Serve
 # path alone (benchmarks/gpu_side_by_side.py --mock-engine; README, Performance).
+# The proxy's own switch to gRPC is set explicitly: Ray 2.60 reads RAY_SERVE_PROXY_USE_GRPC from
+# RAY_SERVE_USE_GRPC_BY_DEFAULT before the mode's block turns that on, so in the mode alone the proxy
+# still streams from the ingress replica through Ray's actor-call generator (its cost in the GPU profile).
 SERVE_THROUGHPUT_ENV: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_SERVE_LOG_TO_STDERR": "1",
