@@ -8,8 +8,9 @@ It also feeds the SLO autoscaling policy (``deployments.autoscaling``): ``genera
 KV-cache use after each step, and ``record_autoscaling_stats`` reports them to Serve
 (``arks_ray.autoscaling.replica``).
 
-Streams leave the replica coalesced: the first output at once, then one item per ``STREAM_INTERVAL_MS``
-(every item costs CPU in each Serve hop behind it); ``user_config.stream_interval_ms`` changes it live.
+Streams leave the replica coalesced: the first output at once, then one item per interval, which grows
+with the streams the replica serves (``arks_ray.engines.cadence``; every item costs CPU in each Serve hop
+behind it); ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
+from arks_ray.engines import cadence
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
@@ -77,13 +79,26 @@ def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
     return True
 
 
-STREAM_INTERVAL_MS = 100.0
-"""How long the engine coalesces stream chunks into one item for the gateway, unless the app's LLMConfig
-``experimental_configs.stream_batching_interval_ms`` or the deployment's ``user_config.stream_interval_ms``
-says otherwise. Ray's default is 50 ms. Each item costs CPU in every Serve hop (the engine replica, the
-gateway, the proxy), and on an H200 those hops, not the engine, bound throughput: 20 / 50 / 100 ms gave
-2379 / 4101 / 4909 output tokens/s at 128 streams (benchmarks/results/gpu_after.json). The first output
-is never held back (``_batch_output_stream``); a client sees later tokens in bursts of up to 100 ms."""
+STREAM_INTERVAL_MS = cadence.BASE_MS
+"""How long the engine coalesces stream chunks into one item for the gateway while the replica serves up to
+``cadence.KNEE_STREAMS`` streams, unless the app's LLMConfig ``experimental_configs.
+stream_batching_interval_ms`` or the deployment's ``user_config.stream_interval_ms`` says otherwise. Ray's
+default is 50 ms. Each item costs CPU in every Serve hop (the engine replica, the gateway, the proxy), and
+on an H200 those hops bound throughput: 20 / 50 / 100 ms gave 2379 / 4101 / 4909 output tokens/s at 128
+streams (benchmarks/results/gpu_after.json). Beyond the knee the interval grows with the streams, up to
+``user_config.stream_interval_max_ms`` (``cadence.MAX_MS``; set it to the base for a fixed interval). The
+first output is never held back (``_batch_output_stream``); a client sees later tokens in bursts of up to
+one interval."""
+
+
+def _milliseconds(config: dict[str, Any] | None, key: str) -> float | None:
+    """A ``user_config`` duration in ms: absent is None; anything but a number >= 0 is refused, naming it."""
+    value = (config or {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ValueError(f"user_config.{key} must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
 
 
 def carries_output(item: Any) -> bool:
@@ -102,6 +117,7 @@ def _llm_server_class() -> type:
             super()._init_shared(llm_config, *args, **kwargs)
             self._llm_config.experimental_configs.setdefault("stream_batching_interval_ms", STREAM_INTERVAL_MS)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
+            self._arks_interval_max_ms = cadence.MAX_MS
 
         def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
             # LoRA adapters come from the table in user_config (deployments.lora), not Ray's cloud loader.
@@ -125,12 +141,23 @@ def _llm_server_class() -> type:
             return self._arks_stats.report(time.monotonic())
 
         def reconfigure(self, config: dict[str, Any] | None) -> None:
-            """Serve's ``user_config``, applied live: ``stream_interval_ms`` is how long stream chunks are
-            coalesced into one item (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its own)."""
+            """Serve's ``user_config``, applied live to the streams that start after it:
+            ``stream_interval_ms`` is how long stream chunks are coalesced into one item up to
+            ``cadence.KNEE_STREAMS`` streams (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its
+            own), ``stream_interval_max_ms`` how far that grows under more streams (``cadence.MAX_MS``)."""
             self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
-            interval = (config or {}).get("stream_interval_ms")
+            interval, ceiling = (_milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
             if interval is not None:
-                self._llm_config.experimental_configs["stream_batching_interval_ms"] = float(interval)
+                self._llm_config.experimental_configs["stream_batching_interval_ms"] = interval
+            if ceiling is not None:
+                self._arks_interval_max_ms = ceiling
+
+        def _get_batch_interval_ms(self, stream: bool = True) -> Any:
+            # Ray's hook for each new stream's Batcher: the base interval, stretched by this replica's load.
+            base = super()._get_batch_interval_ms(stream)
+            if base is None:
+                return None
+            return cadence.interval_ms(float(base), self._arks_interval_max_ms, self._arks_stats.in_flight)
 
         def _batch_output_stream(self, generator: Any) -> Any:
             # Ray coalesces stream chunks per interval, which would also hold back the first token by up to

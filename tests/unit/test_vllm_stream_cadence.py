@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from arks_ray.autoscaling.replica import ReplicaStats
+from arks_ray.engines import cadence
 from deployments.lora import AdapterTable
 from deployments.vllm_engine import _llm_server_class, carries_output
 
@@ -36,6 +38,7 @@ def server(interval_ms: float | None = None) -> Any:
     srv = cls.__new__(cls)
     srv._llm_config = SimpleNamespace(experimental_configs={})
     srv._arks_adapters = AdapterTable()  # what _init_multiplex_loader sets up; reconfigure updates it too
+    srv._arks_stats, srv._arks_interval_max_ms = ReplicaStats(), cadence.MAX_MS  # what _init_shared sets up
     if interval_ms is not None:
         srv._llm_config.experimental_configs["stream_batching_interval_ms"] = interval_ms
     return srv
@@ -80,3 +83,40 @@ def test_a_stream_without_output_still_ends() -> None:
         return [b async for b in server(50)._batch_output_stream(only_role())]
 
     assert asyncio.run(run()) == [[ROLE]]
+
+
+def test_the_interval_grows_with_the_streams_in_flight_and_user_config_bounds_it() -> None:
+    srv = server()
+    srv._llm_config.experimental_configs["stream_batching_interval_ms"] = 100.0
+    for streams, expected in ((1, 100.0), (64, 100.0), (96, 150.0), (128, 200.0), (500, 200.0)):
+        srv._arks_stats.in_flight = streams
+        assert srv._get_batch_interval_ms() == expected
+    assert srv._get_batch_interval_ms(stream=False) is None  # whole answers are not batched
+    srv.reconfigure({"stream_interval_max_ms": 100})  # ceiling = base: a fixed interval
+    assert srv._get_batch_interval_ms() == 100.0
+    srv.reconfigure({"stream_interval_ms": 0, "stream_interval_max_ms": 400})  # 0: no coalescing at any load
+    assert srv._get_batch_interval_ms() == 0.0
+
+
+def test_a_stream_under_load_is_coalesced_at_the_longer_interval() -> None:
+    async def paced(n: int) -> AsyncIterator[str]:
+        yield ROLE
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield token(i)
+
+    async def run(streams: int) -> list[list[str]]:
+        srv = server(40)
+        srv._arks_stats.in_flight = streams
+        return [b async for b in srv._batch_output_stream(paced(30))]
+
+    light, heavy = asyncio.run(run(1)), asyncio.run(run(200))  # 40 ms, then 80 ms (the ceiling is 200)
+    assert [c for b in light for c in b] == [c for b in heavy for c in b]  # same chunks, in order
+    assert len(heavy) < len(light)
+
+
+@pytest.mark.parametrize("bad", [-1, "100", float("nan"), float("inf"), True, [1]])
+def test_a_bad_interval_in_user_config_is_refused_by_name(bad: Any) -> None:
+    for key in ("stream_interval_ms", "stream_interval_max_ms"):
+        with pytest.raises(ValueError, match=key):
+            server().reconfigure({key: bad})
