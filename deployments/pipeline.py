@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from arks_ray.api.digests import TokenKeys
 from arks_ray.api.gateway import Backend, Endpoint, GatewayConfig, Grant, Token
 from arks_ray.engines.protocol import (
+    DONE,
     Answer,
     Chunk,
     EngineItem,
@@ -59,6 +60,10 @@ from deployments.backends import Backends
 from deployments.gateway_metrics import Metrics, NoMetrics
 
 logger = logging.getLogger("ray.serve.arks.gateway")
+
+SETTLE_WAIT_S = 0.1
+"""How long an answer's last bytes wait for its settlement's first try (one store round trip), so that a
+client's next request is admitted against this one's real usage; a slower store is not waited for."""
 
 
 @dataclass
@@ -130,15 +135,19 @@ class Pipeline:
         life = self.lifecycle(kind, token, body, headers, started)
         try:
             await life.before_inference()
-            return await life.open()
+            reply = await life.open()
         except RequestError as err:
             life.on_inference_complete(_outcome_of(err), err.status, reason=err.reason)
             if err.status == 503 and "Retry-After" not in err.headers:
                 err.headers["Retry-After"] = self.retry_after()
+            await life.settled()
             return error_reply(err)
         except BaseException:
             life.on_inference_complete("client_gone", 499)
             raise
+        if reply.stream is None:
+            await life.settled()  # a stream settles before its last event instead (relay)
+        return reply
 
     def refused(self, kind: str, token: Token | None, err: RequestError, started: float) -> None:
         """Record a request refused before its lifecycle began (a bad token, a bad body): nothing to settle."""
@@ -149,13 +158,15 @@ class Pipeline:
             prompt_tokens=0, completion_tokens=0, cost=0.0, started=started, ttft_s=None, duration_s=now - started,
             gateway_s=now - started, limit=err.reason))
 
-    def settle(self, admission: Admission | None, usage: Usage) -> None:
-        """Settle in the background: it must run even when the request's task is being cancelled."""
+    def settle(self, admission: Admission | None, usage: Usage) -> asyncio.Task[None] | None:
+        """Settle in the background: it must run even when the request's task is being cancelled. The task
+        ends after the first try (a settlement the store cannot take then is queued and retried)."""
         if admission is None or not admission.counted:
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self.governor.settle(admission, usage))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     def retry_after(self) -> str:
         """When to retry a request no backend could take: after the next health check has looked again."""
@@ -210,6 +221,7 @@ class RequestLifecycle:
         self.asked_at: float | None = None
         self.first_at: float | None = None
         self._done = False
+        self._settling: asyncio.Task[None] | None = None
 
     # --- before_inference ---------------------------------------------------------------------------
 
@@ -328,25 +340,38 @@ class RequestLifecycle:
 
     async def relay(self, first: Chunk, items: AsyncIterator[EngineItem], engine: EngineStream,
                     ticket: Ticket) -> AsyncIterator[str]:
-        """The stream's text; settles when it ends, however it ends."""
+        """The stream's text; settles when it ends, however it ends. The chunk that ends the stream (with
+        ``[DONE]``) is held until the settlement's first try, so a client that sends its next request on
+        ``[DONE]`` is admitted against this one's real usage."""
         p = self.p
         final: Final | None = None
         events = first.text.count("data: {")
         outcome: Outcome | None = None  # None until it ends: the client left
         status = 200
+        last = ""  # the chunk with [DONE], held back
         try:
-            yield first.text
+            if DONE in first.text:
+                last = first.text
+            else:
+                yield first.text
             async for item in items:
                 if isinstance(item, Chunk):
                     events += item.text.count("data: {")
-                    yield item.text
+                    if last:  # more after [DONE]: let the held chunk go first
+                        yield last
+                        last = ""
+                    if DONE in item.text:
+                        last = item.text
+                    else:
+                        yield item.text
                 elif isinstance(item, Final):
                     final = item
                 elif isinstance(item, Failure):
                     outcome = "backend_error" if item.blames_backend else "client_error"
                     status = item.status
                     # Headers are gone: report in-band, as vLLM does, then end the stream properly.
-                    yield _event(item.body()) + "data: [DONE]\n\n"
+                    yield last + _event(item.body()) + DONE
+                    last = ""
                     if item.blames_backend:
                         p.router.failed(ticket, p.clock(), item.message)
                     else:
@@ -361,6 +386,15 @@ class RequestLifecycle:
             if outcome == "ok":
                 p.router.succeeded(ticket, p.clock(), used.completion_tokens)
             self.on_inference_complete(outcome or "client_gone", status if outcome else 499, used)
+        if last:
+            await self.settled()
+            yield last
+
+    async def settled(self) -> None:
+        """Wait for the settlement's first try, at most ``SETTLE_WAIT_S``: the answer is not held longer for
+        a slow store (the settlement then lands in the background, as it would anyway)."""
+        if self._settling is not None and not self._settling.done():
+            await asyncio.wait({self._settling}, timeout=SETTLE_WAIT_S)
 
     def _counted(self, final: Final | None, events: int) -> Usage:
         """Usage of a stream: the engine's own when it sent it, else the events relayed (the first carries
@@ -378,7 +412,7 @@ class RequestLifecycle:
             return
         self._done = True
         used = usage or Usage(0, 0)
-        self.p.settle(self.admission, used)
+        self._settling = self.p.settle(self.admission, used)
         now = self.p.clock()
         pricing = self.endpoint.pricing if self.endpoint else None
         self.p.metrics.finished(RequestRecord(

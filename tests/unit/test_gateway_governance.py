@@ -389,3 +389,57 @@ async def test_every_request_is_recorded_exactly_once(make: Any) -> None:
     assert [(r.outcome, r.status) for r in s.metrics.records] == [
         ("ok", 200), ("ok", 200), ("backend_error", 502), ("limited", 429)]
     assert [r.completion_tokens for r in s.metrics.records[:2]] == [50, 1]
+
+
+# --- settlement before the answer's last bytes ---------------------------------------------------------------
+
+
+class SlowSettle(MemoryStore):
+    """A store whose settlement takes ``delay_s``; records when each one landed."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.landed: list[str] = []
+
+    async def settle(self, counters: Sequence[Counter], request_id: str, reserved_at_ms: int,
+                     amounts: Sequence[int]) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().settle(counters, request_id, reserved_at_ms, amounts)
+        self.landed.append(request_id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_next_request_of_a_sequential_client_sees_the_last_ones_real_usage(make: Any,
+                                                                                   stream: bool) -> None:
+    store = SlowSettle(0.02)  # a store round trip, well under the wait (SETTLE_WAIT_S)
+    s = make({"tpm": 1000}, store=store)
+    if stream:
+        s.backends.script(Chunk(CHUNK), Chunk(CHUNK + DONE),
+                          Final({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, 2))
+    else:
+        s.backends.answer(7, 3)
+    first = await s.client.post("/v1/chat/completions", json={**BODY, "stream": stream}, headers=AUTH)
+    assert first.status_code == 200
+    if stream:
+        assert first.text == CHUNK + CHUNK + DONE  # the held-back last chunk is sent, whole and in order
+    assert len(store.landed) == 1  # landed before the client had the whole answer, without a drain
+    s.backends.answer(7, 50)
+    second = await s.client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 10 - ESTIMATE)
+
+
+async def test_a_slow_store_does_not_hold_the_answer_and_its_settlement_still_lands(make: Any) -> None:
+    from deployments.pipeline import SETTLE_WAIT_S
+
+    store = SlowSettle(2.0)
+    s = make({"tpm": 1000}, store=store)
+    s.backends.answer(7, 3)
+    t0 = asyncio.get_running_loop().time()
+    resp = await s.client.post("/v1/chat/completions", json=BODY, headers=AUTH)
+    waited = asyncio.get_running_loop().time() - t0
+    assert resp.status_code == 200
+    assert SETTLE_WAIT_S <= waited < store.delay_s / 2  # waited for the settlement, not for a slow store
+    assert store.landed == []
+    await s.pipeline.drain()
+    assert len(store.landed) == 1
