@@ -210,13 +210,10 @@ def gateway_view(started_unix: float, ended_unix: float, logs: Path = Path("/tmp
                     own.append(float(entry["gateway_ms"]))
     if not ttft:
         return None
+    from arks_ray.autoscaling.replica import percentile  # the client's percentiles are computed the same way
 
-    def q(values: list[float], f: float) -> float:
-        s = sorted(values)
-        return round(s[min(int(len(s) * f), len(s) - 1)], 1)
-
-    return {"requests": len(ttft), "ttft_p50_ms": q(ttft, 0.5), "ttft_p90_ms": q(ttft, 0.9),
-            "gateway_p50_ms": q(own, 0.5), "gateway_p90_ms": q(own, 0.9)}
+    return {"requests": len(ttft), **{f"{name}_p{q}_ms": round(percentile(values, q), 1)
+                                      for name, values in (("ttft", ttft), ("gateway", own)) for q in (50, 90)}}
 
 
 # --------------------------------------------------------------------------------------------- py-spy

@@ -163,12 +163,9 @@ async def http_load(url: str, headers: dict[str, str], bodies: list[dict[str, An
 
 
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    from arks_ray.autoscaling.replica import percentile
+
+    return percentile(values, q * 100) if values else None
 
 
 def summary(wall: float, results: list[dict[str, Any]], cpu: dict[str, Any]) -> dict[str, Any]:
