@@ -145,8 +145,9 @@ def _llm_server_class() -> type:
             ``stream_interval_ms`` is how long stream chunks are coalesced into one item up to
             ``cadence.KNEE_STREAMS`` streams (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its
             own), ``stream_interval_max_ms`` how far that grows under more streams (``cadence.MAX_MS``)."""
-            self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
+            # Checked before anything is applied: a refused user_config changes nothing.
             interval, ceiling = (_milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+            self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
             if interval is not None:
                 self._llm_config.experimental_configs["stream_batching_interval_ms"] = interval
             if ceiling is not None:

@@ -118,5 +118,10 @@ def test_a_stream_under_load_is_coalesced_at_the_longer_interval() -> None:
 @pytest.mark.parametrize("bad", [-1, "100", float("nan"), float("inf"), True, [1]])
 def test_a_bad_interval_in_user_config_is_refused_by_name(bad: Any) -> None:
     for key in ("stream_interval_ms", "stream_interval_max_ms"):
+        srv = server(100)
         with pytest.raises(ValueError, match=key):
-            server().reconfigure({key: bad})
+            srv.reconfigure({"adapters": {"a": "/x"}, "stream_interval_ms": 7, "stream_interval_max_ms": 300, key: bad})
+        # nothing of the refused config was applied
+        assert srv._arks_adapters.paths == {}
+        assert srv._llm_config.experimental_configs["stream_batching_interval_ms"] == 100
+        assert srv._arks_interval_max_ms == cadence.MAX_MS
