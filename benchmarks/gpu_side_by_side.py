@@ -24,7 +24,9 @@ each hop carried (SSE events, HTTP body chunks at the client, Serve stream items
 place (``benchmarks/mock_serve_engine.py``), so that the Serve path alone is measured, on any machine.
 ``--serve-env K=V`` sets environment variables for every Ray process of the ``ray`` phase, over the Serve
 settings a rendered cluster has (``arks_ray.render.options.SERVE_THROUGHPUT_ENV``; for Ray's defaults:
-``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=0``); ``--label`` names the target in the results.
+``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=0``). ``--engine-arg ARG`` adds a ``runtimeCommonArgs`` entry to
+the app (``--engine-arg '--distributed-executor-backend ray'``: vLLM under Ray's executor, as Ray's LLM
+serving runs every GPU engine). ``--label`` names the target in the results.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - STARTED:5.0f}s] {msg}", flush=True)
 
 
-def arks_yaml(model_dir: str, gpu: bool = True) -> str:
+def arks_yaml(model_dir: str, gpu: bool = True, extra_args: tuple[str, ...] = ()) -> str:
     resources = 'resources: {limits: {nvidia.com/gpu: "1"}, requests: {nvidia.com/gpu: "1"}}' if gpu else \
         'env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}]'
-    args = ", ".join(f'"{a} {b}"' for a, b in zip(ENGINE_CLI[:-1:2], ENGINE_CLI[1::2], strict=True))
+    args = ", ".join([*(f'"{a} {b}"' for a, b in zip(ENGINE_CLI[:-1:2], ENGINE_CLI[1::2], strict=True)),
+                      *(json.dumps(a) for a in extra_args)])
     return f"""
 apiVersion: arks.ai/v1
 kind: ArksModel
@@ -283,7 +286,9 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
         redis = RedisServer().start()
     settings = {"redis_url": redis.url} if redis else {}
     res["governance"] = {"redis": bool(redis), "limits": "rpm, tpm, concurrency, quota (total)"}
-    loaded = load_yaml(arks_yaml(args.model or "/nonexistent", args.gpus > 0), source="gpu-bench")
+    loaded = load_yaml(arks_yaml(args.model or "/nonexistent", args.gpus > 0, tuple(args.engine_arg)),
+                       source="gpu-bench")
+    res["engine_args"] = args.engine_arg
     lp = plan(loaded, "default", 8000, gateway_settings=settings)
     engine_app = lp.engine_apps[0]
     if args.mock_engine:  # the engine app's place goes to a stand-in at a GPU engine's pace
@@ -483,6 +488,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
     ap.add_argument("--profile-s", type=int, default=8)
     ap.add_argument("--serve-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
+                    help="one more runtimeCommonArgs entry of the app, e.g. '--distributed-executor-backend ray'")
     ap.add_argument("--gateway-replicas", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="then the same load once per gateway replica count (a live update of the gateway app)")
     ap.add_argument("--stream-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default=[],

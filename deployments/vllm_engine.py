@@ -8,6 +8,10 @@ It also feeds the SLO autoscaling policy (``deployments.autoscaling``): ``genera
 KV-cache use after each step, and ``record_autoscaling_stats`` reports them to Serve
 (``arks_ray.autoscaling.replica``).
 
+A single-GPU engine runs the model inside vLLM's EngineCore process, as ``vllm serve`` does
+(``arks_ray.engines.executor`` says when): the replica actor holds the GPU, and the engine config and the
+model download run in the replica rather than in Ray tasks (``InProcessVLLMEngine``).
+
 Streams leave the replica coalesced: the first output at once, then one item per interval, which grows
 with the streams the replica serves (``arks_ray.engines.cadence``; every item costs CPU in each Serve hop
 behind it); ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live.
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import cadence
+from arks_ray.engines.executor import EXECUTOR_KEY, IN_PROCESS, choose_executor
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
@@ -106,6 +111,54 @@ def carries_output(item: Any) -> bool:
     return not (isinstance(item, str) and '"role":' in item and '"content":""' in item and '"text":"' not in item)
 
 
+def in_process(llm_config: Any) -> bool:
+    """Whether ``build_vllm`` chose the in-process executor for this (Ray) ``LLMConfig``."""
+    return bool(llm_config.experimental_configs.get(EXECUTOR_KEY) == IN_PROCESS)
+
+
+def _in_process_engine_class() -> type:
+    """Ray's ``VLLMEngine`` on the replica's own GPU, defined lazily (importing it imports vLLM)."""
+    import asyncio
+    import importlib
+
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import (
+        VLLMEngine,
+        _normalize_vllm_engine_kwargs,
+        _resolve_hf_model_id_from_mirror,
+    )
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    # vLLM's FrontendArgs has moved between releases; take the one Ray's engine uses.
+    ray_vllm: Any = importlib.import_module(VLLMEngine.__module__)
+    from ray.llm._internal.serve.utils.node_initialization_utils import initialize_remote_node
+
+    class InProcessVLLMEngine(VLLMEngine):
+        """vLLM with its ``uni`` executor in a replica that holds the GPU. Ray starts one task for the model
+        download on each node of the placement group, and one on the GPU for the engine config (each a new
+        process importing torch or vLLM): both run here instead, since the one bundle is this replica's."""
+
+        async def start(self) -> None:
+            if not self._running:
+                callback: Any = self.llm_config.get_or_create_callback()
+                if callback.ctx.run_init_node:
+                    await asyncio.to_thread(initialize_remote_node, self.llm_config)
+                    callback.ctx.run_init_node = False
+            await super().start()
+
+        def _prepare_engine_config(self, callback_ctx: Any) -> tuple[Any, Any, Any]:
+            from vllm.usage.usage_lib import UsageContext
+
+            engine_config: Any = self.llm_config.get_engine_config()
+            _resolve_hf_model_id_from_mirror(engine_config)
+            kwargs = _normalize_vllm_engine_kwargs(engine_config.get_initialization_kwargs())
+            kwargs["distributed_executor_backend"] = IN_PROCESS
+            engine_args = AsyncEngineArgs(**kwargs)
+            vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+            return engine_args, ray_vllm.FrontendArgs(**engine_config.frontend_kwargs), vllm_config
+
+    return InProcessVLLMEngine
+
+
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
     from ray.serve.llm import LLMServer
@@ -113,8 +166,19 @@ def _llm_server_class() -> type:
     class ArksLLMServer(LLMServer):
         """Ray's LLMServer with the gateway protocol on top, reporting autoscaling stats."""
 
-        def _init_shared(self, llm_config: Any, *args: Any, **kwargs: Any) -> None:
-            super()._init_shared(llm_config, *args, **kwargs)
+        @classmethod
+        def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:  # type: ignore[override]
+            """Ray's options; with the in-process executor the replica actor takes its bundle's GPU, so that
+            vLLM's EngineCore, its child process, sees the GPU (Ray sets ``CUDA_VISIBLE_DEVICES``)."""
+            options: dict[str, Any] = super().get_deployment_options(llm_config)
+            if in_process(llm_config):
+                options["ray_actor_options"]["num_gpus"] = 1
+            return options
+
+        def _init_shared(self, llm_config: Any, engine_cls: Any = None, *args: Any, **kwargs: Any) -> None:
+            if engine_cls is None and in_process(llm_config):
+                engine_cls = _in_process_engine_class()
+            super()._init_shared(llm_config, engine_cls, *args, **kwargs)
             self._llm_config.experimental_configs.setdefault("stream_batching_interval_ms", STREAM_INTERVAL_MS)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
             self._arks_interval_max_ms = cadence.MAX_MS
@@ -203,5 +267,10 @@ def build_vllm(args: EngineAppArgs) -> Application:
     """The engine deployment of one vLLM ArksApplication."""
     from ray.serve.llm import build_llm_deployment
 
+    try:
+        chosen = choose_executor(args.llm_config)
+    except ValueError as exc:
+        raise ValueError(f"application {args.name}: {exc}") from None
+    args = args.model_copy(update={"llm_config": chosen})
     config = args.ray_llm_config()
     return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_llm_server_class())

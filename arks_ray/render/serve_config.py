@@ -15,6 +15,7 @@ from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
 from arks_ray.autoscaling.config import serve_autoscaling_config
 from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
+from arks_ray.engines.executor import choose_executor
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
 from arks_ray.render.engine_args import (
     OWNED_FLAGS,
@@ -118,6 +119,11 @@ def engine_app(
     # The group's accelerator: spec.accelerator, or the one its node selector names.
     if group.accelerator:
         llm_config["accelerator_type"] = group.accelerator
+    if spec.runtime == "vllm":
+        try:
+            choose_executor(llm_config)  # the engine deployment decides again; here an impossible one is refused
+        except ValueError as exc:
+            raise ArgsError(str(exc)) from None
     if spec.runtime == "sglang" and gpus_per_pod(spec.instance_spec):
         # LLMConfig infers the hardware from vLLM-style "bundles", which SGLang's placement lacks; without
         # this it would take the app for CPU-only and refuse its accelerator_type.
