@@ -351,6 +351,9 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
         optional(res, f"gateway x{n}", replicas_step)
         gpu_probe.dump(res, args.json)
+    if args.restart_replica and remaining(args) > 150:
+        optional(res, "replica restart", lambda: restart_replica(serve, engine_app, url, hdr, res))
+        gpu_probe.dump(res, args.json)
     if args.profile:
         optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
                                                  ["proxy", "gateway", "engine_replica"]))
@@ -391,6 +394,29 @@ def stream_interval(client: Any, serve: Any, config: dict[str, Any], app: str, m
     _wait_apps(serve, [app], 300)
     log(f"stream interval {ms:g} ms applied in {time.monotonic() - t0:.1f}s")
     return round(time.monotonic() - t0, 1)
+
+
+def restart_replica(serve: Any, app: str, url: str, headers: dict[str, str], res: dict[str, Any]) -> None:
+    """A new engine replica on a running cluster (what autoscaling or a lost pod costs): SIGKILL the replica's
+    process. ``replica_noticed_s``: until Serve starts a replacement; ``replica_restart_s``: from then until it
+    answers a request through the gateway (no Ray start and no build task in it)."""
+    pids = gpu_probe.pids_by_role().get("engine_replica", [])
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one engine replica process, found {pids}")
+    t0 = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    while time.monotonic() - t0 < 120:  # until Serve starts the replacement (its health check notices first)
+        deployments = serve.status().applications[app].deployments.values()
+        if any(str(getattr(state, "value", state)) == "STARTING" for d in deployments for state in d.replica_states):
+            break
+        time.sleep(0.2)
+    started = time.monotonic()
+    _wait_apps(serve, [app], 400)
+    warm(url, headers, timeout_s=300)
+    res["startup"]["replica_noticed_s"] = round(started - t0, 1)
+    res["startup"]["replica_restart_s"] = round(time.monotonic() - started, 1)
+    log(f"the engine replica's loss noticed after {started - t0:.1f} s; the new one served "
+        f"{res['startup']['replica_restart_s']} s later")
 
 
 def optional(res: dict[str, Any], name: str, step: Any) -> None:
@@ -484,6 +510,8 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=1, help="0: a CPU vLLM (a smoke test of the harness)")
     ap.add_argument("--redis-server", help="a redis-server binary: the gateway's limits and quota on Redis")
     ap.add_argument("--hops", action="store_true", help="also load the engine through its handle directly")
+    ap.add_argument("--restart-replica", action="store_true",
+                    help="then kill the engine replica and time its replacement until it serves")
     ap.add_argument("--stock", action="store_true", help="then Ray's stock build_openai_app on the same GPU")
     ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
     ap.add_argument("--profile-s", type=int, default=8)
