@@ -356,7 +356,7 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
         gpu_probe.dump(res, args.json)
     if args.profile:
         optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
-                                                 ["proxy", "gateway", "engine_replica"]))
+                                                 ["proxy", "gateway", "engine_replica", "engine_core"]))
     if args.stock and remaining(args) > 200:
         serve.delete(engine_app)
         from ray.serve.llm import LLMConfig, build_openai_app

@@ -8,7 +8,9 @@ apps of different pod shapes render into two worker groups:
   two raylets of its group. vLLM on CPU runs both TP ranks as processes of the replica's node (Ray's LLM
   server forces vLLM's multiprocessing executor on CPU, and vLLM's Ray executor refuses CPUs), so the
   second bundle is reserved but computes nothing; on GPUs each bundle holds a rank.
-- ``solo``: TP=1 on the third raylet.
+- ``solo``: TP=1 on one GPU, on the third raylet, which claims one GPU (a Ray resource; vLLM computes on
+  the CPU). Its engine runs in process (``arks_ray.engines.executor``): the replica actor holds the GPU
+  (Ray sets its ``CUDA_VISIBLE_DEVICES``), and it starts no Ray task for the model or the engine config.
 
 Requests go through the gateway with the openai client. Then a third app that needs three nodes of a
 two-node group shows the gang property: its placement group stays pending with nothing reserved.
@@ -38,8 +40,9 @@ ENV = """      - {name: VLLM_CPU_KVCACHE_SPACE, value: "1"}
       - {name: HF_HUB_OFFLINE, value: "1"}"""
 
 
-def app(name: str, pool: str, tp: int, size: int, strategy: str | None, extra_env: str = "") -> str:
+def app(name: str, pool: str, tp: int, size: int, strategy: str | None, extra_env: str = "", gpus: int = 0) -> str:
     placement = f"\n  placement: {{strategy: {strategy}}}" if strategy else ""
+    resources = f'\n    resources: {{limits: {{nvidia.com/gpu: "{gpus}"}}}}' if gpus else ""
     return f"""apiVersion: arks.ai/v1
 kind: ArksApplication
 metadata: {{name: {name}, namespace: default}}
@@ -51,7 +54,7 @@ spec:
   model: {{name: tiny-qwen2}}{placement}
   runtimeCommonArgs: {ENGINE_ARGS}
   instanceSpec:
-    nodeSelector: {{arks.ai/pool: {pool}}}
+    nodeSelector: {{arks.ai/pool: {pool}}}{resources}
     env:
 {ENV}{extra_env}
 """
@@ -60,7 +63,9 @@ spec:
 # Two TP ranks on a 2-core machine: vLLM's automatic OpenMP binding wants a NUMA node per rank.
 BIND = '\n      - {name: VLLM_CPU_OMP_THREADS_BIND, value: "0|1"}'
 SPREAD = app("spread", "a", 2, 2, "STRICT_SPREAD", BIND)
-SOLO = app("solo", "b", 1, 1, None)
+# One GPU: node b1 claims one (a Ray resource; vLLM still computes on the CPU), so the app's engine runs in
+# process, its replica actor holding the GPU (arks_ray.engines.executor).
+SOLO = app("solo", "b", 1, 1, None, gpus=1)
 # Three bundles, one per node, on a worker group of its own (groups are per app) that has two nodes.
 GANG = app("gang", "a", 3, 3, "STRICT_SPREAD", BIND)
 REST = """apiVersion: arks.ai/v1
@@ -104,7 +109,7 @@ def stack(no_shared_stack: None) -> Iterator[dict[str, Any]]:
     two = {groups["spread"]: 1000, groups["gang"]: 1000}
     cluster = LocalCluster(
         NodeSpec("head", 3, {"arks-head": 1000}),
-        [NodeSpec("a1", 3, two), NodeSpec("a2", 3, dict(two)), NodeSpec("b1", 3, {groups["solo"]: 1000})])
+        [NodeSpec("a1", 3, two), NodeSpec("a2", 3, dict(two)), NodeSpec("b1", 3, {groups["solo"]: 1000}, num_gpus=1)])
     try:
         cluster.start()
         runner.deploy(first.serve_config)
@@ -132,7 +137,7 @@ def pg_of(resource: str) -> list[dict[str, Any]]:
 def replicas(app_name: str) -> list[Any]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
     return [a for a in actors if a.class_name.startswith(f"ServeReplica:{app_name}:")]
 
 
@@ -188,6 +193,31 @@ def test_the_solo_app_streams_from_its_own_group(stack: dict[str, Any]) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices)
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_a_one_gpu_engine_holds_its_gpu_in_the_replica_and_starts_no_ray_task(stack: dict[str, Any]) -> None:
+    import psutil
+    from ray.util.state import list_tasks
+
+    (solo,) = pg_of(stack["groups"]["solo"])
+    assert list(solo["bundles"].values()) == [{"CPU": 1.0, "GPU": 1.0, stack["groups"]["solo"]: 1.0}]
+    (replica,) = replicas("solo")
+    # In a placement group Ray names the resource per group (GPU_group_<id>, GPU_group_0_<id>)
+    gpus = {v for k, v in replica.required_resources.items() if k.split("_group_")[0] == "GPU"}
+    assert gpus == {1.0}, replica.required_resources
+    # Ray sets CUDA_VISIBLE_DEVICES in the actor's process when it runs; its children (vLLM's EngineCore, and
+    # on CPU the executor's worker) start with it, as the GPU's EngineCore does.
+    children = psutil.Process(replica.pid).children(recursive=True)
+    assert children
+    assert {c.environ().get("CUDA_VISIBLE_DEVICES") for c in children} == {"0"}
+    # Ray's own path starts a model-download task on each node of the placement group, and on a GPU an
+    # engine-config task; the in-process engine does both in the replica. The TP=2 app shows the tasks exist.
+    by_node: dict[str, set[str]] = {}
+    for task in list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10000, raise_on_missing_output=False):
+        by_node.setdefault(task.node_id or "", set()).add(task.name)
+    b1, a_nodes = stack["nodes"]["b1"], {stack["nodes"]["a1"], stack["nodes"]["a2"]}
+    assert not {"initialize_remote_node", "_get_vllm_engine_config"} & by_node.get(b1, set()), by_node.get(b1)
+    assert any("initialize_remote_node" in by_node.get(n, set()) for n in a_nodes), by_node
 
 
 def test_a_replica_that_cannot_be_placed_whole_reserves_nothing(stack: dict[str, Any]) -> None:

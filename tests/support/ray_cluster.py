@@ -24,15 +24,17 @@ MARKER = "arks-test-node-"
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One raylet: a name (for the marker resource), its logical CPUs and its custom resources."""
+    """One raylet: a name (for the marker resource), its logical CPUs and its custom resources, and GPUs it
+    claims to have (Ray's ``GPU`` resource only: Ray sets ``CUDA_VISIBLE_DEVICES`` for what takes one)."""
 
     name: str
     num_cpus: int
     resources: dict[str, float] = field(default_factory=dict)
+    num_gpus: int = 0
 
     def start_args(self) -> list[str]:
         resources = {**self.resources, MARKER + self.name: 1}
-        return [f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+        return [f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", f"--resources={json.dumps(resources)}",
                 "--disable-usage-stats"]
 
 
