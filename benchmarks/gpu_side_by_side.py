@@ -26,7 +26,8 @@ place (``benchmarks/mock_serve_engine.py``), so that the Serve path alone is mea
 settings a rendered cluster has (``arks_ray.render.options.SERVE_THROUGHPUT_ENV``; for Ray's defaults:
 ``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=0``). ``--engine-arg ARG`` adds a ``runtimeCommonArgs`` entry to
 the app (``--engine-arg '--distributed-executor-backend ray'``: vLLM under Ray's executor, as Ray's LLM
-serving runs every GPU engine). ``--label`` names the target in the results.
+serving runs every GPU engine). ``--llm-config KEY=JSON`` sets a field of the engine app's Ray LLMConfig
+(``--llm-config log_engine_metrics=false``). ``--label`` names the target in the results.
 """
 
 from __future__ import annotations
@@ -300,6 +301,11 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "benchmarks"), str(REPO),
                                                     os.environ.get("PYTHONPATH", "")])
         res["mock_engine"] = {"ttft_ms": ttft, "tpot_ms": tpot, "interval_ms": interval}
+    for kv in args.llm_config:  # e.g. log_engine_metrics=false: a field of the engine app's Ray LLMConfig
+        key, value = kv.split("=", 1)
+        (app,) = [a for a in lp.serve_config["applications"] if a["name"] == engine_app]
+        app["args"]["llm_config"][key] = json.loads(value)
+        res.setdefault("llm_config", {})[key] = json.loads(value)
     (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
     from arks_ray.render.options import SERVE_THROUGHPUT_ENV
 
@@ -516,6 +522,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PY_SPY", help="py-spy binary: profile the replicas during one more load")
     ap.add_argument("--profile-s", type=int, default=8)
     ap.add_argument("--serve-env", action="append", default=[], metavar="K=V")
+    ap.add_argument("--llm-config", action="append", default=[], metavar="KEY=JSON",
+                    help="set a field of the engine app's Ray LLMConfig, e.g. log_engine_metrics=false")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
                     help="one more runtimeCommonArgs entry of the app, e.g. '--distributed-executor-backend ray'")
     ap.add_argument("--gateway-replicas", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
