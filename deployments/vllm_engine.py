@@ -126,11 +126,11 @@ def _in_process_engine_class() -> type:
         _normalize_vllm_engine_kwargs,
         _resolve_hf_model_id_from_mirror,
     )
+    from ray.llm._internal.serve.utils.node_initialization_utils import initialize_remote_node
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     # vLLM's FrontendArgs has moved between releases; take the one Ray's engine uses.
     ray_vllm: Any = importlib.import_module(VLLMEngine.__module__)
-    from ray.llm._internal.serve.utils.node_initialization_utils import initialize_remote_node
 
     class InProcessVLLMEngine(VLLMEngine):
         """vLLM with its ``uni`` executor in a replica that holds the GPU. Ray starts one task for the model
