@@ -301,11 +301,11 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "benchmarks"), str(REPO),
                                                     os.environ.get("PYTHONPATH", "")])
         res["mock_engine"] = {"ttft_ms": ttft, "tpot_ms": tpot, "interval_ms": interval}
-    for kv in args.llm_config:  # e.g. log_engine_metrics=false: a field of the engine app's Ray LLMConfig
-        key, value = kv.split("=", 1)
+    if args.llm_config:  # e.g. log_engine_metrics=false: fields of the engine app's Ray LLMConfig
+        fields = {key: json.loads(value) for key, value in (kv.split("=", 1) for kv in args.llm_config)}
         (app,) = [a for a in lp.serve_config["applications"] if a["name"] == engine_app]
-        app["args"]["llm_config"][key] = json.loads(value)
-        res.setdefault("llm_config", {})[key] = json.loads(value)
+        app["args"]["llm_config"].update(fields)
+        res["llm_config"] = fields
     (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
     from arks_ray.render.options import SERVE_THROUGHPUT_ENV
 
@@ -411,10 +411,12 @@ def restart_replica(serve: Any, app: str, url: str, headers: dict[str, str], res
         raise RuntimeError(f"expected one engine replica process, found {pids}")
     t0 = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
-    while time.monotonic() - t0 < 120:  # until Serve starts the replacement (its health check notices first)
+    while True:  # until Serve starts the replacement (its health check notices first)
         deployments = serve.status().applications[app].deployments.values()
         if any(str(getattr(state, "value", state)) == "STARTING" for d in deployments for state in d.replica_states):
             break
+        if time.monotonic() - t0 > 120:
+            raise RuntimeError(f"Serve started no replacement of {app}'s replica within 120 s")
         time.sleep(0.2)
     started = time.monotonic()
     _wait_apps(serve, [app], 400)

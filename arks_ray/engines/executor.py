@@ -22,9 +22,10 @@ EXECUTOR_KEY = "arks_executor"
 """The LLMConfig ``experimental_configs`` key that records the choice for the engine replica."""
 
 
-def engine_workers(engine_kwargs: dict[str, Any]) -> int:
-    """Workers of one vLLM engine: TP x PP."""
-    return int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+def engine_workers(engine_kwargs: dict[str, Any], tp_key: str = "tensor_parallel_size",
+                   pp_key: str = "pipeline_parallel_size") -> int:
+    """Workers of one engine: TP x PP, read under the engine's own keys (vLLM's by default)."""
+    return int(engine_kwargs.get(tp_key, 1)) * int(engine_kwargs.get(pp_key, 1))
 
 
 def choose_executor(llm_config: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.model import ArksModel
 from arks_ray.autoscaling.config import serve_autoscaling_config
 from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
-from arks_ray.engines.executor import choose_executor
+from arks_ray.engines.executor import choose_executor, engine_workers
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
 from arks_ray.render.engine_args import (
     OWNED_FLAGS,
@@ -187,7 +187,7 @@ def pd_engine_kwargs(side: DisaggregatedWorkload, runtime: str) -> dict[str, Any
 
 def pd_world(kwargs: dict[str, Any], runtime: str) -> int:
     """Engine workers (bundles) of one PD replica: TP x PP."""
-    return int(kwargs.get(_TP_KEY[runtime], 1)) * int(kwargs.get(_PP_KEY[runtime], 1))
+    return engine_workers(kwargs, _TP_KEY[runtime], _PP_KEY[runtime])
 
 
 def _pd_side(side: DisaggregatedWorkload, model_id: str, source: str, runtime: str) -> dict[str, Any]:
