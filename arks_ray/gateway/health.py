@@ -8,7 +8,9 @@ method takes the current time, so tests drive it with a fake clock.
 - **open**: out of rotation for a cooldown that doubles each time the breaker re-opens without having
   recovered in between, up to ``max_cooldown_s``.
 - **half-open**: after the cooldown, or as soon as a health check passes, the backend takes at most
-  ``half_open_probes`` requests at a time. One success closes the breaker; one failure re-opens it.
+  ``half_open_probes`` requests at a time. One success closes the breaker; one failure re-opens it. A
+  failed health check restarts the cooldown: a backend the checks keep finding down gets no request as a
+  probe (a retry landing there would fail the request).
 
 A breaker that only health checks opened (an app still deploying, a server not up yet) closes as soon
 as a check passes: there is no request failure to doubt it by, and probing one request at a time
@@ -96,7 +98,9 @@ class Breaker:
         """An active health check: a failure opens the breaker at once, a pass lets probes through."""
         self._tick(now)
         if not ok:
-            if self.state != "open":
+            if self.state == "open":
+                self.opened_at = now  # still down: the cooldown counts from the latest failed check
+            else:
                 self._open(now, self.cooldown_s if self.state == "half_open" else self.settings.cooldown_s)
             self.reason = reason or "health check failed"
         elif not self.by_requests and self.state != "closed":

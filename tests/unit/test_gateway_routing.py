@@ -81,6 +81,16 @@ def test_health_checks_open_at_once_and_a_pass_closes_what_only_they_opened() ->
     assert b.view(1) == "closed"  # it came up: no need to wait out 30 s, nor to probe one request at a time
 
 
+def test_a_backend_the_checks_keep_finding_down_takes_no_probe() -> None:
+    # The e2e flake: a Serve app gone for good went half-open when its cooldown ran out between two failed
+    # checks, and a request's one retry landed on it. Each failed check now restarts the cooldown.
+    b = Breaker(BreakerSettings(failure_threshold=1, cooldown_s=4.5))  # it runs out between two checks
+    for t in range(0, 30):
+        b.on_health_check(t, False, "Serve app not found")
+        assert not b.available(t + 0.99), t
+    assert b.view(29 + 4.5) == "half_open"  # checks stopped (disabled, or the gateway lost them): time decides
+
+
 def test_a_passing_health_check_only_half_opens_a_breaker_that_requests_opened() -> None:
     b = Breaker(BreakerSettings(failure_threshold=1, cooldown_s=30))
     b.on_failure(0, "HTTP 500")
