@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from arks_ray.api.gateway import Backend
+from arks_ray.engines import cadence
 from arks_ray.engines.protocol import EngineItem, EngineRequest, EngineStream, Failure
 from arks_ray.gateway.settings import GatewaySettings
 from deployments.upstream import Upstream
@@ -246,11 +247,15 @@ async def _after(first: asyncio.Future[Any], items: AsyncIterator[Any]) -> Async
 
 
 class HttpBackends:
-    """OpenAI-compatible HTTP services, streamed through. One aiohttp session per gateway replica."""
+    """OpenAI-compatible HTTP services, streamed through. One aiohttp session per gateway replica, with no cap
+    on its connections unless ``http_max_connections`` sets one (aiohttp's own default, 100, queued every
+    stream past the 100th)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self._session: Any = None
+        self.streams = 0
+        """Requests in flight to HTTP backends from this replica: what their streams' read interval follows."""
 
     def client(self) -> Any:
         if self._session is None or self._session.closed:
@@ -258,13 +263,28 @@ class HttpBackends:
 
             timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.http_connect_timeout_s,
                                             sock_read=self.settings.http_read_timeout_s)
-            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=True)
+            connector = aiohttp.TCPConnector(limit=self.settings.http_max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=True, connector=connector)
         return self._session
+
+    def interval_s(self) -> float:
+        """The read interval of a stream that starts now (``arks_ray.engines.cadence``, on this replica's HTTP
+        streams in flight, the new one included)."""
+        s = self.settings
+        return cadence.interval_ms(s.http_stream_interval_ms, s.http_stream_interval_max_ms, self.streams + 1) / 1000
 
     def open(self, backend: Backend, request: EngineRequest) -> EngineStream:
         assert backend.url is not None
-        upstream = Upstream(f"backend {backend.name!r}", backend.url, self.client)
-        return ItemStream(upstream.generate(request), backend.name)
+        upstream = Upstream(f"backend {backend.name!r}", backend.url, self.client, interval_s=self.interval_s())
+        return ItemStream(self._counted(upstream.generate(request)), backend.name)
+
+    async def _counted(self, items: AsyncIterator[EngineItem]) -> AsyncIterator[EngineItem]:
+        self.streams += 1
+        try:
+            async for item in items:
+                yield item
+        finally:
+            self.streams -= 1
 
     async def close(self) -> None:
         if self._session is not None:

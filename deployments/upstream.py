@@ -9,6 +9,7 @@ address: ``name`` is what a client may see.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from arks_ray.engines.protocol import (
     upstream_failure,
     with_usage,
 )
-from arks_ray.engines.sse import StreamMeter, relay_sse
+from arks_ray.engines.sse import StreamMeter, paced, relay_sse
 
 logger = logging.getLogger("ray.serve.arks.upstream")
 
@@ -48,17 +49,25 @@ def error_message(status: int, raw: bytes) -> tuple[str, str | None]:
     return (text[:500] or f"HTTP {status}"), None
 
 
+def without_address(exc: BaseException) -> str:
+    """An HTTP client error as a log line may say it: its class and the system's reason, not its text, which
+    names the upstream's host and port (and so does the system's message)."""
+    code = errno.errorcode.get(getattr(getattr(exc, "os_error", None), "errno", None) or 0)
+    return f"{type(exc).__name__} ({code})" if code else type(exc).__name__
+
+
 class Upstream:
     """An OpenAI HTTP API at ``base`` (never shown to clients), reached through one aiohttp session.
 
     ``model`` replaces the request's model name (a Dynamo frontend serves its own name); ``on_error``
     may rewrite an upstream's error before it is classified (Dynamo forgets a model while its worker
-    restarts: a 404 that is really a 503)."""
+    restarts: a 404 that is really a 503). A stream is read at most once per ``interval_s``
+    (``arks_ray.engines.sse.paced``)."""
 
     def __init__(self, name: str, base: str, session: Callable[[], Any], *, model: str | None = None,
-                 on_error: Callable[[int, str], tuple[int, str]] | None = None) -> None:
+                 on_error: Callable[[int, str], tuple[int, str]] | None = None, interval_s: float = 0.0) -> None:
         self.name, self.base, self._session, self.model = name, base, session, model
-        self.on_error = on_error
+        self.on_error, self.interval_s = on_error, interval_s
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
         import aiohttp
@@ -82,13 +91,14 @@ class Upstream:
                         yield Failure("engine", 502, f"{self.name} answered with invalid JSON")
                     return
                 cut_short = Failure("engine", 502, f"{self.name} ended its stream before [DONE]")
-                async for item in relay_sse(resp.content.iter_any(), StreamMeter(request.client_usage), cut_short):
+                reads = paced(resp.content.iter_any(), self.interval_s)
+                async for item in relay_sse(reads, StreamMeter(request.client_usage), cut_short):
                     yield item
         except aiohttp.ClientConnectorError as exc:
-            logger.warning("%s is not reachable: %s", self.name, exc)
+            logger.warning("%s is not reachable: %s", self.name, without_address(exc))
             yield Failure("unavailable", 503, f"{self.name} is not reachable")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("%s failed mid-answer: %s: %s", self.name, type(exc).__name__, exc)
+            logger.warning("%s failed mid-answer: %s", self.name, without_address(exc))
             timed_out = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
             yield Failure("timeout" if timed_out else "engine", 502,
                           f"{self.name} failed mid-answer ({type(exc).__name__})")

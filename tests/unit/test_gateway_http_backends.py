@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -207,3 +208,148 @@ def test_sse_splitter_keeps_a_trailing_event_without_its_blank_line() -> None:
     s = SseSplitter()
     assert s.feed(b"data: a\n\ndata: b") == "data: a\n\n"
     assert s.rest() == "data: b\n\n"
+
+
+def test_more_than_a_hundred_streams_are_relayed_at_once() -> None:
+    """aiohttp caps a session at 100 connections unless told otherwise: the 101st stream would wait for a
+    connection while the first hundred wait for it (the server answers only once all have arrived)."""
+    streams = 120
+
+    async def main() -> list[list[EngineItem]]:
+        arrived, everyone = 0, asyncio.Event()
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            nonlocal arrived
+            arrived += 1
+            if arrived == streams:
+                everyone.set()
+            await everyone.wait()
+            return await stream_in_pieces(request, sse(CHUNK, USAGE, "[DONE]"), sizes=1 << 10)
+
+        runner, url = await serve(handler)
+        backends = HttpBackends(GatewaySettings())
+        backend = Backend(kind="http", name="ext", weight=1, url=url)
+        try:
+            opened = [backends.open(backend, EngineRequest("chat", {"model": "m", "stream": True}, False))
+                      for _ in range(streams)]
+            return await asyncio.wait_for(asyncio.gather(*(collect(aiter(s)) for s in opened)), 20)
+        finally:
+            await backends.close()
+            await runner.cleanup()
+
+    results = asyncio.run(main())
+    assert [r[-1] for r in results] == [Final(USAGE["usage"], 1)] * streams
+
+
+def test_a_cap_on_connections_is_a_setting() -> None:
+    async def main() -> int:
+        backends = HttpBackends(GatewaySettings(http_max_connections=7))
+        try:
+            return backends.client().connector.limit
+        finally:
+            await backends.close()
+
+    assert asyncio.run(main()) == 7
+
+
+def paced_reads(chunks: list[bytes], interval_s: float) -> tuple[list[bytes], list[tuple[int, float]]]:
+    """``paced`` over ``chunks`` on a fake clock: what it yields, and (chunks read so far, seconds) per sleep."""
+    from arks_ray.engines.sse import paced
+
+    now, sleeps, read = [0.0], [], [0]
+
+    async def source() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            read[0] += 1
+            now[0] += 0.001  # each read takes a millisecond
+            yield chunk
+
+    async def sleep(s: float) -> None:
+        sleeps.append((read[0], round(s, 6)))
+        now[0] += s
+
+    async def main() -> list[bytes]:
+        return [c async for c in paced(source(), interval_s, clock=lambda: now[0], sleep=sleep)]
+
+    return asyncio.run(main()), sleeps
+
+
+def test_paced_reads_hold_neither_the_first_token_nor_the_end() -> None:
+    role = b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+    token = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    chunks = [role, token, token + token, token + b"data: [DONE]\n\n"]
+    out, sleeps = paced_reads(chunks, 0.1)
+    assert out == chunks  # nothing lost, nothing reordered
+    # No wait after the role alone (the first token follows at once) and none after [DONE]: a wait after
+    # the first token's read and after the next one.
+    assert sleeps == [(2, 0.1), (3, 0.1)]
+
+
+def test_paced_reads_with_no_interval_never_wait() -> None:
+    token = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    out, sleeps = paced_reads([token] * 5, 0)
+    assert out == [token] * 5
+    assert sleeps == []
+
+
+def test_a_paced_stream_arrives_in_fewer_items_and_whole() -> None:
+    """A real server writing a token every 5 ms: read once per 50 ms, the same text comes in far fewer items,
+    and the first token is not held back."""
+    tokens = 40
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(tokens):
+            await resp.write(sse(CHUNK))
+            await asyncio.sleep(0.005)
+        await resp.write(sse(USAGE, "[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    def relayed(interval_ms: float) -> tuple[list[EngineItem], float]:
+        async def main() -> tuple[list[EngineItem], float]:
+            runner, url = await serve(handler)
+            settings = GatewaySettings(http_stream_interval_ms=interval_ms, http_stream_interval_max_ms=interval_ms)
+            backends = HttpBackends(settings)
+            try:
+                stream = backends.open(Backend(kind="http", name="ext", weight=1, url=url),
+                                       EngineRequest("chat", {"model": "m", "stream": True}, False))
+                t0, first, items = time.monotonic(), 0.0, []
+                async for item in aiter(stream):
+                    first = first or time.monotonic() - t0
+                    items.append(item)
+                return items, first
+            finally:
+                await backends.close()
+                await runner.cleanup()
+
+        return asyncio.run(main())
+
+    every, _ = relayed(0)
+    coalesced, first_s = relayed(50)
+    assert text_of(coalesced) == text_of(every) == sse(*[CHUNK] * tokens, "[DONE]").decode()
+    assert coalesced[-1] == every[-1] == Final(USAGE["usage"], tokens)
+    assert len(coalesced) <= 10 < len(every)  # about 200 ms of stream read every 50 ms, against ~40 reads
+    assert first_s < 0.05
+
+
+def test_the_read_interval_follows_the_streams_in_flight() -> None:
+    backends = HttpBackends(GatewaySettings(http_stream_interval_ms=50, http_stream_interval_max_ms=200))
+    assert backends.interval_s() == 0.05
+    backends.streams = 127  # a 128th stream: twice the knee of 64
+    assert backends.interval_s() == 0.1
+    backends.streams = 1000
+    assert backends.interval_s() == 0.2
+    assert HttpBackends(GatewaySettings()).interval_s() == 0  # off by default
+
+
+def test_the_log_names_no_upstream_address(caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise AssertionError("never reached")
+
+    with caplog.at_level("WARNING", logger="ray.serve.arks.upstream"):
+        (item,), _ = run(handler, "chat", {"model": "m"}, url="http://127.0.0.1:9")
+    assert item == Failure("unavailable", 503, "backend 'ext' is not reachable")
+    assert "is not reachable: ClientConnectorError (ECONNREFUSED)" in caplog.text
+    assert "127.0.0.1" not in caplog.text
