@@ -177,7 +177,10 @@ class DynamoServer:
         self.workers = list(workers or [])
         self.sidecars = _Sidecars(self.config)
         self.base = f"http://127.0.0.1:{self.sidecars.port}"
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        # No cap on connections: Serve's max_ongoing_requests bounds the streams (aiohttp's default cap of 100
+        # would queue those past the 100th).
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5),
+                                             connector=aiohttp.TCPConnector(limit=0))
         self.proxy = frontend_upstream(self.config.app, self.config.served_name, self.base, self.session)
         self._misses = 0
         self.sidecars.start()
