@@ -5,10 +5,11 @@ restart decisions are ``arks_ray.engines.sidecars.SidecarTracker``'s; this modul
 
 Ordering constraints:
 - every sidecar starts in its own session (process group), so stopping it stops what it spawned;
-- every sidecar gets ``PR_SET_PDEATHSIG``: if the replica's process dies without running its
-  destructor (``ray stop --force``, a replica killed by Serve), the kernel kills the sidecar, so no
-  orphan keeps a port or a GPU. The flag is set by a small shim that then ``exec``s the real command,
-  so the command line that runs is exactly the launch spec's.
+- every sidecar runs under a small shim that stays its parent, with ``PR_SET_PDEATHSIG``: if the replica's
+  process dies without running its destructor (``ray stop --force``, a replica killed by Serve), the kernel
+  signals the shim, which kills the sidecar's whole process group, so no orphan (nor a child of the
+  sidecar, such as vLLM's EngineCore) keeps a port or a GPU. The command line the shim starts is exactly
+  the launch spec's.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ from arks_ray.engines.sidecars import RestartPolicy, SidecarTracker
 
 logger = logging.getLogger("ray.serve.arks.sidecars")
 
-# prctl(PR_SET_PDEATHSIG, SIGKILL); give up if the parent is already gone; then become the command.
-_SHIM = ("import ctypes, os, signal, sys\n"
-         "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+# The sidecar's parent in its process group: if the replica's process dies (PR_SET_PDEATHSIG), kill the whole
+# group, the command's own children included (vLLM's EngineCore outlives its API server otherwise); a SIGTERM
+# to the group is the command's to handle, and this waits for it; it exits as the command did.
+_SHIM = ("import ctypes, os, signal, subprocess, sys\n"
+         "ctypes.CDLL(None).prctl(1, signal.SIGUSR1)\n"
          "os.getppid() == int(sys.argv[1]) or os._exit(70)\n"
-         "os.execv(sys.argv[2], sys.argv[2:])\n")
+         "signal.signal(signal.SIGUSR1, lambda *_: os.killpg(0, signal.SIGKILL))\n"
+         "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+         "code = subprocess.Popen(sys.argv[2:]).wait()\n"
+         "code < 0 and (signal.signal(-code, signal.SIG_DFL), os.kill(os.getpid(), -code))\n"
+         "sys.exit(code)\n")
 STOP_GRACE_S = 5.0
 
 
 def shim_argv(argv: tuple[str, ...]) -> list[str]:
-    """The command that runs ``argv`` with the parent-death signal set."""
+    """The command that runs ``argv`` under the shim, which kills its process group when this process dies."""
     return [sys.executable, "-c", _SHIM, str(os.getpid()), *argv]
 
 

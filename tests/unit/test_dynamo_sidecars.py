@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -172,8 +173,13 @@ from pathlib import Path
 from arks_ray.engines.dynamo import LaunchSpec
 from deployments.dynamo_sidecars import Sidecar
 
+# The sidecar starts a child of its own (as vLLM's API server starts its EngineCore) and writes its pid.
+CODE = ("import subprocess, sys, time; child = subprocess.Popen(['sleep', '120']); "
+        "open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(120)")
+
 async def main():
-    sidecar = Sidecar(LaunchSpec("worker", (sys.executable, "-c", "import time; time.sleep(120)")), Path(sys.argv[1]))
+    spec = LaunchSpec("worker", (sys.executable, "-c", CODE, sys.argv[1] + "/grandchild"))
+    sidecar = Sidecar(spec, Path(sys.argv[1]))
     sidecar.start()
     while sidecar.pid is None:
         await asyncio.sleep(0.01)
@@ -185,23 +191,43 @@ asyncio.run(main())
 
 
 def test_a_sidecar_dies_with_its_replica_process_even_without_cleanup(tmp_path: Path) -> None:
+    """And so do the sidecar's own children: vLLM's EngineCore outlived a killed API server before."""
     import subprocess
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2])
+    pids: list[int] = []
     try:
         assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        os.kill(child, 0)  # alive
+        pids.append(int(parent.stdout.readline()))
+        marker = tmp_path / "grandchild"
+        for _ in range(500):
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.02)
+        pids.append(int(marker.read_text()))
+        for pid in pids:
+            os.kill(pid, 0)  # alive
         parent.kill()  # SIGKILL: no destructor, no cleanup code runs
         parent.wait()
         for _ in range(500):
-            try:
-                os.kill(child, 0)
-            except ProcessLookupError:
+            if not [pid for pid in pids if alive(pid)]:
                 return
             time.sleep(0.02)
-        os.kill(child, signal.SIGKILL)
-        raise AssertionError("the sidecar outlived its parent")
+        raise AssertionError(f"outlived their replica: {[pid for pid in pids if alive(pid)]}")
     finally:
         parent.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped by init) is gone for our purpose
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
