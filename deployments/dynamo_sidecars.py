@@ -30,17 +30,36 @@ from arks_ray.engines.sidecars import RestartPolicy, SidecarTracker
 
 logger = logging.getLogger("ray.serve.arks.sidecars")
 
-# The sidecar's parent in its process group: if the replica's process dies (PR_SET_PDEATHSIG), kill the whole
-# group, the command's own children included (vLLM's EngineCore outlives its API server otherwise); a SIGTERM
-# to the group is the command's to handle, and this waits for it; it exits as the command did.
-_SHIM = ("import ctypes, os, signal, subprocess, sys\n"
-         "ctypes.CDLL(None).prctl(1, signal.SIGUSR1)\n"
-         "os.getppid() == int(sys.argv[1]) or os._exit(70)\n"
-         "signal.signal(signal.SIGUSR1, lambda *_: os.killpg(0, signal.SIGKILL))\n"
-         "signal.signal(signal.SIGTERM, lambda *_: None)\n"
-         "code = subprocess.Popen(sys.argv[2:]).wait()\n"
-         "code < 0 and (signal.signal(-code, signal.SIG_DFL), os.kill(os.getpid(), -code))\n"
-         "sys.exit(code)\n")
+_SHIM = """
+import ctypes, os, signal, subprocess, sys
+
+def kill_group(*_):
+    # The command's children too (vLLM's EngineCore outlives its API server otherwise), then this shim.
+    os.killpg(0, signal.SIGKILL)
+
+def kill_the_rest():
+    for stat in os.listdir("/proc"):
+        try:
+            pid = int(stat)
+            pgrp = int(open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[2])
+            if pgrp == os.getpgrp() and pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+        except (ValueError, OSError, IndexError):
+            continue
+
+ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: the replica's process died
+os.getppid() == int(sys.argv[1]) or os._exit(70)
+signal.signal(signal.SIGUSR1, kill_group)
+signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM to the group is the command's to handle
+code = subprocess.Popen(sys.argv[2:]).wait()
+kill_the_rest()  # what the command left behind when it exited
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+"""The sidecar's parent, in the sidecar's own process group: it starts the command, exits as the command did,
+and leaves nothing of the group behind, whether the command exits or the replica's process dies."""
 STOP_GRACE_S = 5.0
 
 

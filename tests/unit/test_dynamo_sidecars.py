@@ -231,3 +231,24 @@ def alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
             return False
     return True
+
+
+async def test_what_an_exiting_sidecar_leaves_behind_is_killed_and_its_code_kept(tmp_path: Path) -> None:
+    marker = tmp_path / "grandchild"
+    code = ("import subprocess, sys; child = subprocess.Popen(['sleep', '120']); "
+            f"open({str(marker)!r}, 'w').write(str(child.pid)); sys.exit(3)")
+    sidecar = Sidecar(spec(code), tmp_path, policy=RestartPolicy(max_restarts=0), sleep=Recorder())
+    sidecar.start()
+    await asyncio.wait_for(sidecar.done.wait(), 30)
+    grandchild = int(marker.read_text())
+    try:
+        assert sidecar.tracker.last_exit == 3
+        for _ in range(250):
+            if not alive(grandchild):
+                break
+            await asyncio.sleep(0.02)
+        assert not alive(grandchild)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+        await sidecar.stop()
