@@ -34,7 +34,7 @@ _SHIM = """
 import ctypes, os, signal, subprocess, sys
 
 def kill_group(*_):
-    # The command's children too (vLLM's EngineCore outlives its API server otherwise), then this shim.
+    # The command's children too (vLLM's EngineCore outlives its API server otherwise), then this process.
     os.killpg(0, signal.SIGKILL)
 
 def kill_the_rest():
@@ -47,19 +47,31 @@ def kill_the_rest():
         except (ValueError, OSError, IndexError):
             continue
 
-ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: the replica's process died
-os.getppid() == int(sys.argv[1]) or os._exit(70)
-signal.signal(signal.SIGUSR1, kill_group)
+def on_parent_death(parent):
+    libc.prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGUSR1, kill_group)
+    os.getppid() == parent or kill_group()  # it died already
+
+libc = ctypes.CDLL(None)
+on_parent_death(int(sys.argv[1]))  # the replica's process
+shim = os.getpid()
+if os.fork() == 0:
+    # A watcher: when the replica's process dies, Ray kills its direct children, this shim among them,
+    # possibly before the shim can act; the watcher, the shim's child, then clears the group.
+    on_parent_death(shim)
+    while True:
+        signal.pause()
 signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM to the group is the command's to handle
 code = subprocess.Popen(sys.argv[2:]).wait()
-kill_the_rest()  # what the command left behind when it exited
+kill_the_rest()  # what the command left behind when it exited, and the watcher
 if code < 0:
     signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """
 """The sidecar's parent, in the sidecar's own process group: it starts the command, exits as the command did,
-and leaves nothing of the group behind, whether the command exits or the replica's process dies."""
+and leaves nothing of the group behind, whether the command exits, the replica's process dies, or both the
+replica's process and this shim are killed at once (as Ray kills a dead worker's children)."""
 STOP_GRACE_S = 5.0
 
 

@@ -190,8 +190,10 @@ asyncio.run(main())
 """
 
 
-def test_a_sidecar_dies_with_its_replica_process_even_without_cleanup(tmp_path: Path) -> None:
-    """And so do the sidecar's own children: vLLM's EngineCore outlived a killed API server before."""
+@pytest.mark.parametrize("as_ray_does", [False, True])
+def test_a_sidecar_dies_with_its_replica_process_even_without_cleanup(tmp_path: Path, as_ray_does: bool) -> None:
+    """And so do the sidecar's own children: vLLM's EngineCore outlived a killed API server before. Ray kills a
+    dead worker's direct children (the shim) at once, which left the sidecar itself behind before."""
     import subprocess
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -205,10 +207,14 @@ def test_a_sidecar_dies_with_its_replica_process_even_without_cleanup(tmp_path: 
             if marker.exists() and marker.read_text():
                 break
             time.sleep(0.02)
-        pids.append(int(marker.read_text()))
+        grandchild = int(marker.read_text())
+        command = int(Path(f"/proc/{grandchild}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        pids += [command, grandchild]
         for pid in pids:
             os.kill(pid, 0)  # alive
         parent.kill()  # SIGKILL: no destructor, no cleanup code runs
+        if as_ray_does:
+            os.kill(pids[0], signal.SIGKILL)  # the shim, the replica's direct child
         parent.wait()
         for _ in range(500):
             if not [pid for pid in pids if alive(pid)]:
