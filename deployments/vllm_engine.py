@@ -30,6 +30,7 @@ from arks_ray.engines import cadence
 from arks_ray.engines.executor import EXECUTOR_KEY, IN_PROCESS, choose_executor
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sse import StreamMeter
+from arks_ray.engines.vllm_server import VLLM_SERVER, check_server_frontend, frontend
 from deployments.engine_stream import engine_items
 from deployments.lora import AdapterTable, install_loader, resolve_adapter
 from deployments.responses import responses_items
@@ -273,4 +274,12 @@ def build_vllm(args: EngineAppArgs) -> Application:
         raise ValueError(f"application {args.name}: {exc}") from None
     args = args.model_copy(update={"llm_config": chosen})
     config = args.ray_llm_config()
+    if frontend(chosen) == VLLM_SERVER:  # vLLM's own server in a child process (deployments.vllm_server)
+        from deployments.vllm_server import build_server_app
+
+        try:
+            check_server_frontend(config.engine_kwargs, lora=config.multiplex_config() is not None)
+        except ValueError as exc:
+            raise ValueError(f"application {args.name}: {exc}") from None
+        return build_server_app(args.name, config)
     return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_llm_server_class())

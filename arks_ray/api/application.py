@@ -156,6 +156,10 @@ class ArksApplicationSpec(Spec):
     routing: Routing | None = Field(None, description="Replica routing inside the application (extension).")
     dynamo: Dynamo | None = Field(None, description="Dynamo settings, when runtime is dynamo (extension).")
     lora: LoRA | None = Field(None, description="LoRA adapters served on the base model (extension; vLLM).")
+    engine_frontend: Literal["rayLLM", "vllmServer"] | None = Field(
+        None, description="Where vLLM's OpenAI layer runs (extension; vLLM): rayLLM (default) in the Serve replica, "
+        "through Ray's LLMServer; vllmServer as vLLM's own server in a child process of the replica (one engine "
+        "worker per replica, no LoRA).")
 
     @field_validator("size", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from arks_ray.api.model import ArksModel
 from arks_ray.autoscaling.config import serve_autoscaling_config
 from arks_ray.engines.dynamo import LaunchError, check_frontend_args, check_worker_args, dynamo_namespace
 from arks_ray.engines.executor import choose_executor, engine_workers
+from arks_ray.engines.vllm_server import FRONTEND_KEY, VLLM_SERVER, check_server_frontend
 from arks_ray.render.cluster import WorkerGroup, gpus_per_pod
 from arks_ray.render.engine_args import (
     OWNED_FLAGS,
@@ -119,6 +120,14 @@ def engine_app(
     # The group's accelerator: spec.accelerator, or the one its node selector names.
     if group.accelerator:
         llm_config["accelerator_type"] = group.accelerator
+    if spec.engine_frontend == VLLM_SERVER:
+        if spec.runtime != "vllm":
+            raise ArgsError(f"spec.engineFrontend {VLLM_SERVER} is for runtime vllm, not {spec.runtime}")
+        try:
+            check_server_frontend(engine_kwargs, lora=spec.lora is not None)
+        except ValueError as exc:
+            raise ArgsError(str(exc)) from None
+        llm_config["experimental_configs"] = {FRONTEND_KEY: VLLM_SERVER}
     if spec.runtime == "vllm":
         try:
             choose_executor(llm_config)  # the engine deployment decides again; here an impossible one is refused

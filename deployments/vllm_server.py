@@ -1,0 +1,244 @@
+"""vLLM engine applications with vLLM's own OpenAI server as the frontend (``spec.engineFrontend: vllmServer``).
+
+Built by ``deployments.vllm_engine.build_vllm`` when the app asks for it. Each Serve replica runs
+``python -m vllm.entrypoints.openai.api_server`` as a supervised child process on a loopback port (the
+command line is ``arks_ray.engines.vllm_server.server_spec``'s), holding its bundle's GPU, and speaks the
+gateway protocol (``arks_ray.engines.protocol``) by relaying each request to it over HTTP
+(``deployments.upstream.Upstream``). vLLM's OpenAI layer, output handling and stat loggers then run in their
+own process, as under ``vllm serve``, instead of on the replica's event loop (Ray's ``LLMServer``).
+
+What the replica still does: streams leave it coalesced as with Ray's frontend (the first output at once,
+then a read per interval that grows with the streams it serves, ``arks_ray.engines.cadence``;
+``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live); it times every request and
+reads the scheduler's gauges off the server's ``/metrics`` each second for the SLO autoscaling policy
+(``record_autoscaling_stats``); a server that exits is restarted with backoff, one that stops answering is
+killed and restarted, and one that keeps failing fails Serve's health check, so Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from arks_ray.autoscaling.config import replica_stats
+from arks_ray.engines import cadence
+from arks_ray.engines.protocol import Chunk, EngineItem, EngineRequest, Final
+from arks_ray.engines.sidecars import RestartPolicy
+from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
+from deployments.dynamo_sidecars import Sidecar
+from deployments.upstream import Upstream
+from deployments.vllm_engine import _milliseconds
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+logger = logging.getLogger("ray.serve.arks.engines")
+
+LIVENESS_MISSES = 3
+"""Health checks in a row that the server may miss before it is killed (and restarted)."""
+GAUGE_INTERVAL_S = 1.0
+
+
+class ServerConfig(BaseModel):
+    """What one replica runs, from the app's Ray LLMConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(description="The Arks application, named in every error.")
+    model: str = Field(description="What vLLM loads: a local folder or a hub id.")
+    served_name: str
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    deployment_config: dict[str, Any] = Field(default_factory=dict, description="For the autoscaling stats.")
+    startup_timeout_s: float = Field(1800.0, gt=0)
+    max_restarts: int = Field(5, ge=0, description="Server restarts allowed within 5 minutes before the replica fails.")
+
+    @classmethod
+    def of(cls, app: str, llm_config: Any) -> ServerConfig:
+        loading = llm_config.model_loading_config
+        return cls(app=app, model=loading.model_source or loading.model_id, served_name=loading.model_id,
+                   engine_kwargs=dict(llm_config.engine_kwargs),
+                   deployment_config=dict(llm_config.deployment_config or {}))
+
+
+class VLLMServerReplica:
+    """One engine replica: vLLM's OpenAI server in a child process, relayed. Built by Ray's
+    ``build_llm_deployment`` as its ``LLMServer`` would be, so both frontends get the same deployment options
+    (placement group, replicas, autoscaling, request router, health checks)."""
+
+    @classmethod
+    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
+        from deployments.vllm_engine import _llm_server_class
+
+        server: Any = _llm_server_class()
+        options: dict[str, Any] = server.get_deployment_options(llm_config)
+        return options
+
+    async def __init__(self, llm_config: Any, app: str) -> None:  # type: ignore[misc]  # Serve awaits it
+        import aiohttp
+
+        from deployments.dynamo_engine import free_port
+
+        self.config = ServerConfig.of(app, llm_config)
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        # The child is this interpreter, with the replica's environment (its GPU, its Python path: vLLM may
+        # live on PYTHONPATH, as on the GPU kit), which the sidecar launcher otherwise leaves out.
+        keep = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+        spec = server_spec(sys.executable, port, self.config.model, self.config.served_name,
+                           self.config.engine_kwargs, env=keep)
+        logs = Path(tempfile.gettempdir()) / "arks-ray-vllm-server" / f"{self.config.app}-{os.getpid()}-" \
+            f"{uuid.uuid4().hex[:6]}"
+        self.server = Sidecar(spec, logs, policy=RestartPolicy(max_restarts=self.config.max_restarts))
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5),
+                                             connector=aiohttp.TCPConnector(limit=0))
+        self.stats = replica_stats(self.config.deployment_config)
+        self.interval_ms, self.interval_max_ms = cadence.BASE_MS, cadence.MAX_MS
+        self._misses = 0
+        self._gauges: asyncio.Task[None] | None = None
+        self.server.start()
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.close()
+            raise
+        self._gauges = asyncio.get_running_loop().create_task(self._read_gauges())
+
+    async def _ready(self) -> bool:
+        import aiohttp
+
+        try:
+            async with self.session.get(self.base + "/v1/models", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                if r.status != 200:
+                    return False
+                return self.config.served_name in {m.get("id") for m in (await r.json()).get("data", [])}
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return False
+
+    def _failure(self) -> str | None:
+        if not self.server.failed:
+            return None
+        return (f"application {self.config.app}: {self.server.tracker.last_reason}\n"
+                f"--- last lines of {self.server.log_path}:\n{self.server.log_tail()}")
+
+    async def _wait_ready(self) -> None:
+        started = time.monotonic()
+        while not await self._ready():
+            failure = self._failure()
+            if failure:
+                raise RuntimeError(failure)
+            if time.monotonic() - started > self.config.startup_timeout_s:
+                raise TimeoutError(f"application {self.config.app}: vLLM's server did not serve "
+                                   f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s; "
+                                   f"its log: {self.server.log_path}")
+            await asyncio.sleep(0.25)
+        logger.info("application %s: vLLM's server ready in %.1fs (log: %s)", self.config.app,
+                    time.monotonic() - started, self.server.log_path)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        """The gateway's port: the request relayed to the server, timed for the autoscaling policy."""
+        stats = self.stats
+        interval = cadence.interval_ms(self.interval_ms, self.interval_max_ms, stats.in_flight + 1) / 1000
+        upstream = Upstream(f"application {self.config.app}", self.base, lambda: self.session,
+                            model=self.config.served_name, interval_s=interval)
+        timer = stats.start(time.monotonic())
+        tokens, first = 0, True
+        try:
+            async for item in upstream.generate(request):
+                if first and isinstance(item, Chunk):
+                    stats.first_output(timer, time.monotonic())
+                    first = False
+                if isinstance(item, Final):
+                    tokens = int((item.usage or {}).get("completion_tokens", item.completion_tokens))
+                yield item
+        finally:
+            # However the request ends (done, server error, client gone), it leaves the queue.
+            stats.finish(timer, tokens, time.monotonic())
+
+    async def _read_gauges(self) -> None:
+        """The scheduler's queue and KV-cache use, from the server's Prometheus page, for the policy."""
+        import aiohttp
+
+        while True:
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+            try:
+                async with self.session.get(self.base + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    gauges = scheduler_gauges(await r.text()) if r.status == 200 else {}
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+            if "running" in gauges:
+                self.stats.scheduler(int(gauges["running"]), int(gauges.get("waiting", 0)),
+                                     gauges.get("kv_cache_usage", 0.0), time.monotonic())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook: this replica's TTFT/TPOT percentiles, queue depth and KV-cache use."""
+        return self.stats.report(time.monotonic())
+
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config``, for the streams that start after it: ``stream_interval_ms`` and
+        ``stream_interval_max_ms``, as with Ray's frontend (``deployments.vllm_engine``)."""
+        interval, ceiling = (_milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+        if interval is not None:
+            self.interval_ms = interval
+        if ceiling is not None:
+            self.interval_max_ms = ceiling
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails once the server has failed for good (Serve then replaces the replica).
+        A server that lives but stops answering is killed here, and so restarted."""
+        import aiohttp
+
+        failure = self._failure()
+        if failure:
+            raise RuntimeError(failure)
+        if self.server.pid is None:  # between a crash and its restart: the restart loop decides
+            return
+        try:
+            async with self.session.get(self.base + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                await r.read()
+                healthy = r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        self._misses = 0 if healthy else self._misses + 1
+        if self._misses >= LIVENESS_MISSES:
+            logger.warning("application %s: vLLM's server failed %d health checks; restarting it",
+                           self.config.app, self._misses)
+            self._misses = 0
+            await self.server.kill()
+
+    async def status(self) -> dict[str, Any]:
+        return {"app": self.config.app, "server": self.server.status()}
+
+    async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+        await self.server.stop()
+        await self.session.close()
+
+    def __del__(self) -> Any:
+        # Serve awaits what this returns at graceful shutdown; by garbage collection nothing is left to do
+        # (the server has the parent-death signal set: it does not outlive the replica's process).
+        if getattr(self, "_closing", False):
+            return None
+        self._closing = True
+        return self.close()
+
+
+def build_server_app(app: str, llm_config: Any) -> Application:
+    """The engine deployment of one vLLM app (Ray's ``LLMConfig``) with vLLM's server as its frontend."""
+    from ray.serve.llm import build_llm_deployment
+
+    return build_llm_deployment(llm_config, name_prefix="arks-engine:", bind_kwargs={"app": app},
+                                deployment_cls=VLLMServerReplica)  # type: ignore[arg-type]
