@@ -66,7 +66,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - STARTED:5.0f}s] {msg}", flush=True)
 
 
-def arks_yaml(model_dir: str, gpu: bool = True, extra_args: tuple[str, ...] = ()) -> str:
+def arks_yaml(model_dir: str, gpu: bool = True, extra_args: tuple[str, ...] = (), upstream: str | None = None,
+              frontend: str | None = None) -> str:
+    """The benchmark's Arks YAML: the engine app, its endpoint, a token with limits and a quota. With ``upstream``
+    (an OpenAI server's URL) there is no app: the endpoint's one backend is that server, over HTTP."""
+    if upstream:
+        return f"""
+apiVersion: arks.ai/v1
+kind: ArksEndpoint
+metadata: {{name: {MODEL}, namespace: default}}
+spec: {{defaultWeight: 1, routeConfigs: [{{name: "{upstream}", weight: 1}}]}}
+---""" + GOVERNANCE
     resources = 'resources: {limits: {nvidia.com/gpu: "1"}, requests: {nvidia.com/gpu: "1"}}' if gpu else \
         'env: [{name: VLLM_CPU_KVCACHE_SPACE, value: "1"}]'
     args = ", ".join([*(f'"{a} {b}"' for a, b in zip(ENGINE_CLI[:-1:2], ENGINE_CLI[1::2], strict=True)),
@@ -85,7 +95,7 @@ spec:
   runtime: vllm
   servedModelName: {MODEL}
   model: {{name: {MODEL}}}
-  runtimeCommonArgs: [{args}, "--enforce-eager"]
+  runtimeCommonArgs: [{args}, "--enforce-eager"]{f"{chr(10)}  engineFrontend: {frontend}" if frontend else ""}
   instanceSpec:
     {resources}
 ---
@@ -93,7 +103,10 @@ apiVersion: arks.ai/v1
 kind: ArksEndpoint
 metadata: {{name: {MODEL}, namespace: default}}
 spec: {{defaultWeight: 1}}
----
+---""" + GOVERNANCE
+
+
+GOVERNANCE = f"""
 apiVersion: arks.ai/v1
 kind: ArksQuota
 metadata: {{name: q, namespace: default}}
@@ -241,19 +254,37 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None =
 # ----------------------------------------------------------------------------------------------- phases
 
 
-def phase_raw(args: argparse.Namespace, res: dict[str, Any]) -> None:
+RAW = "http://127.0.0.1:8100"
+
+
+def start_raw(args: argparse.Namespace, res: dict[str, Any], key: str = "raw_ready_s") -> subprocess.Popen[bytes]:
+    """``vllm serve`` on the model at ``RAW``, ready (its start time in ``res["startup"][key]``); the caller
+    kills its process group."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--served-model-name",
-           MODEL, "--host", "127.0.0.1", "--port", "8100", *ENGINE_CLI]
+           MODEL, "--host", "127.0.0.1", "--port", RAW.rsplit(":", 1)[1], *ENGINE_CLI]
     logf = (args.out / "raw_vllm.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        res["startup"]["raw_ready_s"] = round(wait_http("http://127.0.0.1:8100/health", 300, proc), 1)
-        log(f"raw vLLM ready in {res['startup']['raw_ready_s']} s")
-        warm("http://127.0.0.1:8100/v1/chat/completions", {})
-        measure("raw", http_target("http://127.0.0.1:8100/v1/chat/completions", {}), args, res["targets"])
+        res["startup"][key] = round(wait_http(f"{RAW}/health", 300, proc), 1)
+    except BaseException:
+        stop_raw(proc)
+        raise
+    log(f"raw vLLM ready in {res['startup'][key]} s")
+    return proc
+
+
+def stop_raw(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def phase_raw(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    proc = start_raw(args, res)
+    try:
+        warm(f"{RAW}/v1/chat/completions", {})
+        measure("raw", http_target(f"{RAW}/v1/chat/completions", {}), args, res["targets"])
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_raw(proc)
 
 
 def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, float]:
@@ -272,6 +303,15 @@ def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, floa
 
 
 def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    raw = start_raw(args, res, "upstream_ready_s") if args.upstream_raw else None
+    try:
+        serve_phase(args, res)
+    finally:
+        if raw is not None:
+            stop_raw(raw)
+
+
+def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     import ray
     from ray import serve
     from ray.serve._private.api import serve_start
@@ -285,13 +325,19 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
     if args.redis_server:
         os.environ["PATH"] = f"{Path(args.redis_server).parent}:{os.environ['PATH']}"
         redis = RedisServer().start()
-    settings = {"redis_url": redis.url} if redis else {}
+    settings: dict[str, Any] = {"redis_url": redis.url} if redis else {}
+    settings.update((key, json.loads(value)) for key, value in (kv.split("=", 1) for kv in args.gateway_setting))
+    res["gateway_settings"] = {k: v for k, v in settings.items() if k != "redis_url"}
     res["governance"] = {"redis": bool(redis), "limits": "rpm, tpm, concurrency, quota (total)"}
-    loaded = load_yaml(arks_yaml(args.model or "/nonexistent", args.gpus > 0, tuple(args.engine_arg)),
-                       source="gpu-bench")
+    upstream = RAW if args.upstream_raw else None
+    loaded = load_yaml(arks_yaml(args.model or "/nonexistent", args.gpus > 0, tuple(args.engine_arg), upstream,
+                                 args.frontend), source="gpu-bench")
+    res["frontend"] = args.frontend or "rayLLM"
     res["engine_args"] = args.engine_arg
     lp = plan(loaded, "default", 8000, gateway_settings=settings)
-    engine_app = lp.engine_apps[0]
+    engine_app = lp.engine_apps[0] if lp.engine_apps else ""
+    if not engine_app and (args.mock_engine or args.llm_config):
+        raise SystemExit("--mock-engine and --llm-config need the engine app (not --upstream-raw)")
     if args.mock_engine:  # the engine app's place goes to a stand-in at a GPU engine's pace
         ttft, tpot, interval = (float(x) for x in args.mock_engine.split(","))
         (app,) = [a for a in lp.serve_config["applications"] if a["name"] == engine_app]
@@ -323,7 +369,7 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
     client = serve_start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
     res["startup"]["ray_and_serve_s"] = round(time.monotonic() - t0, 1)
     client.deploy_apps(ServeDeploySchema.model_validate(lp.serve_config))
-    ready = _wait_apps(serve, ["gateway", engine_app], 400)
+    ready = _wait_apps(serve, ["gateway", engine_app] if engine_app else ["gateway"], 400)
     res["startup"].update({f"{args.label}_{'gateway' if k == 'gateway' else 'engine'}_ready_s": v
                            for k, v in ready.items()})
     res["startup"][f"{args.label}_total_s"] = round(time.monotonic() - t0, 1)
@@ -332,6 +378,27 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
     log(f"arks ready: {res['startup']}")
     measure(args.label, http_target(url, hdr), args, res["targets"])
     gpu_probe.dump(res, args.json)
+    for interval in args.http_intervals:
+        if remaining(args) < 60:
+            break
+
+        def http_step(interval: str = interval) -> None:
+            base, _, top = interval.partition(":")
+            change = {"http_stream_interval_ms": float(base), "http_stream_interval_max_ms": float(top or base)}
+            res["startup"][f"http_interval_{interval}_s"] = update_gateway(
+                client, serve, lp.serve_config, settings=change)
+            warm(url, hdr)
+            measure(f"{args.label}@http{interval}", http_target(url, hdr), args, res["targets"], seed0=600, rounds=1)
+
+        optional(res, f"http interval {interval}", http_step)
+        gpu_probe.dump(res, args.json)
+    if not engine_app:  # the engine is raw vLLM behind the gateway: nothing of ours to reach past the gateway
+        if args.profile:
+            optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
+                                                     ["proxy", "gateway", "raw_api_server", "engine_core"]))
+        if redis:
+            redis.stop()
+        return
     if args.hops:
         optional(res, "hops", lambda: measure(f"{args.label}:handle", lambda b, c: gpu_probe.handle_load(
             engine_app, b, c), args, res["hops"], seed0=500, rounds=1))
@@ -351,7 +418,7 @@ def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
             break
 
         def replicas_step(n: int = n) -> None:
-            res["startup"][f"gateway_x{n}_s"] = scale_gateway(client, serve, lp.serve_config, n)
+            res["startup"][f"gateway_x{n}_s"] = update_gateway(client, serve, lp.serve_config, replicas=n)
             warm(url, hdr)
             measure(f"{args.label} x{n} gateway", http_target(url, hdr), args, res["targets"], seed0=400, rounds=1)
 
@@ -436,21 +503,27 @@ def optional(res: dict[str, Any], name: str, step: Any) -> None:
         res.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
 
 
-def scale_gateway(client: Any, serve: Any, config: dict[str, Any], replicas: int) -> float:
-    """Run ``replicas`` gateway replicas (a live Serve update of the gateway app only); seconds it took."""
+def update_gateway(client: Any, serve: Any, config: dict[str, Any], replicas: int | None = None,
+                   settings: dict[str, Any] | None = None) -> float:
+    """A live Serve update of the gateway app only: ``replicas`` gateway replicas, or ``settings`` over its
+    settings (a new replica); seconds until it runs again."""
     from ray.serve.schema import ServeDeploySchema
 
     cfg = json.loads(json.dumps(config))
     for entry in cfg["applications"]:
-        if entry["name"] == "gateway":
+        if entry["name"] != "gateway":
+            continue
+        if replicas is not None:
             deps = entry.setdefault("deployments", [])
             found = [d for d in deps if d.get("name") == "ArksGateway"]
             (found[0] if found else deps.append({"name": "ArksGateway"}) or deps[-1])["num_replicas"] = replicas
+        if settings:
+            entry["args"]["settings"] = {**entry["args"].get("settings", {}), **settings}
     t0 = time.monotonic()
     client.deploy_apps(ServeDeploySchema.model_validate(cfg))
     time.sleep(2)
     _wait_apps(serve, ["gateway"], 120)
-    log(f"{replicas} gateway replicas in {time.monotonic() - t0:.1f}s")
+    log(f"gateway updated ({replicas or ''} {settings or ''}) in {time.monotonic() - t0:.1f}s")
     return round(time.monotonic() - t0, 1)
 
 
@@ -535,6 +608,16 @@ def main() -> int:
     ap.add_argument("--mock-engine", metavar="TTFT_MS,TPOT_MS,INTERVAL_MS",
                     help="ray phase: serve a stand-in engine at this pace instead of vLLM (benchmarks/"
                          "mock_serve_engine.py), so that only the Serve path is measured")
+    ap.add_argument("--frontend", choices=["rayLLM", "vllmServer"],
+                    help="the app's spec.engineFrontend (default: the app's default, rayLLM)")
+    ap.add_argument("--upstream-raw", action="store_true",
+                    help="ray phase: no engine app; raw vLLM (as in the raw phase) is the endpoint's HTTP backend, "
+                         "so that the gateway's HTTP path to an engine's own server is measured")
+    ap.add_argument("--gateway-setting", action="append", default=[], metavar="KEY=JSON",
+                    help="a gateway setting (arks_ray/gateway/settings.py), e.g. http_stream_interval_ms=50")
+    ap.add_argument("--http-intervals", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    metavar="MS[:MAX_MS],...", help="then the same load once per HTTP read interval of the gateway "
+                                                    "(http_stream_interval_ms[:..._max_ms]), a live update")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
     args = ap.parse_args()
     if args.phase == "report":
