@@ -36,7 +36,8 @@ ROLES = (  # first match wins: (role, substring of the command line)
     ("engine_worker", "ray::RayWorkerWrapper"),
     ("serve_controller", "ray::ServeController"),
     ("redis", "redis-server"),
-    ("raw_api_server", "vllm.entrypoints.openai.api_server"),
+    ("sidecar_shim", "def kill_group"),  # deployments.dynamo_sidecars' shim: its argv holds the server's
+    ("raw_api_server", "vllm.entrypoints.openai.api_server"),  # raw, or an engineFrontend vllmServer replica's
     ("ray_daemons", "raylet"),
     ("ray_daemons", "gcs_server"),
     ("ray_daemons", "ray/dashboard"),

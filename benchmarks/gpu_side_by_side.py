@@ -428,8 +428,10 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
         optional(res, "replica restart", lambda: restart_replica(serve, engine_app, url, hdr, res))
         gpu_probe.dump(res, args.json)
     if args.profile:
-        optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr),
-                                                 ["proxy", "gateway", "engine_replica", "engine_core"]))
+        roles = ["proxy", "gateway", "engine_replica", "engine_core"]
+        if args.frontend == "vllmServer":
+            roles.insert(3, "raw_api_server")  # the replica's own vLLM server
+        optional(res, "profile", lambda: profile(args, res, f"{args.label}", http_target(url, hdr), roles))
     if args.stock and remaining(args) > 200:
         serve.delete(engine_app)
         from ray.serve.llm import LLMConfig, build_openai_app
