@@ -12,6 +12,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from arks_ray.engines import cadence
+
 
 class GatewaySettings(BaseModel):
     """Settings of the gateway ingress."""
@@ -57,11 +59,12 @@ class GatewaySettings(BaseModel):
         0, ge=0, description="Open connections to HTTP backends per gateway replica; 0 is no limit (each stream "
         "holds one for its whole length, so a limit also caps the streams in flight).")
     http_stream_interval_ms: float = Field(
-        0.0, ge=0, description="Read an HTTP backend's stream at most once per this interval after its first "
-        "token, so that each item relayed carries what came meanwhile; 0 relays as the bytes come.")
+        cadence.BASE_MS, ge=0, description="Read an HTTP backend's stream at most once per this interval after its "
+        "first token, so that each item relayed carries what came meanwhile (as an engine app coalesces its "
+        "streams); 0 relays as the bytes come.")
     http_stream_interval_max_ms: float = Field(
-        0.0, ge=0, description="How far that interval grows when a replica relays more than 64 streams (in "
-        "proportion to them; arks_ray.engines.cadence). At or below the base: a fixed interval.")
+        cadence.MAX_MS, ge=0, description="How far that interval grows when a replica relays more than 64 streams "
+        "(in proportion to them; arks_ray.engines.cadence). At or below the base: a fixed interval.")
     first_byte_timeout_s: float = Field(
         600.0, gt=0, description="Longest wait for a backend's first byte, queueing included, before it has failed.")
     slo_tolerance: float = Field(2.0, ge=1, description="Slowness against the best peer that costs no weight.")

@@ -341,7 +341,8 @@ def test_the_read_interval_follows_the_streams_in_flight() -> None:
     assert backends.interval_s() == 0.1
     backends.streams = 1000
     assert backends.interval_s() == 0.2
-    assert HttpBackends(GatewaySettings()).interval_s() == 0  # off by default
+    assert HttpBackends(GatewaySettings()).interval_s() == 0.1  # by default as an engine app coalesces
+    assert HttpBackends(GatewaySettings(http_stream_interval_ms=0)).interval_s() == 0
 
 
 def test_the_log_names_no_upstream_address(caplog: pytest.LogCaptureFixture) -> None:
