@@ -28,6 +28,12 @@ settings a rendered cluster has (``arks_ray.render.options.SERVE_THROUGHPUT_ENV`
 the app (``--engine-arg '--distributed-executor-backend ray'``: vLLM under Ray's executor, as Ray's LLM
 serving runs every GPU engine). ``--llm-config KEY=JSON`` sets a field of the engine app's Ray LLMConfig
 (``--llm-config log_engine_metrics=false``). ``--label`` names the target in the results.
+
+``--frontend vllmServer`` gives the app vLLM's own server as its frontend (``spec.engineFrontend``).
+``--upstream-raw`` runs no app: raw vLLM is the endpoint's HTTP backend, so the gateway's HTTP path to an
+engine's own server is measured; ``--gateway-setting K=JSON`` and ``--http-intervals`` set the gateway (its
+HTTP read interval, live). ``--interleave-raw`` runs raw vLLM alongside the app (two engines on the GPU) and
+alternates the loads round by round, so that a machine whose speed drifts during the lease weighs on both.
 """
 
 from __future__ import annotations
@@ -200,24 +206,33 @@ def summary(wall: float, results: list[dict[str, Any]], cpu: dict[str, Any]) -> 
 
 
 def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any], seed0: int = 0,
-            rounds: int | None = None) -> None:
-    """``rounds`` loads per concurrency level through ``fn(bodies, concurrency)``, into ``store[name]``."""
+            rounds: int | None = None, first_round: int = 0, gateway: bool = True) -> None:
+    """``rounds`` loads per concurrency level through ``fn(bodies, concurrency)``, into ``store[name]``
+    (numbered from ``first_round``; ``gateway``: read the gateway's own view of each load off its log)."""
     for conc in args.concurrency:
         n = max(args.min_requests, args.requests_per_stream * conc)
-        for rnd in range(args.rounds if rounds is None else rounds):
+        for rnd in range(first_round, first_round + (args.rounds if rounds is None else rounds)):
             bodies = [body(i, seed0 + 10 * rnd + conc, args.max_tokens) for i in range(n)]
             sampler = gpu_probe.CpuSampler()
             sampler.start()
             began = time.time()
             wall, results = asyncio.run(fn(bodies, conc))
             s = summary(wall, results, sampler.stop())
-            s["gateway"] = gpu_probe.gateway_view(began, time.time())
+            s["gateway"] = gpu_probe.gateway_view(began, time.time()) if gateway else None
             store.setdefault(name, {}).setdefault(str(conc), []).append(s)
             roles = ", ".join(f"{k} {v:.2f}" for k, v in list(s["cpu"]["cores_by_role"].items())[:6])
             seen = s["gateway"] and f" (at the gateway: TTFT p50 {s['gateway']['ttft_p50_ms']} ms, own " \
                                     f"{s['gateway']['gateway_p50_ms']} ms)"
             log(f"{name} c={conc} round {rnd}: {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_ms']} ms"
                 f"{seen or ''}, failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
+
+
+def measure_interleaved(targets: list[tuple[str, Any]], args: argparse.Namespace, store: dict[str, Any]) -> None:
+    """``measure`` for several targets up at once, one load each in turn per round (the order reversed every
+    other round), so that a machine whose speed drifts during the run weighs on every target alike."""
+    for rnd in range(args.rounds):
+        for name, fn in targets if rnd % 2 == 0 else targets[::-1]:
+            measure(name, fn, args, store, rounds=1, first_round=rnd, gateway=name != "raw")
 
 
 def http_target(url: str, headers: dict[str, str]) -> Any:
@@ -303,7 +318,7 @@ def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, floa
 
 
 def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
-    raw = start_raw(args, res, "upstream_ready_s") if args.upstream_raw else None
+    raw = start_raw(args, res, "upstream_ready_s") if args.upstream_raw or args.interleave_raw else None
     try:
         serve_phase(args, res)
     finally:
@@ -376,7 +391,12 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     url, hdr = "http://127.0.0.1:8000/v1/chat/completions", {"Authorization": f"Bearer {TOKEN}"}
     res["startup"][f"{args.label}_serving_after_running_s"] = warm(url, hdr)
     log(f"arks ready: {res['startup']}")
-    measure(args.label, http_target(url, hdr), args, res["targets"])
+    if args.interleave_raw:
+        warm(f"{RAW}/v1/chat/completions", {})
+        measure_interleaved([("raw", http_target(f"{RAW}/v1/chat/completions", {})),
+                             (args.label, http_target(url, hdr))], args, res["targets"])
+    else:
+        measure(args.label, http_target(url, hdr), args, res["targets"])
     gpu_probe.dump(res, args.json)
     for interval in args.http_intervals:
         if remaining(args) < 60:
@@ -563,6 +583,12 @@ def profile(args: argparse.Namespace, res: dict[str, Any], name: str, fn: Any, r
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count()}
+    try:  # SMT: a busy sibling thread slows a process pinned to one core (vLLM's EngineCore is)
+        info["cpu0_siblings"] = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                                  .splitlines() if line.startswith("model name")), None)
+    except OSError:
+        pass
     try:
         info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                       "--format=csv,noheader"], capture_output=True, text=True, timeout=20
@@ -615,6 +641,9 @@ def main() -> int:
     ap.add_argument("--upstream-raw", action="store_true",
                     help="ray phase: no engine app; raw vLLM (as in the raw phase) is the endpoint's HTTP backend, "
                          "so that the gateway's HTTP path to an engine's own server is measured")
+    ap.add_argument("--interleave-raw", action="store_true",
+                    help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
+                         "between it and arks-ray round by round")
     ap.add_argument("--gateway-setting", action="append", default=[], metavar="KEY=JSON",
                     help="a gateway setting (arks_ray/gateway/settings.py), e.g. http_stream_interval_ms=50")
     ap.add_argument("--http-intervals", type=lambda v: [x for x in v.split(",") if x], default=[],
