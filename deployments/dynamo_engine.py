@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from arks_ray.engines import dynamo
 from arks_ray.engines.protocol import EngineItem, EngineRequest
-from arks_ray.engines.sidecars import RestartPolicy
+from arks_ray.engines.sidecars import Liveness, RestartPolicy
 from deployments.dynamo_sidecars import Sidecar
 from deployments.upstream import Upstream
 
@@ -182,7 +182,7 @@ class DynamoServer:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5),
                                              connector=aiohttp.TCPConnector(limit=0))
         self.proxy = frontend_upstream(self.config.app, self.config.served_name, self.base, self.session)
-        self._misses = 0
+        self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)
         self.sidecars.start()
         try:
             await self._wait_ready()
@@ -238,14 +238,13 @@ class DynamoServer:
         try:
             async with self.session.get(self.base + "/live", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 await r.read()
-            self._misses = 0
+            healthy = True
         except (aiohttp.ClientError, TimeoutError):
-            self._misses += 1
-            if self._misses >= LIVENESS_MISSES:
-                logger.warning("application %s: the Dynamo frontend did not answer %d health checks; restarting it",
-                               self.config.app, self._misses)
-                self._misses = 0
-                await frontend.kill()
+            healthy = False
+        why = self._liveness.check(frontend.tracker.starts, time.monotonic(), healthy)
+        if why:
+            logger.warning("application %s: the Dynamo frontend %s; restarting it", self.config.app, why)
+            await frontend.kill()
 
     async def status(self) -> dict[str, Any]:
         workers = [await w.status.remote() for w in self.workers]

@@ -64,8 +64,9 @@ if os.fork() == 0:
 signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM to the group is the command's to handle
 code = subprocess.Popen(sys.argv[2:]).wait()
 kill_the_rest()  # what the command left behind when it exited, and the watcher
-if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+if code < 0:  # die of the same signal (SIGKILL and SIGSTOP take no handler)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """

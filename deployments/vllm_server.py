@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from arks_ray.autoscaling.config import replica_stats
 from arks_ray.engines import cadence
 from arks_ray.engines.protocol import Chunk, EngineItem, EngineRequest, Final
-from arks_ray.engines.sidecars import RestartPolicy
+from arks_ray.engines.sidecars import Liveness, RestartPolicy
 from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
 from deployments.dynamo_sidecars import Sidecar
 from deployments.upstream import Upstream
@@ -104,7 +104,7 @@ class VLLMServerReplica:
                                              connector=aiohttp.TCPConnector(limit=0))
         self.stats = replica_stats(self.config.deployment_config)
         self.interval_ms, self.interval_max_ms = cadence.BASE_MS, cadence.MAX_MS
-        self._misses = 0
+        self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)
         self._gauges: asyncio.Task[None] | None = None
         self.server.start()
         try:
@@ -195,7 +195,8 @@ class VLLMServerReplica:
 
     async def check_health(self) -> None:
         """Serve's health check: fails once the server has failed for good (Serve then replaces the replica).
-        A server that lives but stops answering is killed here, and so restarted."""
+        A server that stops answering is killed here, and so restarted; one that is still starting is given
+        ``startup_timeout_s`` (``Liveness``: killing it for not answering yet restarted it forever)."""
         import aiohttp
 
         failure = self._failure()
@@ -209,11 +210,9 @@ class VLLMServerReplica:
                 healthy = r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
-        self._misses = 0 if healthy else self._misses + 1
-        if self._misses >= LIVENESS_MISSES:
-            logger.warning("application %s: vLLM's server failed %d health checks; restarting it",
-                           self.config.app, self._misses)
-            self._misses = 0
+        why = self._liveness.check(self.server.tracker.starts, time.monotonic(), healthy)
+        if why:
+            logger.warning("application %s: vLLM's server %s; restarting it", self.config.app, why)
             await self.server.kill()
 
     async def status(self) -> dict[str, Any]:

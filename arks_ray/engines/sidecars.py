@@ -109,3 +109,37 @@ class SidecarTracker:
     def snapshot(self) -> dict[str, object]:
         return {"state": self.state, "starts": self.starts, "restarts": self.restarts,
                 "last_exit": self.last_exit, "last_reason": self.last_reason}
+
+
+@dataclass
+class Liveness:
+    """When a supervised server that no longer answers is killed (and so restarted by its ``SidecarTracker``).
+
+    A start is given ``startup_s`` to answer for the first time: a server loading a model does not answer
+    its health endpoint yet, and killing it for that would restart it forever. Once it has answered since
+    its latest start, ``misses`` failed checks in a row kill it."""
+
+    misses: int = 3
+    startup_s: float = 1800.0
+    _start: int = -1
+    _since: float = 0.0
+    _up: bool = False
+    _missed: int = 0
+
+    def check(self, start: int, now: float, healthy: bool) -> str | None:
+        """One health check of start number ``start`` (``SidecarTracker.starts``); a reason to kill, or None."""
+        if start != self._start:
+            self._start, self._since, self._up, self._missed = start, now, False, 0
+        if healthy:
+            self._up, self._missed = True, 0
+            return None
+        if not self._up:
+            if now - self._since > self.startup_s:
+                self._start = -1
+                return f"did not answer within {self.startup_s:.0f}s of its start"
+            return None
+        self._missed += 1
+        if self._missed >= self.misses:
+            missed, self._start = self._missed, -1
+            return f"failed {missed} health checks in a row"
+        return None

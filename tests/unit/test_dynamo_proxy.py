@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from arks_ray.engines.protocol import Answer, Chunk, EngineItem, EngineRequest, Failure, Final
+from arks_ray.engines.sidecars import Liveness
 from deployments.dynamo_apps import actor_options
 from deployments.dynamo_engine import DynamoServer, DynamoWorker, SidecarConfig, frontend_upstream
 from deployments.upstream import Upstream
@@ -210,9 +213,11 @@ class FakeFrontendSidecar:
 
     def __init__(self) -> None:
         self.kills = 0
+        self.tracker = SimpleNamespace(starts=1)
 
     async def kill(self) -> None:
         self.kills += 1
+        self.tracker.starts += 1  # the supervisor starts it again
 
 
 class FakeSidecars:
@@ -233,12 +238,14 @@ async def test_a_frontend_that_stops_answering_is_killed_after_three_health_chec
     server.config = SidecarConfig(app="dyn-app", model_path="/m", served_name="s", namespace="n", run_id="r")
     server.sidecars = FakeSidecars()  # type: ignore[assignment]
     server.base = f"http://127.0.0.1:{free_port()}"  # nothing listens: /live never answers
-    server._misses = 0
+    server._liveness = Liveness(misses=3, startup_s=60)
+    server._liveness.check(1, time.monotonic(), True)  # start 1 answered once, then stopped answering
     async with aiohttp.ClientSession() as server.session:
         await server.check_health()
         await server.check_health()
         assert server.sidecars.frontend.kills == 0  # type: ignore[attr-defined]
         await server.check_health()  # the third miss: killed, so the supervisor restarts it
         assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]
-        await server.check_health()
-        assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]  # the count starts over
+        for _ in range(5):  # start 2 has not answered yet: it is starting, and has 60 s for that
+            await server.check_health()
+        assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]

@@ -258,3 +258,41 @@ async def test_what_an_exiting_sidecar_leaves_behind_is_killed_and_its_code_kept
         with contextlib.suppress(ProcessLookupError):
             os.kill(grandchild, signal.SIGKILL)
         await sidecar.stop()
+
+
+async def test_a_command_killed_under_the_shim_exits_as_killed(tmp_path: Path) -> None:
+    """The shim dies of the signal that killed its command, SIGKILL included (it took no handler for it)."""
+    marker = tmp_path / "pid"
+    code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    sidecar = Sidecar(spec(code), tmp_path, policy=RestartPolicy(max_restarts=0), sleep=Recorder())
+    sidecar.start()
+    try:
+        for _ in range(500):
+            if marker.exists() and marker.read_text():
+                break
+            await asyncio.sleep(0.01)
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # the command, not the shim
+        await asyncio.wait_for(sidecar.done.wait(), 30)
+        assert sidecar.tracker.last_exit == -signal.SIGKILL
+        assert "Traceback" not in sidecar.log_tail()
+    finally:
+        await sidecar.stop()
+
+
+def test_a_starting_server_is_given_its_startup_time_then_three_misses() -> None:
+    from arks_ray.engines.sidecars import Liveness
+
+    live = Liveness(misses=3, startup_s=100)
+    # Start 1 loads its model: not answering for 90 s is no reason to kill it.
+    assert [live.check(1, t, False) for t in (0, 30, 60, 90)] == [None] * 4
+    assert live.check(1, 95, True) is None
+    assert live.check(1, 100, False) is None
+    assert live.check(1, 110, False) is None
+    assert live.check(1, 120, False) == "failed 3 health checks in a row"
+    # Start 2 (the restart) starts over: its own startup time, then its own count.
+    assert [live.check(2, t, False) for t in (130, 160, 190, 220)] == [None] * 4
+    assert live.check(2, 231, False) == "did not answer within 100s of its start"
+    assert live.check(3, 240, True) is None
+    assert live.check(3, 250, False) is None
+    assert live.check(3, 260, True) is None  # an answer resets the count
+    assert [live.check(3, t, False) for t in (270, 280)] == [None, None]
