@@ -97,7 +97,7 @@ first output is never held back (``_batch_output_stream``); a client sees later 
 one interval."""
 
 
-def _milliseconds(config: dict[str, Any] | None, key: str) -> float | None:
+def milliseconds(config: dict[str, Any] | None, key: str) -> float | None:
     """A ``user_config`` duration in ms: absent is None; anything but a number >= 0 is refused, naming it."""
     value = (config or {}).get(key)
     if value is None:
@@ -211,7 +211,7 @@ def _llm_server_class() -> type:
             ``cadence.KNEE_STREAMS`` streams (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its
             own), ``stream_interval_max_ms`` how far that grows under more streams (``cadence.MAX_MS``)."""
             # Checked before anything is applied: a refused user_config changes nothing.
-            interval, ceiling = (_milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+            interval, ceiling = (milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
             self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
             if interval is not None:
                 self._llm_config.experimental_configs["stream_batching_interval_ms"] = interval

@@ -38,7 +38,7 @@ from arks_ray.engines.sidecars import Liveness, RestartPolicy
 from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
 from deployments.dynamo_sidecars import Sidecar
 from deployments.upstream import Upstream
-from deployments.vllm_engine import _milliseconds
+from deployments.vllm_engine import milliseconds
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -187,7 +187,7 @@ class VLLMServerReplica:
     def reconfigure(self, config: dict[str, Any] | None) -> None:
         """Serve's ``user_config``, for the streams that start after it: ``stream_interval_ms`` and
         ``stream_interval_max_ms``, as with Ray's frontend (``deployments.vllm_engine``)."""
-        interval, ceiling = (_milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+        interval, ceiling = (milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
         if interval is not None:
             self.interval_ms = interval
         if ceiling is not None:

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from arks_ray.engines.dynamo import LaunchSpec
+from arks_ray.engines.executor import engine_workers
 
 FRONTEND_KEY = "arks_frontend"
 """The key of Ray's ``LLMConfig.experimental_configs`` that carries the frontend into the engine app."""
 RAY_LLM, VLLM_SERVER = "rayLLM", "vllmServer"
-FRONTENDS = (RAY_LLM, VLLM_SERVER)
 
 _RAY_ONLY = ("distributed_executor_backend",)
 """Engine keyword arguments Ray's frontend needs and the server decides itself (one GPU: in process)."""
@@ -32,12 +32,11 @@ def frontend(llm_config: Mapping[str, Any]) -> str:
     return str((llm_config.get("experimental_configs") or {}).get(FRONTEND_KEY) or RAY_LLM)
 
 
-def check_server_frontend(engine_kwargs: Mapping[str, Any], tp_key: str = "tensor_parallel_size",
-                          pp_key: str = "pipeline_parallel_size", lora: bool = False) -> None:
+def check_server_frontend(engine_kwargs: dict[str, Any], lora: bool = False) -> None:
     """Raise ValueError if vLLM's server cannot be this app's frontend: it runs the engine on its replica's
     one GPU (or CPU), so no tensor or pipeline parallelism across Ray's placement group yet, and no LoRA
     adapters, which Ray's frontend loads."""
-    workers = int(engine_kwargs.get(tp_key) or 1) * int(engine_kwargs.get(pp_key) or 1)
+    workers = engine_workers(engine_kwargs)
     if workers > 1:
         raise ValueError(f"engineFrontend {VLLM_SERVER} runs one engine worker per replica, not {workers} "
                          "(tensor x pipeline parallel); use the rayLLM frontend")
