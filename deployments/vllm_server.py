@@ -10,7 +10,7 @@ own process, as under ``vllm serve``, instead of on the replica's event loop (Ra
 What the replica still does: streams leave it coalesced as with Ray's frontend (the first output at once,
 then a read per interval that grows with the streams it serves, ``arks_ray.engines.cadence``;
 ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live); it times every request and
-reads the scheduler's gauges off the server's ``/metrics`` each second for the SLO autoscaling policy
+reads the scheduler's gauges off the server's ``/metrics`` when the SLO autoscaling policy asks
 (``record_autoscaling_stats``); a server that exits is restarted with backoff, one that stops answering is
 killed and restarted, and one that keeps failing fails Serve's health check, so Serve replaces the replica.
 """
@@ -18,7 +18,6 @@ killed and restarted, and one that keeps failing fails Serve's health check, so 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -47,7 +46,8 @@ logger = logging.getLogger("ray.serve.arks.engines")
 
 LIVENESS_MISSES = 3
 """Health checks in a row that the server may miss before it is killed (and restarted)."""
-GAUGE_INTERVAL_S = 1.0
+GAUGE_TIMEOUT_S = 2.0
+"""How long a look at the server's /metrics may take (Serve's own limit for the stats hook is longer)."""
 
 
 class ServerConfig(BaseModel):
@@ -84,12 +84,12 @@ class VLLMServerReplica:
         options: dict[str, Any] = server.get_deployment_options(llm_config)
         return options
 
-    async def __init__(self, llm_config: Any, app: str) -> None:  # type: ignore[misc]  # Serve awaits it
+    async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         import aiohttp
 
         from deployments.dynamo_engine import free_port
 
-        self.config = ServerConfig.of(app, llm_config)
+        self.config = config
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         # The child is this interpreter, with the replica's environment (its GPU, its Python path: vLLM may
@@ -105,14 +105,12 @@ class VLLMServerReplica:
         self.stats = replica_stats(self.config.deployment_config)
         self.interval_ms, self.interval_max_ms = cadence.BASE_MS, cadence.MAX_MS
         self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)
-        self._gauges: asyncio.Task[None] | None = None
         self.server.start()
         try:
             await self._wait_ready()
         except BaseException:
             await self.close()
             raise
-        self._gauges = asyncio.get_running_loop().create_task(self._read_gauges())
 
     async def _ready(self) -> bool:
         import aiohttp
@@ -166,22 +164,24 @@ class VLLMServerReplica:
             stats.finish(timer, tokens, time.monotonic())
 
     async def _read_gauges(self) -> None:
-        """The scheduler's queue and KV-cache use, from the server's Prometheus page, for the policy."""
+        """The scheduler's queue and KV-cache use, off the server's Prometheus page. Read when Serve asks
+        for the stats, so a deployment without autoscaling never scrapes it."""
         import aiohttp
 
-        while True:
-            await asyncio.sleep(GAUGE_INTERVAL_S)
-            try:
-                async with self.session.get(self.base + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    gauges = scheduler_gauges(await r.text()) if r.status == 200 else {}
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                continue
-            if "running" in gauges:
-                self.stats.scheduler(int(gauges["running"]), int(gauges.get("waiting", 0)),
-                                     gauges.get("kv_cache_usage", 0.0), time.monotonic())
+        try:
+            async with self.session.get(self.base + "/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=GAUGE_TIMEOUT_S)) as r:
+                gauges = scheduler_gauges(await r.text()) if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return  # the stats go without them; they count as stale after ReplicaStats.engine_stale_s
+        if "running" in gauges:
+            self.stats.scheduler(int(gauges["running"]), int(gauges.get("waiting", 0)),
+                                 gauges.get("kv_cache_usage", 0.0), time.monotonic())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's hook: this replica's TTFT/TPOT percentiles, queue depth and KV-cache use."""
+        """Serve's hook (called only for an autoscaling deployment): this replica's TTFT/TPOT percentiles,
+        and the server's queue depth and KV-cache use as of now."""
+        await self._read_gauges()
         return self.stats.report(time.monotonic())
 
     def reconfigure(self, config: dict[str, Any] | None) -> None:
@@ -219,10 +219,6 @@ class VLLMServerReplica:
         return {"app": self.config.app, "server": self.server.status()}
 
     async def close(self) -> None:
-        if self._gauges is not None:
-            self._gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gauges
         await self.server.stop()
         await self.session.close()
 
@@ -236,8 +232,13 @@ class VLLMServerReplica:
 
 
 def build_server_app(app: str, llm_config: Any) -> Application:
-    """The engine deployment of one vLLM app (Ray's ``LLMConfig``) with vLLM's server as its frontend."""
+    """The engine deployment of one vLLM app (Ray's ``LLMConfig``) with vLLM's server as its frontend.
+
+    Ray's builder gives the deployment its options; the replica is then bound to a ``ServerConfig`` rather
+    than the ``LLMConfig``: unpickling that imports torch (seconds, before the replica can start its server),
+    and the replica needs none of it."""
     from ray.serve.llm import build_llm_deployment
 
-    return build_llm_deployment(llm_config, name_prefix="arks-engine:", bind_kwargs={"app": app},
-                                deployment_cls=VLLMServerReplica)  # type: ignore[arg-type]
+    built = build_llm_deployment(llm_config, name_prefix="arks-engine:", deployment_cls=VLLMServerReplica)  # type: ignore[arg-type]
+    # ``_bound_deployment`` is how Serve's own builder reads an Application (ray.serve.deployment.Application).
+    return built._bound_deployment.bind(ServerConfig.of(app, llm_config))

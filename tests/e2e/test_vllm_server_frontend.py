@@ -126,7 +126,7 @@ def test_autoscaling_stats_come_from_the_requests_and_the_servers_metrics(stack:
         handle = serve.get_deployment_handle(f"arks-engine:{APP}", app_name=APP)
         handle.record_autoscaling_stats.remote().result()  # the handle is ready before the load starts
         # Long requests in flight (1500 tokens: seconds each on this model), one after another in 3 streams
-        # until a look at the stats finds them counted (the scheduler's gauges are read each second off the
+        # until a look at the stats finds them counted (each look reads the scheduler's gauges off the
         # server's /metrics, and a look through the handle is slow while the engine takes both cores).
         answers: list[int] = []
         done = threading.Event()

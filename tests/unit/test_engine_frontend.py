@@ -7,7 +7,10 @@ server itself runs in ``tests/e2e/test_vllm_server_frontend.py``.
 from __future__ import annotations
 
 import copy
+import pickle
 import shlex
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -133,7 +136,7 @@ LLM_CONFIG = {"model_loading_config": {"model_id": "m", "model_source": "/models
 @pytest.mark.usefixtures("no_ray")
 def test_the_deployment_is_placed_as_rays_frontend_would_be() -> None:
     from deployments.engines import build_app
-    from deployments.vllm_server import VLLMServerReplica
+    from deployments.vllm_server import ServerConfig, VLLMServerReplica
 
     server = build_app({"name": "a", "runtime": "vllm", "llm_config": copy.deepcopy(LLM_CONFIG)})
     rayllm = copy.deepcopy(LLM_CONFIG)
@@ -142,7 +145,18 @@ def test_the_deployment_is_placed_as_rays_frontend_would_be() -> None:
     ours, rays = server._bound_deployment, theirs._bound_deployment
     assert ours.func_or_class is VLLMServerReplica
     assert ours.name == rays.name == "arks-engine:m"
-    assert ours.init_kwargs["app"] == "a"
+    # The replica gets a config of its own: unpickling Ray's LLMConfig would import torch before it starts.
+    assert not ours.init_kwargs
+    (config,) = ours.init_args
+    assert isinstance(config, ServerConfig)
+    assert (config.app, config.model, config.served_name) == ("a", "/models/m", "m")
+    assert config.engine_kwargs["enforce_eager"] is True
+    assert config.deployment_config["num_replicas"] == 2
+    unpickled = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+         "print(sorted(m for m in ('torch', 'vllm', 'ray.llm') if m in sys.modules))"],
+        input=pickle.dumps(config), capture_output=True, check=True)
+    assert unpickled.stdout.decode().strip() == "[]"
     # Everything Serve places and routes by is the same: replicas, limits, health checks, router, placement.
     assert ours._deployment_config == rays._deployment_config
     assert ours._replica_config.placement_group_bundles == rays._replica_config.placement_group_bundles
