@@ -11,14 +11,19 @@
   the first engine output and the gateway's own time before asking the engine, per request. The client's
   TTFT minus the gateway's is what the Serve proxy and the HTTP hops in and out add;
 - ``profile``: ``py-spy record`` on the replicas during one extra load, then the top functions by self
-  time per process (the raw stacks are kept for reading later).
+  time per process (the raw stacks are kept for reading later);
+- ``startup_timeline``: where an engine app's start went, from Serve's own logs: the build task, the
+  replica's process until its ``__init__`` runs, the ``__init__`` (the engine, or the vLLM server, starting),
+  and Serve's notice after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -252,3 +257,50 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
 
 def dump(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str))
+
+
+_SERVE_LINE = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (.*)$")
+
+
+def _serve_events(path: Path) -> list[tuple[float, str]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        m = _SERVE_LINE.match(line)
+        if m:
+            at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((at, m.group(2)))
+    return out
+
+
+def startup_timeline(app: str, logs: Path = Path("/tmp/ray/session_latest/logs")) -> list[dict[str, float]]:
+    """Each replica the app started, in order: seconds spent in each stage of its start, from Serve's logs
+    (``build_s`` only for the first: Serve's build task, which imports the app's code and Ray's LLM
+    builder; ``process_s``: from Serve starting the replica to its ``__init__`` running, i.e. the worker
+    process, its imports and the unpickled arguments; ``init_s``: the ``__init__``; ``noticed_s``: until
+    Serve's controller saw it ready)."""
+    serve_logs = logs / "serve"
+    controller = [e for f in sorted(serve_logs.glob("controller_[0-9]*.log")) for e in _serve_events(f)]
+    deployed = next((at for at, msg in controller if msg.endswith(f"Deploying new app '{app}'.")), None)
+    built = next((at for at, msg in controller if f"Imported and built app '{app}' successfully" in msg), None)
+    replicas = []
+    for at, msg in controller:
+        m = re.search(r"Starting Replica\(id='(\w+)', deployment='[^']*', app='" + re.escape(app) + "'", msg)
+        if not m:
+            continue
+        rid = m.group(1)
+        stages: dict[str, float] = {}
+        if not replicas and deployed and built:
+            stages["build_s"] = round(built - deployed, 1)
+        ready = next((t for t, msg2 in controller if f"Replica(id='{rid}'" in msg2 and "started successfully" in msg2),
+                     None)
+        own = [e for f in serve_logs.glob(f"replica_{app}_*_{rid}.log") for e in _serve_events(f)]
+        began = next((t for t, msg2 in own if "Started initializing replica" in msg2), None)
+        ended = next((t for t, msg2 in own if "Finished initializing replica" in msg2), None)
+        if began:
+            stages["process_s"] = round(began - at, 1)
+        if began and ended:
+            stages["init_s"] = round(ended - began, 1)
+        if ended and ready:
+            stages["noticed_s"] = round(ready - ended, 1)
+        replicas.append(stages)
+    return replicas

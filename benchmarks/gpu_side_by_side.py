@@ -390,6 +390,9 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     res["startup"][f"{args.label}_total_s"] = round(time.monotonic() - t0, 1)
     url, hdr = "http://127.0.0.1:8000/v1/chat/completions", {"Authorization": f"Bearer {TOKEN}"}
     res["startup"][f"{args.label}_serving_after_running_s"] = warm(url, hdr)
+    if engine_app:
+        optional(res, "timeline", lambda: res["startup"].update(
+            {f"{args.label}_timeline": gpu_probe.startup_timeline(engine_app)}))
     log(f"arks ready: {res['startup']}")
     if args.interleave_raw:
         warm(f"{RAW}/v1/chat/completions", {})
@@ -512,6 +515,7 @@ def restart_replica(serve: Any, app: str, url: str, headers: dict[str, str], res
     warm(url, headers, timeout_s=300)
     res["startup"]["replica_noticed_s"] = round(started - t0, 1)
     res["startup"]["replica_restart_s"] = round(time.monotonic() - started, 1)
+    res["startup"]["replica_restart_timeline"] = gpu_probe.startup_timeline(app)[-1]
     log(f"the engine replica's loss noticed after {started - t0:.1f} s; the new one served "
         f"{res['startup']['replica_restart_s']} s later")
 
