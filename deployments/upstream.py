@@ -56,6 +56,44 @@ def without_address(exc: BaseException) -> str:
     return f"{type(exc).__name__} ({code})" if code else type(exc).__name__
 
 
+STALE = (errno.ECONNRESET, errno.EPIPE)
+
+
+def stale_connection(exc: BaseException) -> bool:
+    """The connection dropped before any answer: what a pooled keep-alive connection does when the server closed
+    it as the request went out (uvicorn, under vLLM's server, closes idle ones after 5 s; aiohttp keeps them 15 s).
+    The server read no request, so sending it again on a new connection is safe."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError) \
+        and exc.errno in STALE
+
+
+class _Post:
+    """``session.post(url, json=payload)``, sent once more on a new connection when the first one turns out to be
+    stale before the answer's status line (``stale_connection``). Nothing is sent again once an answer began."""
+
+    def __init__(self, session: Callable[[], Any], url: str, payload: dict[str, Any]) -> None:
+        self.session, self.url, self.payload = session, url, payload
+        self._cm: Any = None
+
+    async def __aenter__(self) -> Any:
+        try:
+            self._cm = self.session().post(self.url, json=self.payload)
+            return await self._cm.__aenter__()
+        except Exception as exc:
+            if not stale_connection(exc):
+                raise
+            logger.debug("a pooled connection was stale (%s); sending again on a new one", without_address(exc))
+        self._cm = self.session().post(self.url, json=self.payload)
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._cm.__aexit__(*exc)
+
+
 class Upstream:
     """An OpenAI HTTP API at ``base`` (never shown to clients), reached through one aiohttp session.
 
@@ -79,7 +117,7 @@ class Upstream:
         if self.model is not None:
             payload = {**payload, "model": self.model}
         try:
-            async with self._session().post(self.base + PATHS[request.kind], json=payload) as resp:
+            async with _Post(self._session, self.base + PATHS[request.kind], payload) as resp:
                 if resp.status >= 400:
                     yield self._failure(resp.status, await resp.read())
                     return

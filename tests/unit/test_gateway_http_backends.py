@@ -354,3 +354,66 @@ def test_the_log_names_no_upstream_address(caplog: pytest.LogCaptureFixture) -> 
     assert item == Failure("unavailable", 503, "backend 'ext' is not reachable")
     assert "is not reachable: ClientConnectorError (ECONNREFUSED)" in caplog.text
     assert "127.0.0.1" not in caplog.text
+
+
+def _keep_alive_server(drop: Callable[[int, int], bool]) -> Any:
+    """A plain HTTP/1.1 server on loopback that answers each request with one JSON body on a kept-alive
+    connection, except that it closes the connection, unanswered, when ``drop(connection_no, request_no)``:
+    as a server does when it times out an idle keep-alive connection just as a request goes out on it."""
+    counts = {"connections": 0, "requests": 0, "answered": 0}
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts["connections"] += 1
+        conn, n = counts["connections"], 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                n += 1
+                counts["requests"] += 1
+                if drop(conn, n):
+                    writer.transport.abort()  # no status line: the client sees the connection die
+                    return
+                body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                counts["answered"] += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return on_connection, counts
+
+
+def test_a_stale_kept_alive_connection_is_sent_on_again_once() -> None:
+    """aiohttp retries only idempotent methods on a connection the server dropped; a POST to an engine found
+    its pooled connection closed (vLLM's server closes idle ones after 5 s, aiohttp keeps them 15 s) and
+    failed with a 502 once in ~2000 requests on the H200. It is sent again on a new connection; a connection
+    that dies before the answer twice is still the backend's failure, sent no third time."""
+    async def main(drop: Callable[[int, int], bool]) -> tuple[list[EngineItem], dict[str, int]]:
+        on_connection, counts = _keep_alive_server(drop)
+        server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        backends = HttpBackends(GatewaySettings(http_connect_timeout_s=2))
+        try:
+            items = []
+            for _ in range(2):
+                stream = backends.open(Backend(kind="http", name="ext", weight=1, url=url),
+                                       EngineRequest("chat", {"model": "m"}, False))
+                items += await collect(aiter(stream))
+            return items, counts
+        finally:
+            await backends.close()
+            server.close()
+
+    # The second request goes out on the first's connection, which the server closes unanswered.
+    items, counts = asyncio.run(main(lambda conn, n: conn == 1 and n == 2))
+    assert [type(i) for i in items] == [Answer, Answer]
+    assert counts == {"connections": 2, "requests": 3, "answered": 2}
+    # Every connection dies at its first request: one more try, then the failure, without the address.
+    items, counts = asyncio.run(main(lambda conn, n: True))
+    assert items == [Failure("engine", 502, "backend 'ext' failed mid-answer (ServerDisconnectedError)")] * 2
+    assert counts["requests"] == 4
+    assert "127.0.0.1" not in json.dumps([i.body() for i in items if isinstance(i, Failure)])
