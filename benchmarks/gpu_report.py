@@ -15,12 +15,41 @@ def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
-    merged: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": {}, "args": {}}
+    """The phases' results in one. An interleaved run (``--interleave-raw``) keeps its own raw vLLM apart, as
+    ``raw (beside LABEL)``, and its round-by-round comparison goes to ``paired``."""
+    merged: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": {}, "args": {},
+                              "paired": {}}
     for path in paths:
         data = json.loads(path.read_text())
+        targets = dict(data.get("targets", {}))
+        ours = [name for name in targets if name != "raw"]
+        if "raw" in targets and len(ours) == 1:  # raw and one arks-ray target, loads alternating
+            merged["paired"][ours[0]] = paired(targets["raw"], targets[ours[0]])
+            targets[f"raw (beside {ours[0]})"] = targets.pop("raw")
+        data["targets"] = targets
         for key in merged:
             merged[key].update(data.get(key, {}))
     return merged
+
+
+def paired(raw: dict[str, list[dict[str, Any]]], ours: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per concurrency, each round of ours against the raw round next to it in time: tokens/s summed over the
+    rounds (ours ÷ raw), the per-round ratios, and the median of the per-round TTFT p50 differences."""
+    out: dict[str, Any] = {}
+    for c, rounds in ours.items():
+        pairs = [(r, o) for r, o in zip(raw.get(c, []), rounds, strict=False)
+                 if not r.get("failed") and not o.get("failed")]
+        if not pairs:
+            continue
+        ratios = [o["tokens_per_s"] / r["tokens_per_s"] for r, o in pairs]
+        extra = sorted(o["ttft_p50_ms"] - r["ttft_p50_ms"] for r, o in pairs)
+        out[c] = {"rounds": len(pairs),
+                  "tokens_ratio": round(sum(o["tokens_per_s"] for _, o in pairs) /
+                                        sum(r["tokens_per_s"] for r, _ in pairs), 3),
+                  "round_ratios": [round(x, 2) for x in ratios],
+                  "ttft_p50_extra_ms": round(extra[len(extra) // 2] if len(extra) % 2 else
+                                             (extra[len(extra) // 2 - 1] + extra[len(extra) // 2]) / 2, 1)}
+    return out
 
 
 def report(data: dict[str, Any], png: Path | None) -> str:
@@ -42,6 +71,15 @@ def report(data: dict[str, Any], png: Path | None) -> str:
             each = " / ".join(f"{r['tokens_per_s']:.0f}" for r in rounds)
             lines.append(f"| {name} | {c} | {b['tokens_per_s']:.0f} ({each})"
                          f" | {b['ttft_p50_ms']} | {b['ttft_p90_ms']} | {b['tpot_p50_ms']} | {ratio} | {extra} |")
+    if data.get("paired"):
+        lines += ["", "Interleaved with raw vLLM (each round of ours against the raw round next to it):", "",
+                  "| target | concurrency | rounds | tokens/s ÷ raw (sum of rounds) | per round | TTFT p50 - raw ms "
+                  "(median) |", "|---|---|---|---|---|---|"]
+        for name, by_c in data["paired"].items():
+            for c in sorted(by_c, key=int):
+                p = by_c[c]
+                lines.append(f"| {name} | {c} | {p['rounds']} | {p['tokens_ratio']:.2f} | "
+                             f"{' / '.join(f'{x:.2f}' for x in p['round_ratios'])} | {p['ttft_p50_extra_ms']:+.0f} |")
     for name, by_c in data.get("hops", {}).items():
         for c, rounds in by_c.items():
             b = best(rounds)
@@ -56,7 +94,24 @@ def report(data: dict[str, Any], png: Path | None) -> str:
         except ImportError:
             lines.append(f"(matplotlib is not installed: no plot at {png})")
             return "\n".join(lines)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        pairs = data.get("paired") or {}
+        fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(15 if pairs else 10, 4))
+        a1, a2 = axes[0], axes[1]
+        if pairs:
+            a3 = axes[2]
+            for i, (name, by_c) in enumerate(pairs.items()):
+                for c, p in by_c.items():
+                    xs = [int(c) * (1 + 0.04 * (i - len(pairs) / 2))] * len(p["round_ratios"])
+                    a3.scatter(xs, p["round_ratios"], s=14, color=f"C{i}", label=name if c == min(by_c, key=int)
+                               else None)
+                a3.plot(sorted(int(c) for c in by_c), [by_c[c]["tokens_ratio"] for c in sorted(by_c, key=int)],
+                        color=f"C{i}", marker="_", markersize=20, linestyle="none")
+            a3.axhline(1.0, color="grey", linewidth=0.8)
+            a3.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
+            a3.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s ÷ raw beside it (dots: rounds)",
+                   xticks=levels)
+            a3.set_xticklabels([str(c) for c in levels])
+            a3.legend(fontsize=7)
         for name, by_c in targets.items():
             cs = [c for c in levels if str(c) in by_c and not best(by_c[str(c)]).get("failed")]
             a1.plot(cs, [best(by_c[str(c)])["tokens_per_s"] for c in cs], marker="o", label=name)
