@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -65,7 +66,8 @@ class AuthMiddleware:
         try:
             token = self.pipeline.index.authenticate(header, started)
         except RequestError as err:
-            self.pipeline.refused(KINDS.get(scope.get("path", ""), "other"), None, err, started)
+            self.pipeline.refused(KINDS.get(scope.get("path", ""), "other"), None, err, started,
+                                  Headers(scope=scope))
             await error_response(err)(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -166,7 +168,7 @@ def make_api(pipeline: Pipeline) -> FastAPI:
         try:
             body = await read_body(request, kind, pipeline)
         except RequestError as err:
-            pipeline.refused(kind, _token(request), err, started)
+            pipeline.refused(kind, _token(request), err, started, request.headers)
             raise
         return to_response(await pipeline.serve(kind, _token(request), body, request.headers, started))
 

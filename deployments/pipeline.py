@@ -50,7 +50,7 @@ from arks_ray.gateway.health import BreakerSettings
 from arks_ray.gateway.index import GatewayIndex
 from arks_ray.gateway.limits import Usage, cost_micro, estimate_usage, usage_from
 from arks_ray.gateway.ports import CounterStore
-from arks_ray.gateway.records import Outcome, RequestRecord
+from arks_ray.gateway.records import Outcome, RequestRecord, client_request_id
 from arks_ray.gateway.routing import Router, RouteView, Ticket
 from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.gateway.settlement import Settlements
@@ -149,14 +149,15 @@ class Pipeline:
             await life.settled()  # a stream settles before its last event instead (relay)
         return reply
 
-    def refused(self, kind: str, token: Token | None, err: RequestError, started: float) -> None:
+    def refused(self, kind: str, token: Token | None, err: RequestError, started: float,
+                headers: Mapping[str, str] | None = None) -> None:
         """Record a request refused before its lifecycle began (a bad token, a bad body): nothing to settle."""
         now = self.clock()
         self.metrics.finished(RequestRecord(
             request_id=uuid.uuid4().hex, namespace=self.index.config.namespace, token=token.name if token else "",
             endpoint="", backend="", kind=kind, stream=False, status=err.status, outcome=_outcome_of(err),
             prompt_tokens=0, completion_tokens=0, cost=0.0, started=started, ttft_s=None, duration_s=now - started,
-            gateway_s=now - started, limit=err.reason))
+            gateway_s=now - started, limit=err.reason, client_request_id=client_request_id(headers or {})))
 
     def settle(self, admission: Admission | None, usage: Usage) -> asyncio.Task[None] | None:
         """Settle in the background: it must run even when the request's task is being cancelled. The task
@@ -424,7 +425,8 @@ class RequestLifecycle:
             cost=cost_micro(pricing, used.prompt_tokens, used.completion_tokens) / 1e6,
             started=self.started, ttft_s=(self.first_at - self.started) if self.first_at else None,
             duration_s=now - self.started,
-            gateway_s=(self.asked_at or now) - self.started, retries=self.retries, limit=reason))
+            gateway_s=(self.asked_at or now) - self.started, retries=self.retries, limit=reason,
+            client_request_id=client_request_id(self.headers)))
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -14,8 +14,9 @@ from arks_ray.gateway.records import RequestRecord
 
 FIELDS = ("time", "request_id", "namespace", "token", "endpoint", "backend", "kind", "stream", "status",
           "outcome", "prompt_tokens", "completion_tokens", "cost", "ttft_ms", "duration_ms", "gateway_ms",
-          "retries", "limit")
-"""Keys of every line, in order (``limit`` only on 429s)."""
+          "retries", "limit", "client_request_id")
+"""Keys of every line, in order (``limit`` only on 429s, ``client_request_id`` only when the client sent a
+well-formed ``X-Request-Id``)."""
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -54,4 +55,6 @@ def line(record: RequestRecord) -> str:
     }
     if record.limit:
         entry["limit"] = record.limit
+    if record.client_request_id:
+        entry["client_request_id"] = record.client_request_id
     return json.dumps(entry, separators=(",", ":"))

@@ -7,6 +7,8 @@ no token, no prompt and no backend address: only names a tenant may see.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,3 +56,17 @@ class RequestRecord:
     retries: int = 0
     limit: str = ""
     """For a 429: the limit that refused it (rpm, tpm, concurrency, ... as the governor names it); else empty."""
+    client_request_id: str = ""
+    """The client's own ``X-Request-Id`` when it sent a well-formed one (``client_request_id``), to find the
+    request by; else empty. Only logged: the gateway's keys use ``request_id``, which no client chooses."""
+
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def client_request_id(headers: Mapping[str, str]) -> str:
+    """The client's ``X-Request-Id``, if it is 1-64 characters of letters, digits and ``. _ : -``; else empty
+    (the log keeps to ids a grep can match, and no client pads every line of it)."""
+    value = headers.get(REQUEST_ID_HEADER) or ""
+    return value if _CLIENT_ID.fullmatch(value) else ""

@@ -228,3 +228,35 @@ def test_an_invalid_config_is_refused_and_the_old_one_kept(setup: Any) -> None:
 def test_healthz_needs_no_token(setup: Any) -> None:
     client, _, _ = setup
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(("sent", "logged"), [
+    ("bench-17.a:b_c", "bench-17.a:b_c"),
+    ("x" * 65, ""),  # too long
+    ('a","token":"x', ""),  # quotes and anything else outside the set
+    ("a b", ""),
+    (None, ""),
+])
+def test_the_clients_request_id_is_logged_when_well_formed_and_never_used_as_a_key(sent: str | None,
+                                                                                  logged: str) -> None:
+    from arks_ray.gateway.records import RequestRecord
+    from deployments.gateway_metrics import NoMetrics
+
+    seen: list[RequestRecord] = []
+
+    class Recording(NoMetrics):
+        def finished(self, record: RequestRecord) -> None:
+            seen.append(record)
+
+    backends = MockBackends()
+    p = pipeline(backends, (token("t", "sk-t", "m"),), endpoints=ENDPOINTS, metrics=Recording())
+    client = TestClient(make_api(p))
+    headers = {**AUTH, **({"X-Request-Id": sent} if sent is not None else {})}
+    script(backends, Answer({"id": "x", "usage": {"total_tokens": 3}}))
+    assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers).status_code == 200
+    # Refused before the lifecycle (a bad token), and by a check of the body: the same rule.
+    assert client.post("/v1/chat/completions", json={"model": "m"},
+                       headers={**headers, "Authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/v1/chat/completions", content=b"{", headers=headers).status_code == 400
+    assert [r.client_request_id for r in seen] == [logged] * 3
+    assert all(r.request_id and r.request_id != sent for r in seen)

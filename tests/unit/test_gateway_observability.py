@@ -169,7 +169,7 @@ def test_routes_and_quotas_become_gauges() -> None:
 def test_access_log_line_has_every_field_and_nothing_secret() -> None:
     record = replace(OK, token="alice")
     entry = json.loads(access_log.line(record))
-    assert list(entry) == [f for f in access_log.FIELDS if f != "limit"]
+    assert list(entry) == [f for f in access_log.FIELDS if f not in ("limit", "client_request_id")]
     assert entry["time"] == "2026-09-21T14:13:20.123Z"
     assert (entry["ttft_ms"], entry["duration_ms"], entry["gateway_ms"]) == (50.0, 1050.0, 2.0)
     assert (entry["token"], entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == ("alice", 200,
