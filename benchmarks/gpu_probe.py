@@ -194,13 +194,21 @@ def _unix(iso: str) -> float:
     return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis or 0) / 1000
 
 
-def gateway_view(started_unix: float, ended_unix: float, logs: Path = Path("/tmp/ray/session_latest/logs")
-                 ) -> dict[str, Any] | None:
+def gateway_view(started_unix: float, ended_unix: float, results: list[dict[str, Any]] | None = None,
+                 logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict[str, Any] | None:
     """p50/p90 of the access log's ``ttft_ms`` and ``gateway_ms`` for the requests the gateway replicas
-    (found by process) started between the two times; None when no gateway line is found."""
+    (found by process) started between the two times; None when no gateway line is found.
+
+    With the client's ``results`` (each with the ``id`` it sent as ``X-Request-Id`` and its ``sent_unix``),
+    each request's TTFT is also split where the gateway saw it: ``in`` from the client's send to the gateway
+    taking it (the Serve proxy and the replica's ASGI layer), the gateway's own TTFT, and ``out`` from the first
+    engine output at the gateway to the first token at the client (the same hops back)."""
     pids = pids_by_role().get("gateway", [])
     ttft: list[float] = []
     own: list[float] = []
+    sent = {r["id"]: r for r in results or [] if r.get("ok") and r.get("id")}
+    inbound: list[float] = []
+    outbound: list[float] = []
     for pid in pids:
         for path in logs.glob(f"worker-*-{pid}.out"):
             for line in path.read_text(errors="replace").splitlines():
@@ -214,12 +222,18 @@ def gateway_view(started_unix: float, ended_unix: float, logs: Path = Path("/tmp
                 if started_unix - 0.5 <= at <= ended_unix and entry.get("ttft_ms") is not None:
                     ttft.append(float(entry["ttft_ms"]))
                     own.append(float(entry["gateway_ms"]))
+                    mine = sent.get(entry.get("client_request_id", ""))
+                    if mine is not None:
+                        inbound.append((at - mine["sent_unix"]) * 1000)
+                        outbound.append((mine["sent_unix"] + mine["ttft"] - at) * 1000 - float(entry["ttft_ms"]))
     if not ttft:
         return None
     from arks_ray.autoscaling.replica import percentile  # the client's percentiles are computed the same way
 
-    return {"requests": len(ttft), **{f"{name}_p{q}_ms": round(percentile(values, q), 1)
-                                      for name, values in (("ttft", ttft), ("gateway", own)) for q in (50, 90)}}
+    split = (("in", inbound), ("out", outbound)) if inbound else ()
+    return {"requests": len(ttft), "matched": len(inbound),
+            **{f"{name}_p{q}_ms": round(percentile(values, q), 1)
+               for name, values in (("ttft", ttft), ("gateway", own), *split) for q in (50, 90)}}
 
 
 # --------------------------------------------------------------------------------------------- py-spy

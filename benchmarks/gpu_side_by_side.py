@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -142,9 +143,10 @@ def body(i: int, seed: int, max_tokens: int) -> dict[str, Any]:
 
 
 async def one(client: Any, url: str, headers: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
+    rid = f"bench-{next(_IDS)}"  # the gateway logs it (client_request_id): its view of this very request
+    sent, started = time.time(), time.perf_counter()
     ttft, chunks, events, tokens, usage, tail = None, 0, 0, 0, 0, b""
-    async with client.stream("POST", url, json=payload, headers=headers) as resp:
+    async with client.stream("POST", url, json=payload, headers={**headers, "x-request-id": rid}) as resp:
         if resp.status_code != 200:
             return {"ok": False, "error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
         async for raw in resp.aiter_raw():
@@ -163,7 +165,11 @@ async def one(client: Any, url: str, headers: dict[str, str], payload: dict[str,
     latency = time.perf_counter() - started
     ok = usage == payload["max_tokens"]
     return {"ok": ok, "ttft": ttft or latency, "latency": latency, "chunks": chunks, "events": events,
-            "tokens": tokens, "error": "" if ok else f"usage {usage} != {payload['max_tokens']}"}
+            "tokens": tokens, "error": "" if ok else f"usage {usage} != {payload['max_tokens']}", "id": rid,
+            "sent_unix": sent}
+
+
+_IDS = itertools.count()
 
 
 async def http_load(url: str, headers: dict[str, str], bodies: list[dict[str, Any]], concurrency: int
@@ -218,11 +224,12 @@ def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any],
             began = time.time()
             wall, results = asyncio.run(fn(bodies, conc))
             s = summary(wall, results, sampler.stop())
-            s["gateway"] = gpu_probe.gateway_view(began, time.time()) if gateway else None
+            s["gateway"] = gpu_probe.gateway_view(began, time.time(), results) if gateway else None
             store.setdefault(name, {}).setdefault(str(conc), []).append(s)
             roles = ", ".join(f"{k} {v:.2f}" for k, v in list(s["cpu"]["cores_by_role"].items())[:6])
-            seen = s["gateway"] and f" (at the gateway: TTFT p50 {s['gateway']['ttft_p50_ms']} ms, own " \
-                                    f"{s['gateway']['gateway_p50_ms']} ms)"
+            g = s["gateway"] or {}
+            split = f"; in {g['in_p50_ms']} ms, out {g['out_p50_ms']} ms" if "in_p50_ms" in g else ""
+            seen = g and f" (at the gateway: TTFT p50 {g['ttft_p50_ms']} ms, own {g['gateway_p50_ms']} ms{split})"
             log(f"{name} c={conc} round {rnd}: {s['tokens_per_s']} tok/s, TTFT p50 {s['ttft_p50_ms']} ms"
                 f"{seen or ''}, failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
 
