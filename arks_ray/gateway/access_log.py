@@ -15,8 +15,8 @@ from arks_ray.gateway.records import RequestRecord
 FIELDS = ("time", "request_id", "namespace", "token", "endpoint", "backend", "kind", "stream", "status",
           "outcome", "prompt_tokens", "completion_tokens", "cost", "ttft_ms", "duration_ms", "gateway_ms",
           "retries", "limit", "client_request_id")
-"""Keys of every line, in order (``limit`` only on 429s, ``client_request_id`` only when the client sent a
-well-formed ``X-Request-Id``)."""
+"""Keys of every line, in order (``limit`` only on 429s, ``client_request_id`` only for a well-formed
+``X-Request-Id``: the client's, or the one Serve's proxy adds and returns to the client)."""
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -57,8 +57,9 @@ class RequestRecord:
     limit: str = ""
     """For a 429: the limit that refused it (rpm, tpm, concurrency, ... as the governor names it); else empty."""
     client_request_id: str = ""
-    """The client's own ``X-Request-Id`` when it sent a well-formed one (``client_request_id``), to find the
-    request by; else empty. Only logged: the gateway's keys use ``request_id``, which no client chooses."""
+    """The request's ``X-Request-Id`` when well formed (``client_request_id``), else empty: the client's own, or
+    the one Serve's proxy gave it, which the client gets back in the response's ``x-request-id`` header and
+    Serve's own log lines carry. Only logged: the gateway's keys use ``request_id``, which no client chooses."""
 
 
 REQUEST_ID_HEADER = "x-request-id"
