@@ -101,15 +101,14 @@ def report(data: dict[str, Any], png: Path | None) -> str:
             a3 = axes[2]
             for i, (name, by_c) in enumerate(pairs.items()):
                 for c, p in by_c.items():
-                    xs = [int(c) * (1 + 0.04 * (i - len(pairs) / 2))] * len(p["round_ratios"])
-                    a3.scatter(xs, p["round_ratios"], s=14, color=f"C{i}", label=name if c == min(by_c, key=int)
-                               else None)
-                a3.plot(sorted(int(c) for c in by_c), [by_c[c]["tokens_ratio"] for c in sorted(by_c, key=int)],
-                        color=f"C{i}", marker="_", markersize=20, linestyle="none")
+                    x = levels.index(int(c)) + 0.15 * (i - (len(pairs) - 1) / 2)
+                    a3.scatter([x] * len(p["round_ratios"]), p["round_ratios"], s=14, color=f"C{i}",
+                               label=name if c == min(by_c, key=int) else None)
+                    a3.plot([x], [p["tokens_ratio"]], color=f"C{i}", marker="_", markersize=20)
             a3.axhline(1.0, color="grey", linewidth=0.8)
             a3.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
-            a3.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s ÷ raw beside it (dots: rounds)",
-                   xticks=levels)
+            a3.set(xlabel="concurrent streams", ylabel="tokens/s ÷ raw beside it (dots: rounds; bar: all)",
+                   xticks=range(len(levels)), xlim=(-0.6, len(levels) - 0.4))
             a3.set_xticklabels([str(c) for c in levels])
             a3.legend(fontsize=7)
         for name, by_c in targets.items():
