@@ -148,6 +148,9 @@ def up_cmd(
         "--num-gpus", min=0, help="GPUs to offer the local Ray (default: detected, e.g. by nvidia-smi).")] = None,
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
     rate_limit_algorithm: Annotated[str, typer.Option(help="slidingWindow or fixedWindow (Arks).")] = "slidingWindow",
+    ingress: Annotated[str, typer.Option(
+        help="What answers on --port: serve (Serve's proxy) or haproxy (Ray's HAProxy ingress; needs the haproxy "
+             "binary; applies when this command starts Ray).")] = "serve",
 ) -> None:
     """Run the rendered Serve config on a local Ray (started if needed) and wait until it serves."""
     from arks_ray.local import runner
@@ -163,9 +166,12 @@ def up_cmd(
     except ValueError as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
+    if ingress not in ("serve", "haproxy"):
+        _err(f"error: --ingress {ingress!r}: expected serve or haproxy")
+        raise typer.Exit(2)
     try:
         plan = runner.plan(loaded, namespace or "default", port, gateway_settings=settings,
-                           gateway_replicas=gateway_replicas)
+                           gateway_replicas=gateway_replicas, ingress=ingress)  # type: ignore[arg-type]
         _step(f"rendered {len(plan.engine_apps)} engine app(s) + gateway", t0)
         t = time.monotonic()
         for note in runner.ensure_local_models(loaded):
@@ -177,7 +183,7 @@ def up_cmd(
         plan.num_gpus = runner.detect_gpus() if num_gpus is None else num_gpus
         runner.check_gpus(plan.gpus_needed, plan.num_gpus)
         started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()),
-                                   plan.gateway_env)
+                                   plan.gateway_env, plan.ingress)
         _step(f"{'started' if started else 'attached to'} Ray ({plan.num_cpus} logical CPUs, "
               f"{plan.num_gpus} GPU(s))", t)
         t = time.monotonic()

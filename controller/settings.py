@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from arks_ray.api.digests import TokenKeys
 from arks_ray.render import RenderOptions
-from arks_ray.render.options import GangScheduler, UpgradeStrategy
+from arks_ray.render.options import GangScheduler, Ingress, UpgradeStrategy
 
 FIELD_MANAGER = "arks-ray"
 FINALIZER = "arks.ai/serve-app"
@@ -160,6 +160,8 @@ def from_env(env: Mapping[str, str], base: ControllerSettings | None = None) -> 
         changes["token_keys"] = keys
     if env.get("ARKS_GANG_SCHEDULER"):
         changes["gang_scheduler"] = _choice(env["ARKS_GANG_SCHEDULER"], get_args(GangScheduler), "ARKS_GANG_SCHEDULER")
+    if env.get("ARKS_INGRESS"):
+        changes["ingress"] = _choice(env["ARKS_INGRESS"], get_args(Ingress), "ARKS_INGRESS")
     if env.get("ARKS_UPGRADE_STRATEGY"):
         changes["upgrade_strategy"] = _choice(env["ARKS_UPGRADE_STRATEGY"], get_args(UpgradeStrategy),
                                               "ARKS_UPGRADE_STRATEGY")

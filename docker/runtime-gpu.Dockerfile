@@ -10,6 +10,11 @@ ARG ENGINE=vllm
 LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
       org.opencontainers.image.description="arks-ray Ray runtime for GPU engines" \
       org.opencontainers.image.licenses="Apache-2.0"
+# haproxy: the ingress of `ingress: haproxy` (arks_ray/render/options.py, HAPROXY_ENV).
+USER 0
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/*
+USER 1000
 COPY --chown=ray:users pyproject.toml README.md /tmp/arks-ray/
 COPY --chown=ray:users arks_ray /tmp/arks-ray/arks_ray
 COPY --chown=ray:users controller /tmp/arks-ray/controller

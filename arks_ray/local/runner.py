@@ -27,7 +27,7 @@ from arks_ray.api.model import ArksModel
 from arks_ray.local.keys import local_token_keys
 from arks_ray.render import Rendered, RenderOptions, render_namespace
 from arks_ray.render.cluster import parse_ray_resources
-from arks_ray.render.options import SERVE_THROUGHPUT_ENV
+from arks_ray.render.options import SERVE_THROUGHPUT_ENV, Ingress, ingress_env
 
 TINY_MODEL_ID = "arks-ray/tiny-qwen2"
 TINY_EMBED_ID = "arks-ray/tiny-qwen2-embed"
@@ -52,6 +52,8 @@ class LocalPlan:
     num_gpus: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict, repr=False)
     """The gateway's token keys (the namespace's, derived from the local key) for ``ray start``'s environment."""
+    ingress: Ingress = "serve"
+    """What answers on ``port`` (``RenderOptions.ingress``): its settings go into ``ray start``'s environment."""
 
     @property
     def gpus_needed(self) -> dict[str, float]:
@@ -133,11 +135,15 @@ def check_gpus(needed: dict[str, float], available: int) -> None:
 
 
 def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[str, Any] | None = None,
-         gateway_replicas: int = 1) -> LocalPlan:
+         gateway_replicas: int = 1, ingress: Ingress = "serve") -> LocalPlan:
     if loaded.errors:
         raise LocalError("\n".join(str(p) for p in loaded.errors))
+    if ingress == "haproxy" and shutil.which("haproxy") is None:
+        raise LocalError("--ingress haproxy needs the haproxy binary on PATH (Debian and Ubuntu: apt-get install "
+                         "haproxy; `make sysdeps` installs it)")
     keys = local_token_keys()
-    options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}), token_keys=keys)
+    options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}), token_keys=keys,
+                            ingress=ingress)
     rendered = render_namespace(loaded.objects, namespace, secrets=loaded.secrets, options=options)
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
@@ -147,7 +153,7 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         resources.update(parse_ray_resources(group["rayStartParams"].get("resources", '"{}"')))
     return LocalPlan(rendered, config, resources, _cpus_needed(config), port,
-                     gateway_env=keys.for_namespace(namespace).environ())
+                     gateway_env=keys.for_namespace(namespace).environ(), ingress=ingress)
 
 
 def _generated_model(model_id: str) -> Callable[[], Path] | None:
@@ -246,14 +252,15 @@ def missing_resources(resources: dict[str, float]) -> list[str]:
     return sorted(name for name in resources if name not in total)
 
 
-def ray_env(gateway_env: dict[str, str]) -> dict[str, str]:
+def ray_env(gateway_env: dict[str, str], ingress: Ingress = "serve") -> dict[str, str]:
     """The environment of ``ray start`` on every local node: Ray Serve's settings as a rendered cluster has
-    them (``SERVE_THROUGHPUT_ENV``; the user's own environment wins), then the gateway's keys."""
-    return {**SERVE_THROUGHPUT_ENV, **os.environ, **gateway_env}
+    them (``SERVE_THROUGHPUT_ENV`` and the ingress's; the user's own environment wins), then the gateway's
+    keys."""
+    return {**SERVE_THROUGHPUT_ENV, **ingress_env(ingress), **os.environ, **gateway_env}
 
 
 def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpus_wanted: float = 0.0,
-              gateway_env: dict[str, str] | None = None) -> bool:
+              gateway_env: dict[str, str] | None = None, ingress: Ingress = "serve") -> bool:
     """Start a local head node unless one answers already; True if this call started it.
 
     ``gateway_env`` (default: the token keys of namespace ``default``) goes into the environment of ``ray
@@ -270,7 +277,8 @@ def start_ray(num_cpus: int, resources: dict[str, float], num_gpus: int = 0, gpu
            "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"]
     _auth_env()
     _ensure_auth_token()
-    env = ray_env(gateway_env if gateway_env is not None else local_token_keys().for_namespace("default").environ())
+    env = ray_env(gateway_env if gateway_env is not None else local_token_keys().for_namespace("default").environ(),
+                  ingress)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)  # noqa: S603 - our own ray
     if proc.returncode != 0:
         raise LocalError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")

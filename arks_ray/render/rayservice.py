@@ -139,6 +139,10 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
     wrong = accelerators.problem(accelerator, gpus) if accelerator else None
     if wrong:
         problems.append(Problem("ArksApplication", name, "spec.accelerator", wrong))
+    if spec.routing is not None and options.ingress == "haproxy":
+        problems.append(Problem("ArksApplication", name, "spec.routing",
+                                "needs Serve's proxy as the ingress: with ingress haproxy, Ray refuses a custom "
+                                "request router on an application's ingress deployment"))
     if any(p.severity == "error" for p in problems):
         return None, problems
     shape = _shape(app, spec.runtime, spec.instance_spec, model, accelerator, options)
@@ -231,7 +235,7 @@ def _head(options: RenderOptions) -> dict[str, Any]:
                 "image": options.head_image,
                 "imagePullPolicy": "IfNotPresent",
                 "resources": options.head_resources,
-                "env": [*_env_list(options.serve_env), *_secret_env(options)],
+                "env": [*_env_list(options.ray_env), *_secret_env(options)],
                 "ports": [{"name": n, "containerPort": p} for n, p in ports],
             }]},
         },
@@ -303,7 +307,7 @@ def render_namespace(
         "headGroupSpec": _head(options),
     }
     for group in groups.wanted.values():
-        _add_env(group.template, options.serve_env)
+        _add_env(group.template, options.ray_env)
     before = previous_groups(previous)
     cluster["workerGroupSpecs"] = order_groups(groups.wanted, before, options.group_resource_units)
     if before and needs_new_cluster(((previous or {}).get("spec") or {}).get("rayClusterConfig"), cluster):

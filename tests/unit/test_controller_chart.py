@@ -181,7 +181,7 @@ def test_rbac_is_least_privilege() -> None:
 
 
 def test_the_operator_gets_its_token_key_and_writes_only_the_gateway_secret() -> None:
-    docs = render_chart(chart_values(gangScheduling__scheduler="volcano", upgradeStrategy="None"))
+    docs = render_chart(chart_values(gangScheduling__scheduler="volcano", upgradeStrategy="None", ingress="haproxy"))
     env = {e["name"]: e for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["ARKS_TOKEN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "arks-token-key", "key": "key"}
     assert env["ARKS_TOKEN_KEY_NEXT"]["valueFrom"]["secretKeyRef"] == {"name": "arks-token-key", "key": "next",
@@ -191,6 +191,7 @@ def test_the_operator_gets_its_token_key_and_writes_only_the_gateway_secret() ->
     settings = from_env({**plain, "ARKS_TOKEN_KEY": "ab" * 32})
     assert settings.render.gang_scheduler == "volcano"
     assert settings.render.upgrade_strategy == "None"
+    assert settings.render.ingress == "haproxy"
     assert settings.render.token_keys is not None
     role = by_kind(docs, "ClusterRole", "arks-ray-gateway-secrets")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
@@ -198,6 +199,9 @@ def test_the_operator_gets_its_token_key_and_writes_only_the_gateway_secret() ->
                               "verbs": ["get", "patch"]}]
     with pytest.raises(ValueError, match="ARKS_GANG_SCHEDULER"):
         from_env({"ARKS_GANG_SCHEDULER": "kueue"})
+    with pytest.raises(ValueError, match="ARKS_INGRESS='nginx': expected one of serve, haproxy"):
+        from_env({"ARKS_INGRESS": "nginx"})
+    assert from_env({}).render.ingress == "serve"
 
 
 def test_secret_access_can_be_left_to_per_namespace_bindings() -> None:

@@ -1,0 +1,110 @@
+"""``ingress: haproxy`` for real: Ray's HAProxy ingress in front of the gateway, with real vLLM (CPU) behind it.
+
+``arks-ray up --ingress haproxy`` (``runner.plan``/``start_ray`` with ``ingress="haproxy"``) starts Ray with
+``RAY_SERVE_ENABLE_HA_PROXY=1`` and direct ingress on, so Debian's ``haproxy`` (installed by ``make sysdeps``)
+answers on the Serve port instead of Serve's Python proxy. This module runs the demo manifest that way, on a
+Ray of its own (``no_shared_stack``), and checks what a client sees: the port is HAProxy's, a stream is whole
+and metered, errors keep OpenAI's shape, a request id reaches the access log. Timings are the benchmark's
+business (README, Performance), not this module's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from arks_ray.local import runner
+from tests.support.redis_server import free_port
+from tests.support.stack import DEMO_TOKEN, installation_key, make_plan
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (make sysdeps installs it)"),
+]
+
+AUTH = {"Authorization": f"Bearer {DEMO_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def base(no_shared_stack: None) -> Iterator[str]:
+    port = free_port()
+    plan = make_plan("", port, ingress="haproxy")
+    assert plan.ingress == "haproxy"
+    try:
+        with installation_key():
+            runner.start_ray(plan.num_cpus, plan.resources, gateway_env=plan.gateway_env, ingress=plan.ingress)
+        runner.deploy(plan.serve_config)
+        runner.wait_ready(["gateway", *plan.engine_apps], timeout_s=600, progress=print)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        runner.down()
+
+
+def listener(port: int) -> str:
+    """The name of the process that listens on ``port`` on loopback or every address."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid).name()
+    return ""
+
+
+def chat(client: httpx.Client, headers: dict[str, str], **extra: object) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, **extra}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def test_haproxy_answers_on_the_serve_port(base: str) -> None:
+    assert listener(int(base.rsplit(":", 1)[1])) == "haproxy"
+
+
+def test_a_stream_is_whole_and_metered_through_haproxy(base: str) -> None:
+    with httpx.Client(base_url=base, timeout=120) as client, client.stream(
+            "POST", "/v1/chat/completions", headers=AUTH,
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+                  "stream": True, "stream_options": {"include_usage": True}}) as resp:
+        assert resp.status_code == 200, resp.read()
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert text
+    assert usage[-1]["completion_tokens"] == 8
+
+
+def test_errors_keep_openais_shape_through_haproxy(base: str) -> None:
+    with httpx.Client(base_url=base, timeout=60) as client:
+        missing = chat(client, {})
+        unknown = chat(client, AUTH, model="no-such-model")
+        broken = client.post("/v1/chat/completions", content=b"{", headers={**AUTH, "content-type": "application/json"})
+        models = client.get("/v1/models", headers=AUTH)
+    for resp, status in ((missing, 401), (unknown, 404), (broken, 400)):
+        assert resp.status_code == status, resp.text
+        assert set(resp.json()["error"]) == {"message", "type", "code", "param"}
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+
+def test_the_request_id_reaches_the_access_log(base: str) -> None:
+    rid = f"haproxy-{time.time_ns()}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        assert chat(client, {**AUTH, "X-Request-Id": rid}).status_code == 200
+    logs = Path("/tmp/ray/session_latest/logs")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [line for f in logs.glob("worker-*.out") for line in f.read_text(errors="replace").splitlines()
+                 if rid in line and line.startswith("{")]
+        if lines:
+            entry = json.loads(lines[0])
+            assert entry["client_request_id"] == rid
+            assert entry["status"] == 200
+            assert entry["completion_tokens"] == 8
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no access log line for {rid}")
