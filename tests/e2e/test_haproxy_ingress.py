@@ -60,8 +60,12 @@ def chat(client: httpx.Client, headers: dict[str, str], **extra: object) -> http
     return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
-def test_haproxy_answers_on_the_serve_port(base: str) -> None:
+def test_haproxy_answers_on_the_serve_port_and_its_health_check(base: str) -> None:
     assert listener(int(base.rsplit(":", 1)[1])) == "haproxy"
+    # What KubeRay's readiness probe of a RayService pod asks (wget .../-/healthz | grep success).
+    health = httpx.get(base + "/-/healthz", timeout=10)
+    assert health.status_code == 200
+    assert "success" in health.text
 
 
 def test_a_stream_is_whole_and_metered_through_haproxy(base: str) -> None:
