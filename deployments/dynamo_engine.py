@@ -27,10 +27,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from arks_ray.engines import dynamo
+from arks_ray.engines import cadence, dynamo
 from arks_ray.engines.protocol import EngineItem, EngineRequest
 from arks_ray.engines.sidecars import Liveness, RestartPolicy
-from deployments.dynamo_sidecars import Sidecar
+from deployments.dynamo_sidecars import Sidecar, loopback_session, wait_ready
 from deployments.upstream import Upstream
 
 logger = logging.getLogger("ray.serve.arks.dynamo")
@@ -154,8 +154,9 @@ class DynamoWorker:
         return self.sidecars.stop_once()
 
 
-def frontend_upstream(app: str, served_name: str, base: str, session: Any) -> Upstream:
-    """The Dynamo frontend sidecar as an ``Upstream`` serving ``served_name``."""
+def frontend_upstream(app: str, served_name: str, base: str, session: Any, interval_s: float = 0.0) -> Upstream:
+    """The Dynamo frontend sidecar as an ``Upstream`` serving ``served_name``, read at most every
+    ``interval_s``."""
 
     def on_error(status: int, message: str) -> tuple[int, str]:
         if status == 404 and "model" in message.lower():
@@ -163,7 +164,8 @@ def frontend_upstream(app: str, served_name: str, base: str, session: Any) -> Up
             return 503, f"no Dynamo worker serves {served_name!r} right now: {message}"
         return status, message
 
-    return Upstream(f"application {app}", base, lambda: session, model=served_name, on_error=on_error)
+    return Upstream(f"application {app}", base, lambda: session, model=served_name, on_error=on_error,
+                    interval_s=interval_s)
 
 
 class DynamoServer:
@@ -171,17 +173,12 @@ class DynamoServer:
 
     async def __init__(self, config: dict[str, Any],  # type: ignore[misc]  # Serve awaits it
                        workers: list[Any] | None = None) -> None:
-        import aiohttp
-
         self.config = SidecarConfig.model_validate(config)
         self.workers = list(workers or [])
         self.sidecars = _Sidecars(self.config)
         self.base = f"http://127.0.0.1:{self.sidecars.port}"
-        # No cap on connections: Serve's max_ongoing_requests bounds the streams (aiohttp's default cap of 100
-        # would queue those past the 100th).
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5),
-                                             connector=aiohttp.TCPConnector(limit=0))
-        self.proxy = frontend_upstream(self.config.app, self.config.served_name, self.base, self.session)
+        self.session = loopback_session()
+        self.interval_ms, self.interval_max_ms, self.in_flight = cadence.BASE_MS, cadence.MAX_MS, 0
         self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)
         self.sidecars.start()
         try:
@@ -207,21 +204,32 @@ class DynamoServer:
             return False
 
     async def _wait_ready(self) -> None:
-        started = time.monotonic()
-        while not await self._ready():
-            failure = self.sidecars.failure()
-            if failure:
-                raise RuntimeError(failure)
-            if time.monotonic() - started > self.config.startup_timeout_s:
-                raise TimeoutError(f"application {self.config.app}: the Dynamo frontend did not list model "
-                                   f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s")
-            await asyncio.sleep(0.25)
-        logger.info("application %s: Dynamo ready in %.1fs at %s", self.config.app, time.monotonic() - started,
-                    self.base)
+        took = await wait_ready(self._ready, self.sidecars.failure, self.config.startup_timeout_s,
+                                f"application {self.config.app}: the Dynamo frontend did not list model "
+                                f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s")
+        logger.info("application %s: Dynamo ready in %.1fs at %s", self.config.app, took, self.base)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
-        async for item in self.proxy.generate(request):
-            yield item
+        """The frontend's answer, its stream read at most once per interval as the other engine apps send
+        theirs (``arks_ray.engines.cadence``: the first output at once, then per interval, growing with the
+        streams in flight), so each item through Serve to the gateway carries what came meanwhile."""
+        interval = cadence.interval_ms(self.interval_ms, self.interval_max_ms, self.in_flight + 1) / 1000
+        proxy = frontend_upstream(self.config.app, self.config.served_name, self.base, self.session, interval)
+        self.in_flight += 1
+        try:
+            async for item in proxy.generate(request):
+                yield item
+        finally:
+            self.in_flight -= 1
+
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config``: ``stream_interval_ms`` and ``stream_interval_max_ms``, for the streams that
+        start after it, as for the vLLM apps."""
+        interval, ceiling = cadence.user_intervals(config)
+        if interval is not None:
+            self.interval_ms = interval
+        if ceiling is not None:
+            self.interval_max_ms = ceiling
 
     async def check_health(self) -> None:
         """Serve's health check: fails once a sidecar has failed for good (Serve then replaces the replica).

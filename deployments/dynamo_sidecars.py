@@ -181,3 +181,29 @@ class Sidecar:
     def status(self) -> dict[str, Any]:
         return {"role": self.spec.role, "pid": self.pid, "command": self.spec.command(),
                 "log": str(self.log_path), **self.tracker.snapshot()}
+
+
+def loopback_session(keep_alive_s: float | None = None) -> Any:
+    """The aiohttp session a replica speaks to its own sidecar server with: no cap on connections (Serve's
+    ``max_ongoing_requests`` bounds the streams; aiohttp's default cap of 100 would queue the 101st), no total
+    timeout (streams are long), 5 s to connect; ``keep_alive_s`` for idle connections (aiohttp's default: 15 s)."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0) if keep_alive_s is None else \
+        aiohttp.TCPConnector(limit=0, keepalive_timeout=keep_alive_s)
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5), connector=connector)
+
+
+async def wait_ready(ready: Callable[[], Awaitable[bool]], failure: Callable[[], str | None], timeout_s: float,
+                     too_long: str) -> float:
+    """Poll ``ready`` until it says so; seconds it took. Raises RuntimeError with ``failure()`` once a sidecar has
+    failed for good, and TimeoutError with ``too_long`` past ``timeout_s``."""
+    started = time.monotonic()
+    while not await ready():
+        failed = failure()
+        if failed:
+            raise RuntimeError(failed)
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(too_long)
+        await asyncio.sleep(0.25)
+    return time.monotonic() - started

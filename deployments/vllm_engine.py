@@ -97,16 +97,6 @@ first output is never held back (``_batch_output_stream``); a client sees later 
 one interval."""
 
 
-def milliseconds(config: dict[str, Any] | None, key: str) -> float | None:
-    """A ``user_config`` duration in ms: absent is None; anything but a number >= 0 is refused, naming it."""
-    value = (config or {}).get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        raise ValueError(f"user_config.{key} must be a number of milliseconds >= 0, got {value!r}")
-    return float(value)
-
-
 def carries_output(item: Any) -> bool:
     """Whether a stream item holds output (or ends the stream): anything but vLLM's role-only first chunk."""
     return not (isinstance(item, str) and '"role":' in item and '"content":""' in item and '"text":"' not in item)
@@ -211,7 +201,7 @@ def _llm_server_class() -> type:
             ``cadence.KNEE_STREAMS`` streams (``STREAM_INTERVAL_MS`` by default; 0 sends every chunk on its
             own), ``stream_interval_max_ms`` how far that grows under more streams (``cadence.MAX_MS``)."""
             # Checked before anything is applied: a refused user_config changes nothing.
-            interval, ceiling = (milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+            interval, ceiling = cadence.user_intervals(config)
             self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
             if interval is not None:
                 self._llm_config.experimental_configs["stream_batching_interval_ms"] = interval

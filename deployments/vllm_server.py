@@ -17,7 +17,6 @@ killed and restarted, and one that keeps failing fails Serve's health check, so 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -35,9 +34,8 @@ from arks_ray.engines import cadence
 from arks_ray.engines.protocol import Chunk, EngineItem, EngineRequest, Final
 from arks_ray.engines.sidecars import Liveness, RestartPolicy
 from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
-from deployments.dynamo_sidecars import Sidecar
+from deployments.dynamo_sidecars import Sidecar, loopback_session, wait_ready
 from deployments.upstream import Upstream
-from deployments.vllm_engine import milliseconds
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -88,7 +86,6 @@ class VLLMServerReplica:
         return options
 
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
-        import aiohttp
 
         from deployments.dynamo_engine import free_port
 
@@ -108,9 +105,7 @@ class VLLMServerReplica:
         logs = Path(tempfile.gettempdir()) / "arks-ray-vllm-server" / f"{self.config.app}-{os.getpid()}-" \
             f"{uuid.uuid4().hex[:6]}"
         self.server = Sidecar(spec, logs, policy=RestartPolicy(max_restarts=self.config.max_restarts))
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5),
-                                             connector=aiohttp.TCPConnector(
-                                                 limit=0, keepalive_timeout=max(1.0, keep_alive_s / 2)))
+        self.session = loopback_session(keep_alive_s=max(1.0, keep_alive_s / 2))
         self.stats = replica_stats(self.config.deployment_config)
         self.interval_ms, self.interval_max_ms = cadence.BASE_MS, cadence.MAX_MS
         self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)
@@ -139,18 +134,12 @@ class VLLMServerReplica:
                 f"--- last lines of {self.server.log_path}:\n{self.server.log_tail()}")
 
     async def _wait_ready(self) -> None:
-        started = time.monotonic()
-        while not await self._ready():
-            failure = self._failure()
-            if failure:
-                raise RuntimeError(failure)
-            if time.monotonic() - started > self.config.startup_timeout_s:
-                raise TimeoutError(f"application {self.config.app}: vLLM's server did not serve "
-                                   f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s; "
-                                   f"its log: {self.server.log_path}")
-            await asyncio.sleep(0.25)
-        logger.info("application %s: vLLM's server ready in %.1fs (log: %s)", self.config.app,
-                    time.monotonic() - started, self.server.log_path)
+        took = await wait_ready(self._ready, self._failure, self.config.startup_timeout_s,
+                                f"application {self.config.app}: vLLM's server did not serve "
+                                f"{self.config.served_name!r} within {self.config.startup_timeout_s:.0f}s; "
+                                f"its log: {self.server.log_path}")
+        logger.info("application %s: vLLM's server ready in %.1fs (log: %s)", self.config.app, took,
+                    self.server.log_path)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
         """The gateway's port: the request relayed to the server, timed for the autoscaling policy."""
@@ -196,7 +185,7 @@ class VLLMServerReplica:
     def reconfigure(self, config: dict[str, Any] | None) -> None:
         """Serve's ``user_config``, for the streams that start after it: ``stream_interval_ms`` and
         ``stream_interval_max_ms``, as with Ray's frontend (``deployments.vllm_engine``)."""
-        interval, ceiling = (milliseconds(config, key) for key in ("stream_interval_ms", "stream_interval_max_ms"))
+        interval, ceiling = cadence.user_intervals(config)
         if interval is not None:
             self.interval_ms = interval
         if ceiling is not None:

@@ -1,6 +1,7 @@
 """How long an engine replica coalesces a stream's chunks into one item, given how many streams it serves.
 
-Used by the vLLM engine deployment (``deployments.vllm_engine``) for every new stream. Every item costs
+Used by the engine deployments (``deployments.vllm_engine``, ``vllm_server``, ``dynamo_engine``) for every new
+stream. Every item costs
 CPU in each Serve hop behind the engine (the engine replica, the gateway, the proxy), so under many
 streams fewer, larger items leave more of the machine to the engine. On an H200 at 128 streams, 200 ms
 gave 1.07x the tokens/s of the better of two 100 ms loads and a TTFT p50 55 ms lower; at 32 streams
@@ -11,6 +12,9 @@ CPU to spare. The first output of a stream is never held back (the deployment se
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 BASE_MS = 100.0
 """The interval up to ``KNEE_STREAMS`` streams (Ray's own default is 50 ms)."""
@@ -28,3 +32,22 @@ def interval_ms(base_ms: float, max_ms: float, streams: int, knee: int = KNEE_ST
     if base_ms <= 0 or max_ms <= base_ms or streams <= knee:
         return base_ms
     return min(max_ms, base_ms * streams / knee)
+
+
+INTERVAL_KEY, CEILING_KEY = "stream_interval_ms", "stream_interval_max_ms"
+"""The engine deployment's ``user_config`` keys for the base and the ceiling, applied live."""
+
+
+def milliseconds(config: Mapping[str, Any] | None, key: str) -> float | None:
+    """A ``user_config`` duration in ms: absent is None; anything but a number >= 0 is refused, naming it."""
+    value = (config or {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ValueError(f"user_config.{key} must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
+
+
+def user_intervals(config: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
+    """``user_config``'s base and ceiling (``INTERVAL_KEY``, ``CEILING_KEY``); None where it sets none."""
+    return milliseconds(config, INTERVAL_KEY), milliseconds(config, CEILING_KEY)

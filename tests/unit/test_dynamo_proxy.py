@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,6 +58,13 @@ class FakeFrontend:
                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if mode == "slow":  # a token every 20 ms, as an engine decodes
+            for n in range(10):
+                await resp.write(chunk(str(n)).encode())
+                await asyncio.sleep(0.02)
+            await resp.write(chunk(usage=USAGE).encode() + b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         events = chunk("he") + chunk("llo")
         if body.get("stream_options", {}).get("include_usage"):
             events += chunk(usage=USAGE)
@@ -249,3 +257,29 @@ async def test_a_frontend_that_stops_answering_is_killed_after_three_health_chec
         for _ in range(5):  # start 2 has not answered yet: it is starting, and has 60 s for that
             await server.check_health()
         assert server.sidecars.frontend.kills == 1  # type: ignore[attr-defined]
+
+
+async def test_the_replica_reads_the_frontends_stream_at_its_cadence(frontend: Any) -> None:
+    """Each item through Serve costs CPU in every hop: a Dynamo replica reads its frontend's stream once per
+    interval (the first output at once), as the vLLM apps coalesce theirs; ``user_config`` changes it live."""
+    _, proxy = frontend
+    server = DynamoServer.__new__(DynamoServer)  # the replica's request path, without its sidecars
+    server.config = SimpleNamespace(app="dyn-app", served_name="served")
+    server.base, server.session = proxy.base, proxy._session()
+    server.interval_ms, server.interval_max_ms, server.in_flight = 100.0, 200.0, 0
+    server.sidecars = SimpleNamespace(stopping=True)  # nothing to stop when it is collected
+
+    async def items() -> list[EngineItem]:
+        got = [i async for i in server.generate(EngineRequest("chat", {"mode": "slow", "stream": True}, False))]
+        assert server.in_flight == 0
+        return got
+
+    paced = await items()
+    assert "".join(re.findall(r'"content": "(\d)"', text_of(paced))) == "0123456789"
+    assert isinstance(paced[-1], Final)
+    assert paced[-1].usage == USAGE  # metered off the frontend's usage chunk
+    assert len(paced) <= 5  # ~200 ms of tokens: the first at once, then about one read per 100 ms
+    server.reconfigure({"stream_interval_ms": 0})  # no coalescing: every event as it comes
+    assert len(await items()) >= 10
+    with pytest.raises(ValueError, match=r"user_config\.stream_interval_max_ms must be a number"):
+        server.reconfigure({"stream_interval_max_ms": "fast"})
