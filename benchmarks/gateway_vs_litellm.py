@@ -251,6 +251,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gateway-port", type=int, default=8000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
+                    help="what answers on the gateway port (arks-ray up --ingress)")
     args = ap.parse_args()
     if args.mode == "mock":
         mock_main(args.port, args.tokens)
@@ -269,7 +271,8 @@ def main() -> int:
         (workdir / "litellm.yaml").write_text(litellm_config(mock_url + "/v1", redis.port, args.database_url))
         t0 = time.monotonic()
         subprocess.run([arks, "up", "-f", str(workdir / "arks.yaml"), "--port", str(args.gateway_port),
-                        "--redis-url", redis.url, "--detach", "--timeout", "300"], check=True)
+                        "--redis-url", redis.url, "--detach", "--timeout", "300", "--ingress", args.ingress],
+                       check=True)
         log(f"arks-ray gateway up in {time.monotonic() - t0:.1f}s")
         env = {**os.environ, "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "true"}
         lproc = subprocess.Popen([args.litellm, "--config", str(workdir / "litellm.yaml"), "--host", "127.0.0.1",
@@ -307,7 +310,8 @@ def main() -> int:
                                            f"({s['errors']} errors)" for n, s in cells[cell].items()))
         out = {"cells": cells, "litellm": {"database": bool(args.database_url), "version": subprocess.run(
             [args.litellm, "--version"], capture_output=True, text=True, check=False).stdout.strip()[-80:]},
-            "arks": {"governance": "auth, rpm, tpm, concurrency, quota on Redis"}, "args": vars(args) | {
+            "arks": {"governance": "auth, rpm, tpm, concurrency, quota on Redis", "ingress": args.ingress},
+            "args": vars(args) | {
                 "out": str(args.out)}}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gateway_vs_litellm.json").write_text(json.dumps(out, indent=1))
