@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from arks_ray.api.gateway import Backend
 from arks_ray.engines import cadence
-from arks_ray.engines.protocol import EngineItem, EngineRequest, EngineStream, Failure
+from arks_ray.engines.protocol import FRONT_DEPLOYMENT, EngineItem, EngineRequest, EngineStream, Failure
 from arks_ray.gateway.settings import GatewaySettings
 from deployments.upstream import Upstream
 
@@ -135,8 +135,8 @@ class ServeBackends:
         out: dict[str, tuple[bool, str]] = {}
         down: dict[str, str] = {}
         for name, app in status.applications.items():
-            states = [(getattr(state, "value", state), int(n)) for d in app.deployments.values()
-                      for state, n in d.replica_states.items()]
+            states = [(getattr(state, "value", state), int(n)) for name_, d in app.deployments.items()
+                      if name_ != FRONT_DEPLOYMENT for state, n in d.replica_states.items()]
             running = sum(n for state, n in states if state == "RUNNING")
             out[name] = (True, "") if running else (False, f"Serve app {app.status}: no running replica")
             # Down only when Serve itself says the app is not serving (deploying, unhealthy after a replica

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
+from arks_ray.engines.protocol import FRONT_DEPLOYMENT
+
 logger = logging.getLogger("ray.serve.arks.engines")
 
 
@@ -43,6 +45,36 @@ def build_app(raw: dict[str, Any]) -> Application:
         args = EngineAppArgs.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(f"application {raw.get('name', '?')}: invalid engine app args: {exc}") from None
+    return fronted(_build_engine(args))
+
+
+class EngineFront:
+    """The ingress of an engine app whose engine has a custom request router, under Ray's HAProxy ingress.
+
+    In that mode Ray refuses a custom router on an application's ingress deployment (HAProxy would bypass it), so
+    the engine becomes this placeholder's child. Nothing calls it: the gateway reaches the engine deployment by
+    name, through the engine's own router. It holds no CPU."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+
+def fronted(app: Application) -> Application:
+    """``app``, behind an ``EngineFront`` when Ray's HAProxy ingress is on and its deployment has a custom
+    request router (the check Ray's ``build_app`` makes); else ``app`` itself."""
+    from ray import serve
+    from ray.serve._private import constants
+
+    if not constants.RAY_SERVE_ENABLE_HA_PROXY:
+        return app
+    # Ray's own reading of an Application (ray.serve._private.build_app._has_custom_request_router).
+    if app._bound_deployment._deployment_config.request_router_config.is_default_request_router():
+        return app
+    front = serve.deployment(name=FRONT_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})(EngineFront)
+    return front.bind(app)
+
+
+def _build_engine(args: EngineAppArgs) -> Application:
     if args.runtime == "vllm":
         from deployments.vllm_engine import build_vllm
 

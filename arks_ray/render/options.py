@@ -42,8 +42,9 @@ HAPROXY_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENAB
 """``ingress: haproxy``: Ray 2.60 runs HAProxy on the Serve port (8000) of each node with a proxy, in front of the
 gateway replicas' own HTTP servers, instead of Serve's Python proxy. On the Serve path with a stand-in engine at
 128 streams it took the time from the client to the gateway's code from 238-333 ms to 14 ms (README,
-Performance). It needs the ``haproxy`` binary on every such node, and Ray then refuses a custom request router
-on an application's ingress deployment (an ArksApplication's ``spec.routing``)."""
+Performance). It needs the ``haproxy`` binary on every such node. Ray then refuses a custom request router on an
+application's ingress deployment, so an engine app with ``spec.routing`` gets a placeholder ingress
+(``deployments.engines.EngineFront``)."""
 
 
 def ingress_env(ingress: Ingress) -> dict[str, str]:

@@ -139,10 +139,6 @@ def _render_app(app: ArksApplication, model: ArksModel, groups: _Groups, namespa
     wrong = accelerators.problem(accelerator, gpus) if accelerator else None
     if wrong:
         problems.append(Problem("ArksApplication", name, "spec.accelerator", wrong))
-    if spec.routing is not None and options.ingress == "haproxy":
-        problems.append(Problem("ArksApplication", name, "spec.routing",
-                                "needs Serve's proxy as the ingress: with ingress haproxy, Ray refuses a custom "
-                                "request router on an application's ingress deployment"))
     if any(p.severity == "error" for p in problems):
         return None, problems
     shape = _shape(app, spec.runtime, spec.instance_spec, model, accelerator, options)

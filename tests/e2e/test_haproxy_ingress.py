@@ -2,10 +2,11 @@
 
 ``arks-ray up --ingress haproxy`` (``runner.plan``/``start_ray`` with ``ingress="haproxy"``) starts Ray with
 ``RAY_SERVE_ENABLE_HA_PROXY=1`` and direct ingress on, so Debian's ``haproxy`` (installed by ``make sysdeps``)
-answers on the Serve port instead of Serve's Python proxy. This module runs the demo manifest that way, on a
-Ray of its own (``no_shared_stack``), and checks what a client sees: the port is HAProxy's, a stream is whole
-and metered, errors keep OpenAI's shape, a request id reaches the access log. Timings are the benchmark's
-business (README, Performance), not this module's.
+answers on the Serve port instead of Serve's Python proxy. This module runs the demo manifest that way, plus an
+app behind the ``consistentHash`` router (which Ray refuses on an app's ingress in this mode, so it gets a
+placeholder ingress, ``deployments.engines.EngineFront``), on a Ray of its own (``no_shared_stack``), and checks
+what a client sees: the port is HAProxy's, a stream is whole and metered, errors keep OpenAI's shape, a request
+id reaches the access log, the routed app answers. Timings are the benchmark's business (README, Performance).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import httpx
 import psutil
 import pytest
 
+from arks_ray.engines.protocol import FRONT_DEPLOYMENT
 from arks_ray.local import runner
+from arks_ray.render.serve_config import ROUTERS
+from tests.support.autoscaling import deployed_configs
 from tests.support.redis_server import free_port
-from tests.support.stack import DEMO_TOKEN, installation_key, make_plan
+from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, installation_key, make_plan
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,12 +34,32 @@ pytestmark = [
 ]
 
 AUTH = {"Authorization": f"Bearer {DEMO_TOKEN}"}
+ROUTED = f"""apiVersion: arks.ai/v1
+kind: ArksApplication
+metadata: {{name: tiny-hash, namespace: default}}
+spec:
+  servedModelName: tiny-hash
+{TINY_ENGINE}
+  routing: {{router: consistentHash}}
+---
+apiVersion: arks.ai/v1
+kind: ArksEndpoint
+metadata: {{name: tiny-hash, namespace: default}}
+spec: {{defaultWeight: 1}}
+---
+apiVersion: arks.ai/v1
+kind: ArksToken
+metadata: {{name: hash, namespace: default}}
+spec:
+  token: sk-hash-local-only
+  qos: [{{arksEndpoint: {{name: tiny-hash}}}}]
+"""
 
 
 @pytest.fixture(scope="module")
 def base(no_shared_stack: None) -> Iterator[str]:
     port = free_port()
-    plan = make_plan("", port, ingress="haproxy")
+    plan = make_plan(ROUTED, port, ingress="haproxy")
     assert plan.ingress == "haproxy"
     try:
         with installation_key():
@@ -112,3 +136,17 @@ def test_the_request_id_reaches_the_access_log(base: str) -> None:
             return
         time.sleep(0.5)
     pytest.fail(f"no access log line for {rid}")
+
+
+def test_an_app_with_its_own_router_answers_behind_a_placeholder_ingress(base: str) -> None:
+    configs = deployed_configs("tiny-hash")
+    assert set(configs) == {FRONT_DEPLOYMENT, "arks-engine:tiny-hash"}
+    router = configs["arks-engine:tiny-hash"]["request_router_config"]["request_router_class"]
+    assert router == ROUTERS["consistentHash"]
+    with httpx.Client(base_url=base, timeout=120) as client:
+        resp = client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-hash-local-only",
+                                                            "x-session-id": "one"},
+                           json={"model": "tiny-hash", "messages": [{"role": "user", "content": "Hi"}],
+                                 "max_tokens": 8})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 8

@@ -220,7 +220,7 @@ def test_every_ray_container_gets_the_serve_settings_and_an_apps_own_env_wins() 
     assert not any(k.startswith("RAY_SERVE") for g in groups(bare) for k in _env(g["template"]))
 
 
-def test_haproxy_ingress_reaches_every_ray_container_and_refuses_a_custom_router() -> None:
+def test_haproxy_ingress_reaches_every_ray_container() -> None:
     from arks_ray.render.options import HAPROXY_ENV, SERVE_THROUGHPUT_ENV
 
     rendered = render(app("a"), app("b", routing={"router": "prefixCache"}), ingress="haproxy")
@@ -228,11 +228,9 @@ def test_haproxy_ingress_reaches_every_ray_container_and_refuses_a_custom_router
     assert _env(head).items() >= {**SERVE_THROUGHPUT_ENV, **HAPROXY_ENV}.items()
     assert _env(head)["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"  # the mode's, over the default's "0"
     assert all(_env(g["template"]).items() >= HAPROXY_ENV.items() for g in groups(rendered))
-    assert [str(p) for p in rendered.errors] == [
-        "error: ArksApplication/b: spec.routing: needs Serve's proxy as the ingress: with ingress haproxy, Ray "
-        "refuses a custom request router on an application's ingress deployment"]
-    assert sorted(a["name"] for a in rendered.serve_config["applications"]) == ["a", "gateway"]
-    # The default: Serve's proxy, no HAProxy setting anywhere, and the router renders.
-    plain = render(app("a"), app("b", routing={"router": "prefixCache"}))
-    assert not plain.errors
+    # An app with its own router renders as ever: its engine app puts a placeholder ingress in front
+    # (deployments.engines.fronted, tests/unit/test_engine_front.py).
+    assert not rendered.errors
+    assert sorted(a["name"] for a in rendered.serve_config["applications"]) == ["a", "b", "gateway"]
+    plain = render(app("a"))
     assert not any("HA_PROXY" in k for g in groups(plain) for k in _env(g["template"]))

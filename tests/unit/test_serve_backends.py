@@ -215,3 +215,17 @@ def test_the_gateway_store_takes_the_redis_password_from_its_environment() -> No
     kwargs = store._redis.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     assert kwargs["password"] == "s3cret/pw"
     assert "s3cret" not in settings.model_dump_json()
+
+
+async def test_an_engine_apps_placeholder_ingress_does_not_count_as_serving(fake_serve: dict[str, Any]) -> None:
+    """Under HAProxy an engine with a custom router sits behind ``EngineFront``: its running replica is not the
+    engine's, so an app whose engine has none is down."""
+    from arks_ray.engines.protocol import FRONT_DEPLOYMENT
+
+    fake_serve["apps"] = {"app": _App("DEPLOYING", {FRONT_DEPLOYMENT: _Deployment({"RUNNING": 1}),
+                                                   "arks-engine:m": _Deployment({"STARTING": 1})})}
+    backends = RoutedBackends(GatewaySettings())
+    assert (await backends.serve.probe())["app"][0] is False
+    fake_serve["apps"]["app"].deployments["arks-engine:m"] = _Deployment({"RUNNING": 1})
+    assert (await backends.serve.probe())["app"] == (True, "")
+    await backends.close()
