@@ -109,13 +109,19 @@ class ServeBackends:
         self._reader: asyncio.Task[None] | None = None
         self._read_again = False
 
-    def _handle(self, name: str) -> Any:
+    async def _handle(self, name: str) -> Any:
         handle = self._handles.get(name)
         if handle is None:
             from ray import serve
 
+            target = serve.get_app_handle(name)
+            if target.deployment_name == FRONT_DEPLOYMENT:
+                # Under Ray's HAProxy ingress an engine with its own router sits behind a placeholder ingress
+                # (deployments.engines.EngineFront): ask it once for the engine's deployment, then call that.
+                engine = await target.options(method_name="engine_deployment").remote()
+                target = serve.get_deployment_handle(engine, app_name=name)
             # One configured handle per app, reused: options() builds a new handle each call.
-            handle = serve.get_app_handle(name).options(stream=True, method_name="generate")
+            handle = target.options(stream=True, method_name="generate")
             self._handles[name] = handle
         return handle
 
@@ -210,7 +216,7 @@ class _ServeStream:
         waiter = self.owner.watch(self.name)
         try:
             try:
-                handle = self.owner._handle(self.name)
+                handle = await self.owner._handle(self.name)
                 if self.request.session is not None:
                     handle = handle.options(session_id=self.request.session)
                 if self.backend.adapter is not None:  # a LoRA adapter: Serve routes to replicas that have it

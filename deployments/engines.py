@@ -52,11 +52,16 @@ class EngineFront:
     """The ingress of an engine app whose engine has a custom request router, under Ray's HAProxy ingress.
 
     In that mode Ray refuses a custom router on an application's ingress deployment (HAProxy would bypass it), so
-    the engine becomes this placeholder's child. Nothing calls it: the gateway reaches the engine deployment by
-    name, through the engine's own router. It holds no CPU."""
+    the engine becomes this placeholder's child. No request passes through it: the gateway asks it once for the
+    engine's deployment (``engine_deployment``), then calls that through the engine's own router. It holds no
+    CPU."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+
+    def engine_deployment(self) -> str:
+        """The name of the engine deployment behind this placeholder."""
+        return str(self.engine.deployment_name)
 
 
 def fronted(app: Application) -> Application:

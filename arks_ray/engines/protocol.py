@@ -28,7 +28,8 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embe
 DONE = "data: [DONE]\n\n"
 FRONT_DEPLOYMENT = "arks-front"
 """An engine app's placeholder ingress deployment (``deployments.engines``), only under Ray's HAProxy ingress and
-only for an engine with a custom request router; the gateway never calls it and does not count its replicas."""
+only for an engine with a custom request router. The gateway asks it once for the engine's deployment, sends no
+request through it, and does not count its replicas."""
 
 FailureKind = Literal["invalid", "unavailable", "timeout", "engine"]
 """Whose fault a failure is: ``invalid`` is the client's (4xx: no retry, no breaker, no traffic shift);

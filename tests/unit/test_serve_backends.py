@@ -49,6 +49,8 @@ class _Gen:
 
 
 class _Handle:
+    deployment_name = "arks-engine:m"
+
     def __init__(self) -> None:
         self.calls = 0
         self.release = asyncio.Event()
@@ -228,4 +230,44 @@ async def test_an_engine_apps_placeholder_ingress_does_not_count_as_serving(fake
     assert (await backends.serve.probe())["app"][0] is False
     fake_serve["apps"]["app"].deployments["arks-engine:m"] = _Deployment({"RUNNING": 1})
     assert (await backends.serve.probe())["app"] == (True, "")
+    await backends.close()
+
+
+async def test_behind_a_placeholder_ingress_the_engine_deployment_is_called(fake_serve: dict[str, Any],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The placeholder is asked once for the engine's deployment; every request then goes to the engine's handle
+    (through its own router), none through the placeholder."""
+    from arks_ray.engines.protocol import FRONT_DEPLOYMENT
+
+    engine = fake_serve["handle"]
+    engine.refuse = False
+    asked: list[tuple[str, str]] = []
+
+    class Front:
+        deployment_name = FRONT_DEPLOYMENT
+
+        def options(self, method_name: str = "", **_: Any) -> Any:
+            assert method_name == "engine_deployment", "a request reached the placeholder"
+            return types.SimpleNamespace(remote=self.remote)
+
+        async def remote(self) -> str:
+            asked.append(("front", "engine_deployment"))
+            return "arks-engine:m"
+
+    def deployment_handle(name: str, app_name: str) -> Any:
+        asked.append((app_name, name))
+        return engine
+
+    serve = sys.modules["ray.serve"]
+    monkeypatch.setattr(serve, "get_app_handle", lambda name: Front(), raising=False)
+    monkeypatch.setattr(serve, "get_deployment_handle", deployment_handle, raising=False)
+    fake_serve["apps"] = {"app": _App("RUNNING", {FRONT_DEPLOYMENT: _Deployment({"RUNNING": 1}),
+                                                 "arks-engine:m": _Deployment({"RUNNING": 1})})}
+    backends = RoutedBackends(GatewaySettings())
+    engine.release.set()
+    for _ in range(2):
+        request = EngineRequest("chat", {"model": "m", "messages": []})
+        assert await _items(backends.open(Backend(kind="app", name="app", weight=1), request)) == [Answer({"ok": True})]
+    assert asked == [("front", "engine_deployment"), ("app", "arks-engine:m")]
+    assert engine.calls == 2
     await backends.close()
