@@ -127,8 +127,9 @@ async def paced(chunks: AsyncIterable[bytes], interval_s: float, *, clock: Calla
     behind the gateway; fewer, larger items leave more of it to the streams.
 
     Never held back: the reads up to the first content event (vLLM sends the role on an event of its own,
-    then the first token) and the read after one with ``[DONE]`` (the end of the stream). ``interval_s`` 0
-    reads as the bytes come."""
+    then the first token) and the read after one with ``[DONE]`` (the end of the stream). ``sleep`` is the wait
+    between reads; ``deployments.upstream.until_eof``'s ends when the upstream ends its answer, so the last
+    tokens are not held an interval either. ``interval_s`` 0 reads as the bytes come."""
     if interval_s <= 0:
         async for chunk in chunks:
             yield chunk

@@ -417,3 +417,35 @@ def test_a_stale_kept_alive_connection_is_sent_on_again_once() -> None:
     assert items == [Failure("engine", 502, "backend 'ext' failed mid-answer (ServerDisconnectedError)")] * 2
     assert counts["requests"] == 4
     assert "127.0.0.1" not in json.dumps([i.body() for i in items if isinstance(i, Failure)])
+
+
+def test_a_paced_stream_is_not_held_past_its_end() -> None:
+    """Read once per interval, a stream's last tokens and [DONE] still leave as soon as the upstream ends its
+    answer, not an interval later: held, every stream would end up to an interval late (Ray's batcher does not
+    hold the end either). An interval of 5 s against an end 50 ms after the first token."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(CHUNK, CHUNK))
+        await asyncio.sleep(0.05)
+        await resp.write(sse(CHUNK, USAGE, "[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    async def main() -> tuple[list[EngineItem], float]:
+        runner, url = await serve(handler)
+        backends = HttpBackends(GatewaySettings(http_stream_interval_ms=5000, http_stream_interval_max_ms=5000))
+        try:
+            t0 = time.monotonic()
+            stream = backends.open(Backend(kind="http", name="ext", weight=1, url=url),
+                                   EngineRequest("chat", {"model": "m", "stream": True}, False))
+            items = [item async for item in aiter(stream)]
+            return items, time.monotonic() - t0
+        finally:
+            await backends.close()
+            await runner.cleanup()
+
+    items, took = asyncio.run(main())
+    assert text_of(items) == sse(CHUNK, CHUNK, CHUNK, "[DONE]").decode()
+    assert items[-1] == Final(USAGE["usage"], 3)
+    assert took < 2.5  # not the 5 s interval
