@@ -375,11 +375,12 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
         app["args"]["llm_config"].update(fields)
         res["llm_config"] = fields
     (args.out / "serve_config.json").write_text(json.dumps(lp.serve_config, indent=1))
-    from arks_ray.render.options import SERVE_THROUGHPUT_ENV
-
     # What a rendered cluster runs with, unless --serve-env says otherwise (RAY_SERVE_THROUGHPUT_OPTIMIZED=0:
     # Ray's defaults).
-    extra = {**SERVE_THROUGHPUT_ENV, **dict(kv.split("=", 1) for kv in args.serve_env)}
+    from arks_ray.render.options import SERVE_THROUGHPUT_ENV, ingress_env
+
+    extra = {**SERVE_THROUGHPUT_ENV, **ingress_env(args.ingress), **dict(kv.split("=", 1) for kv in args.serve_env)}
+    res["ingress"] = args.ingress
     res["serve_env"] = extra
     os.environ.update(extra)
     os.environ.update(getattr(lp, "gateway_env", None) or {})  # the gateway's token keys (since 4927463)
@@ -647,6 +648,8 @@ def main() -> int:
     ap.add_argument("--mock-engine", metavar="TTFT_MS,TPOT_MS,INTERVAL_MS",
                     help="ray phase: serve a stand-in engine at this pace instead of vLLM (benchmarks/"
                          "mock_serve_engine.py), so that only the Serve path is measured")
+    ap.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
+                    help="ray phase: what answers on port 8000 (RenderOptions.ingress; haproxy needs the binary)")
     ap.add_argument("--frontend", choices=["rayLLM", "vllmServer"],
                     help="the app's spec.engineFrontend (default: the app's default, rayLLM)")
     ap.add_argument("--upstream-raw", action="store_true",
