@@ -137,8 +137,9 @@ def test_a_load_step_scales_up_and_the_log_says_why(stack: dict[str, Any]) -> No
         (up, *_) = wait_for("a scale-up decision", lambda: ups("scale"), timeout_s=90)
     decided_s = up["at"] - step.started_at
     # On two cores, load would starve the new replica's start for minutes: let it start, then load again
-    # with twelve sessions, so the consistent-hash ring sends some to the new replica.
-    wait_for("the second replica running", lambda: running_replicas("scale") == 2, timeout_s=150)
+    # with twelve sessions, so the consistent-hash ring sends some to the new replica. A vLLM replica starts
+    # in 30-60 s here, but a clean-clone CI run saw it take over 150 s (the 32 streams still draining): 300.
+    wait_for("the second replica running", lambda: running_replicas("scale") == 2, timeout_s=300)
     running_s = time.time() - up["at"]
     with LoadStep(stack["base"], TOKEN, "scale", clients=12) as load:
 
