@@ -31,7 +31,9 @@ class EngineAppArgs(BaseModel):
 
     def ray_llm_config(self) -> Any:
         """``llm_config`` as Ray's ``LLMConfig``; a config Ray refuses is an error naming the app."""
-        from ray.serve.llm import LLMConfig
+        # ray.serve.llm's LLMConfig, from its own module: importing ray.serve.llm imports vLLM (seconds), which
+        # Serve's build task does not need (deployments.engine_deployment).
+        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
         try:
             return LLMConfig.model_validate(self.llm_config)

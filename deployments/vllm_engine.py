@@ -19,6 +19,7 @@ behind it); ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` ch
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -150,8 +151,18 @@ def _in_process_engine_class() -> type:
     return InProcessVLLMEngine
 
 
+def executor_options(options: dict[str, Any], llm_config: Any) -> dict[str, Any]:
+    """A replica's deployment ``options`` for its executor: with the in-process one the replica actor takes its
+    bundle's GPU, so that vLLM's EngineCore, its child process, sees the GPU (Ray sets ``CUDA_VISIBLE_DEVICES``)."""
+    if in_process(llm_config):
+        options["ray_actor_options"]["num_gpus"] = 1
+    return options
+
+
+@functools.cache
 def _llm_server_class() -> type:
-    """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway)."""
+    """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway, or for
+    Serve's build task). The replica finds it as ``deployments.vllm_engine:ArksLLMServer`` (``__getattr__``)."""
     from ray.serve.llm import LLMServer
 
     class ArksLLMServer(LLMServer):
@@ -159,12 +170,8 @@ def _llm_server_class() -> type:
 
         @classmethod
         def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:  # type: ignore[override]
-            """Ray's options; with the in-process executor the replica actor takes its bundle's GPU, so that
-            vLLM's EngineCore, its child process, sees the GPU (Ray sets ``CUDA_VISIBLE_DEVICES``)."""
-            options: dict[str, Any] = super().get_deployment_options(llm_config)
-            if in_process(llm_config):
-                options["ray_actor_options"]["num_gpus"] = 1
-            return options
+            """Ray's options, for the executor chosen (``executor_options``)."""
+            return executor_options(super().get_deployment_options(llm_config), llm_config)
 
         def _init_shared(self, llm_config: Any, engine_cls: Any = None, *args: Any, **kwargs: Any) -> None:
             if engine_cls is None and in_process(llm_config):
@@ -254,9 +261,22 @@ def _llm_server_class() -> type:
     return ArksLLMServer
 
 
+def __getattr__(name: str) -> Any:
+    # The import path Serve's replica loads its class from (deployments.engine_deployment).
+    if name == "ArksLLMServer":
+        return _llm_server_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+LLM_REPLICA = f"{__name__}.ArksLLMServer"
+SERVER_REPLICA = "deployments.vllm_server.VLLMServerReplica"
+
+
 def build_vllm(args: EngineAppArgs) -> Application:
-    """The engine deployment of one vLLM ArksApplication."""
-    from ray.serve.llm import build_llm_deployment
+    """The engine deployment of one vLLM ArksApplication: Ray's ``LLMServer`` (``ArksLLMServer``) or vLLM's own
+    server in a child process (``deployments.vllm_server``), with the options Ray's builder gives an
+    ``LLMServer``, computed without importing vLLM where ``deployments.engine_deployment`` can."""
+    from deployments.engine_deployment import NAME_PREFIX, builder_options, engine_application, modelled, server_options
 
     try:
         chosen = choose_executor(args.llm_config)
@@ -264,12 +284,23 @@ def build_vllm(args: EngineAppArgs) -> Application:
         raise ValueError(f"application {args.name}: {exc}") from None
     args = args.model_copy(update={"llm_config": chosen})
     config = args.ray_llm_config()
-    if frontend(chosen) == VLLM_SERVER:  # vLLM's own server in a child process (deployments.vllm_server)
-        from deployments.vllm_server import build_server_app
+    bind_args: tuple[Any, ...] = ()
+    bind_kwargs: dict[str, Any] = {"llm_config": config}
+    replica = LLM_REPLICA
+    if frontend(chosen) == VLLM_SERVER:
+        from deployments.vllm_server import ServerConfig
 
         try:
             check_server_frontend(config.engine_kwargs, lora=config.multiplex_config() is not None)
         except ValueError as exc:
             raise ValueError(f"application {args.name}: {exc}") from None
-        return build_server_app(args.name, config)
-    return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_llm_server_class())
+        # Bound to its own small config: unpickling an LLMConfig imports torch, which that replica needs not.
+        replica, bind_args, bind_kwargs = SERVER_REPLICA, (ServerConfig.of(args.name, config),), {}
+    if modelled(config):
+        options = builder_options(executor_options(server_options(config), config), config)
+        return engine_application(replica, options, *bind_args, **bind_kwargs)
+    from ray.serve.llm import build_llm_deployment  # imports vLLM
+
+    built = build_llm_deployment(config, name_prefix=NAME_PREFIX, deployment_cls=_llm_server_class())
+    # ``_bound_deployment`` is how Serve's own builder reads an Application (ray.serve.deployment.Application).
+    return built._bound_deployment.options(func_or_class=replica).bind(*bind_args, **bind_kwargs)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,9 +36,6 @@ from arks_ray.engines.sidecars import Liveness, RestartPolicy
 from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
 from deployments.dynamo_sidecars import Sidecar, loopback_session, wait_ready
 from deployments.upstream import Upstream
-
-if TYPE_CHECKING:
-    from ray.serve import Application
 
 logger = logging.getLogger("ray.serve.arks.engines")
 
@@ -73,17 +70,9 @@ class ServerConfig(BaseModel):
 
 
 class VLLMServerReplica:
-    """One engine replica: vLLM's OpenAI server in a child process, relayed. Built by Ray's
-    ``build_llm_deployment`` as its ``LLMServer`` would be, so both frontends get the same deployment options
-    (placement group, replicas, autoscaling, request router, health checks)."""
-
-    @classmethod
-    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
-        from deployments.vllm_engine import _llm_server_class
-
-        server: Any = _llm_server_class()
-        options: dict[str, Any] = server.get_deployment_options(llm_config)
-        return options
+    """One engine replica: vLLM's OpenAI server in a child process, relayed. ``deployments.vllm_engine.build_vllm``
+    gives it the deployment options of Ray's ``LLMServer``, so both frontends get the same placement group,
+    replicas, autoscaling, request router and health checks."""
 
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
 
@@ -227,16 +216,3 @@ class VLLMServerReplica:
             return None
         self._closing = True
         return self.close()
-
-
-def build_server_app(app: str, llm_config: Any) -> Application:
-    """The engine deployment of one vLLM app (Ray's ``LLMConfig``) with vLLM's server as its frontend.
-
-    Ray's builder gives the deployment its options; the replica is then bound to a ``ServerConfig`` rather
-    than the ``LLMConfig``: unpickling that imports torch (seconds, before the replica can start its server),
-    and the replica needs none of it."""
-    from ray.serve.llm import build_llm_deployment
-
-    built = build_llm_deployment(llm_config, name_prefix="arks-engine:", deployment_cls=VLLMServerReplica)  # type: ignore[arg-type]
-    # ``_bound_deployment`` is how Serve's own builder reads an Application (ray.serve.deployment.Application).
-    return built._bound_deployment.bind(ServerConfig.of(app, llm_config))

@@ -35,9 +35,12 @@ ENGINE_IMPORT = "deployments.engines:build_app"
 DISAGG_IMPORT = "deployments.disaggregated:build_app"
 GATEWAY_DEPLOYMENT = "ArksGateway"
 
+# ray.serve.llm.request_router's PrefixCacheAffinityRouter is a bare subclass of this one, and importing ray.serve.llm
+# imports vLLM: seconds in Serve's build task and in every process that routes to the engine (the gateway's).
+_PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"
 ROUTERS = {
     "powerOfTwo": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
-    "prefixCache": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+    "prefixCache": _PREFIX_ROUTER,
     "consistentHash": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
 }
 _TP_KEY = {"vllm": "tensor_parallel_size", "sglang": "tp_size", "dynamo": "tensor_parallel_size"}

@@ -153,8 +153,8 @@ def built(rendered: Rendered, name: str = "sg") -> Any:
 
 
 def test_build_app_makes_an_sglang_server_deployment_with_the_rendered_placement() -> None:
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig  # ray.serve.llm's, less its subclass
     from ray.llm._internal.serve.engines.sglang import SGLangServer
-    from ray.serve.llm import LLMConfig
 
     rendered = render(sglang_app(size=2, tensorParallelSize=16, accelerator="H100"))
     deployment = built(rendered)
