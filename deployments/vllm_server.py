@@ -33,7 +33,7 @@ from arks_ray.autoscaling.config import replica_stats
 from arks_ray.engines import cadence
 from arks_ray.engines.protocol import Chunk, EngineItem, EngineRequest, Final
 from arks_ray.engines.sidecars import Liveness, RestartPolicy
-from arks_ray.engines.vllm_server import scheduler_gauges, server_spec
+from arks_ray.engines.vllm_server import KEEP_ALIVE_ENV, keep_alive_s, scheduler_gauges, server_spec
 from deployments.dynamo_sidecars import Sidecar, loopback_session, wait_ready
 from deployments.upstream import Upstream
 
@@ -41,9 +41,6 @@ logger = logging.getLogger("ray.serve.arks.engines")
 
 LIVENESS_MISSES = 3
 """Health checks in a row that the server may miss before it is killed (and restarted)."""
-SERVER_KEEP_ALIVE_ENV, SERVER_KEEP_ALIVE_S = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 60
-"""How long vLLM's server keeps an idle connection (its own default: 5 s); the replica's pool keeps one half
-as long."""
 GAUGE_TIMEOUT_S = 2.0
 """How long a look at the server's /metrics may take (Serve's own limit for the stats hook is longer)."""
 
@@ -87,14 +84,14 @@ class VLLMServerReplica:
         # The server keeps an idle connection longer than this replica's pool does, so that the pool never sends
         # on one the server is closing (vLLM's default is 5 s, aiohttp's 15 s; deployments.upstream also sends a
         # request again on a connection found stale).
-        keep_alive_s = int(os.environ.get(SERVER_KEEP_ALIVE_ENV, SERVER_KEEP_ALIVE_S))
-        keep[SERVER_KEEP_ALIVE_ENV] = str(keep_alive_s)
+        keep_alive = keep_alive_s(os.environ)
+        keep[KEEP_ALIVE_ENV] = str(keep_alive)
         spec = server_spec(sys.executable, port, self.config.model, self.config.served_name,
                            self.config.engine_kwargs, env=keep)
         logs = Path(tempfile.gettempdir()) / "arks-ray-vllm-server" / f"{self.config.app}-{os.getpid()}-" \
             f"{uuid.uuid4().hex[:6]}"
         self.server = Sidecar(spec, logs, policy=RestartPolicy(max_restarts=self.config.max_restarts))
-        self.session = loopback_session(keep_alive_s=max(1.0, keep_alive_s / 2))
+        self.session = loopback_session(keep_alive_s=max(1.0, keep_alive / 2))  # half the server's
         self.stats = replica_stats(self.config.deployment_config)
         self.interval_ms, self.interval_max_ms = cadence.BASE_MS, cadence.MAX_MS
         self._liveness = Liveness(misses=LIVENESS_MISSES, startup_s=self.config.startup_timeout_s)

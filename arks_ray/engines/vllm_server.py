@@ -80,6 +80,26 @@ def server_spec(python: str, port: int, model: str, served_name: str, engine_kwa
     return LaunchSpec("vllm-server", argv, dict(env or {}))
 
 
+KEEP_ALIVE_ENV, KEEP_ALIVE_S = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 60
+"""How long vLLM's server keeps an idle connection (vLLM's own default: 5 s): longer than the replica's pool keeps
+one, so that the pool never sends on a connection the server is closing. The variable, when set, wins."""
+
+
+def keep_alive_s(environ: Mapping[str, str]) -> int:
+    """The server's keep-alive from ``environ`` (``KEEP_ALIVE_ENV``, else ``KEEP_ALIVE_S``). vLLM reads the variable
+    as whole seconds; anything else is a ValueError naming it, before a server is started."""
+    raw = environ.get(KEEP_ALIVE_ENV)
+    if raw is None:
+        return KEEP_ALIVE_S
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{KEEP_ALIVE_ENV} must be a whole number of seconds, at least 1 (got {raw!r})")
+    return value
+
+
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(\S+)(?:\s+-?\d+)?$")
 """One sample line of the Prometheus text format: name, labels, value, timestamp."""
 SCHEDULER_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",

@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 
 from arks_ray.api import load_documents
-from arks_ray.engines.vllm_server import FRONTEND_KEY, VLLM_SERVER, cli_words, scheduler_gauges, server_spec
+from arks_ray.engines.vllm_server import (
+    FRONTEND_KEY,
+    KEEP_ALIVE_ENV,
+    KEEP_ALIVE_S,
+    VLLM_SERVER,
+    cli_words,
+    keep_alive_s,
+    scheduler_gauges,
+    server_spec,
+)
 from arks_ray.render import RenderOptions, render_namespace
 from arks_ray.render.engine_args import parse_engine_args
 from tests.support.keys import TEST_KEYS
@@ -174,3 +183,11 @@ def test_the_build_refuses_lora_too() -> None:
     raw["lora_config"] = {"max_num_adapters_per_replica": 2}
     with pytest.raises(ValueError, match="application a: engineFrontend vllmServer does not serve LoRA"):
         build_app({"name": "a", "runtime": "vllm", "llm_config": raw})
+
+
+def test_the_servers_keep_alive_is_whole_seconds_or_refused_naming_the_variable() -> None:
+    assert keep_alive_s({}) == KEEP_ALIVE_S
+    assert keep_alive_s({KEEP_ALIVE_ENV: " 90 "}) == 90
+    for bad in ("1.5", "soon", "", "0", "-3"):
+        with pytest.raises(ValueError, match=rf"^{KEEP_ALIVE_ENV} must be a whole number of seconds, at least 1 "):
+            keep_alive_s({KEEP_ALIVE_ENV: bad})
