@@ -9,9 +9,10 @@ Ray's own builder in ``tests/unit/test_engine_deployment.py``) and names the rep
 which the replica process imports (Serve's ``ReplicaConfig`` takes a class or an import path).
 
 What this does not model goes Ray's way, vLLM import included (``modelled``): a config without explicit
-bundles, ``bundle_per_worker``, a TPU, KV events. One check moves: vLLM's engine config refuses an unknown
-engine argument, which Ray's builder did in the build task and the replica now does as it starts (the app
-fails to deploy with the same message, after Serve's constructor retries).
+bundles, ``bundle_per_worker``, a TPU, KV events. One check moves: an unknown engine argument, which Ray's
+builder refused in the build task, is now refused as the replica starts (Ray's ``LLMServer``: the same
+message; ``vllmServer``: vLLM's server exits on the flag), and the app fails to deploy after Serve's
+constructor retries.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ray.serve import Application
+    from ray.serve import Deployment
 
 NAME_PREFIX = "arks-engine:"
 """Every engine deployment's name starts with this (``arks_ray.render.lora`` relies on it)."""
@@ -57,6 +58,7 @@ def server_options(llm_config: Any) -> dict[str, Any]:
     actor's resources joined to the first bundle), and the runtime env of the job with Ray's worker setup
     hook and the config's own env."""
     import ray
+    from ray.llm._internal.common.placement import PlacementGroupConfig
     from ray.llm._internal.serve.constants import ENABLE_WORKER_PROCESS_SETUP_HOOK
     from ray.llm._internal.serve.core.configs.accelerators import format_ray_accelerator_resource
 
@@ -68,7 +70,8 @@ def server_options(llm_config: Any) -> dict[str, Any]:
     replica = {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0), **actor.get("resources", {})}
     if "memory" in actor:
         replica["memory"] = actor["memory"]
-    placement = llm_config.placement_group_config
+    # Validated and normalised (numbers of CPU and GPU as floats) as Ray's vLLM engine config does.
+    placement = PlacementGroupConfig(**llm_config.placement_group_config).model_dump(exclude_unset=True)
     bundles = [dict(b) for b in placement["bundles"]]
     if llm_config.accelerator_type:
         for bundle in bundles:
@@ -103,11 +106,11 @@ def builder_options(options: dict[str, Any], llm_config: Any) -> dict[str, Any]:
     return merged
 
 
-def engine_application(replica_class: str, options: dict[str, Any], *args: Any, **kwargs: Any) -> Application:
-    """The engine ``Application``: a deployment of the class at ``replica_class`` (``module.Class``, the form
-    Serve parses; the replica imports it, this does not) with ``options``, bound to ``args`` and ``kwargs``."""
+def engine_deployment(options: dict[str, Any], replica_class: str) -> Deployment:
+    """The engine deployment: the class at ``replica_class`` (``module.Class``, the form Serve parses; the
+    replica imports it, this does not) with ``options``."""
     from ray import serve
 
     # serve.deployment's decorator builds a ReplicaConfig, which takes an import path as the code to run
     # (typed as a callable only).
-    return serve.deployment(**options)(replica_class).bind(*args, **kwargs)  # type: ignore[arg-type]
+    return serve.deployment(**options)(replica_class)  # type: ignore[arg-type]

@@ -162,7 +162,7 @@ def executor_options(options: dict[str, Any], llm_config: Any) -> dict[str, Any]
 @functools.cache
 def _llm_server_class() -> type:
     """Define the subclass lazily: importing this module must not import vLLM (e.g. for the gateway, or for
-    Serve's build task). The replica finds it as ``deployments.vllm_engine:ArksLLMServer`` (``__getattr__``)."""
+    Serve's build task). The replica finds it as ``deployments.vllm_engine.ArksLLMServer`` (``__getattr__``)."""
     from ray.serve.llm import LLMServer
 
     class ArksLLMServer(LLMServer):
@@ -276,7 +276,7 @@ def build_vllm(args: EngineAppArgs) -> Application:
     """The engine deployment of one vLLM ArksApplication: Ray's ``LLMServer`` (``ArksLLMServer``) or vLLM's own
     server in a child process (``deployments.vllm_server``), with the options Ray's builder gives an
     ``LLMServer``, computed without importing vLLM where ``deployments.engine_deployment`` can."""
-    from deployments.engine_deployment import NAME_PREFIX, builder_options, engine_application, modelled, server_options
+    from deployments.engine_deployment import NAME_PREFIX, builder_options, engine_deployment, modelled, server_options
 
     try:
         chosen = choose_executor(args.llm_config)
@@ -284,23 +284,31 @@ def build_vllm(args: EngineAppArgs) -> Application:
         raise ValueError(f"application {args.name}: {exc}") from None
     args = args.model_copy(update={"llm_config": chosen})
     config = args.ray_llm_config()
-    bind_args: tuple[Any, ...] = ()
-    bind_kwargs: dict[str, Any] = {"llm_config": config}
-    replica = LLM_REPLICA
-    if frontend(chosen) == VLLM_SERVER:
-        from deployments.vllm_server import ServerConfig
-
+    server = frontend(chosen) == VLLM_SERVER
+    if server:
         try:
             check_server_frontend(config.engine_kwargs, lora=config.multiplex_config() is not None)
         except ValueError as exc:
             raise ValueError(f"application {args.name}: {exc}") from None
+
+    replica = SERVER_REPLICA if server else LLM_REPLICA
+
+    def bound(deployment: Any) -> Application:
+        # The replica's class by import path, and its arguments taken after the options: Ray's builder may add
+        # engine kwargs (KV events for a KV-aware router).
+        deployment = deployment.options(func_or_class=replica)
+        if not server:
+            return deployment.bind(llm_config=config)  # type: ignore[no-any-return]
+        from deployments.vllm_server import ServerConfig
+
         # Bound to its own small config: unpickling an LLMConfig imports torch, which that replica needs not.
-        replica, bind_args, bind_kwargs = SERVER_REPLICA, (ServerConfig.of(args.name, config),), {}
+        return deployment.bind(ServerConfig.of(args.name, config))  # type: ignore[no-any-return]
+
     if modelled(config):
         options = builder_options(executor_options(server_options(config), config), config)
-        return engine_application(replica, options, *bind_args, **bind_kwargs)
+        return bound(engine_deployment(options, replica))
     from ray.serve.llm import build_llm_deployment  # imports vLLM
 
     built = build_llm_deployment(config, name_prefix=NAME_PREFIX, deployment_cls=_llm_server_class())
     # ``_bound_deployment`` is how Serve's own builder reads an Application (ray.serve.deployment.Application).
-    return built._bound_deployment.options(func_or_class=replica).bind(*bind_args, **bind_kwargs)  # type: ignore[arg-type]
+    return bound(built._bound_deployment)

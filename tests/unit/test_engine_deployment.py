@@ -76,6 +76,7 @@ CASES = {
         "request_router_config": {"request_router_class":
                                   "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"}}),
     "a name of its own": base(deployment_config={"num_replicas": 1, "name": "mine"}),
+    "Ray LLM's defaults alone": base(deployment_config={}),
     "vLLM's server as frontend": base(experimental_configs={FRONTEND_KEY: VLLM_SERVER}),
 }
 
@@ -94,8 +95,14 @@ def view(app: Any) -> dict[str, Any]:
     replica = deployment._replica_config
     return {"name": deployment.name,
             "config": deployment._deployment_config.model_dump(exclude={"user_configured_option_names"}),
+            "options set": sorted(deployment._deployment_config.user_configured_option_names),
             "ray_actor_options": replica.ray_actor_options,
-            "bundles": replica.placement_group_bundles, "strategy": replica.placement_group_strategy,
+            # as JSON: Serve hashes the placement this way for the deployment's version (1 and 1.0 differ there)
+            "bundles": json.dumps(replica.placement_group_bundles, sort_keys=True),
+            "strategy": replica.placement_group_strategy,
+            "label selector": replica.placement_group_bundle_label_selector,
+            "fallback": replica.placement_group_fallback_strategy,
+            "per node": replica.max_replicas_per_node,
             "init_args": [type(a).__name__ for a in replica.init_args],
             "init_kwargs": {k: type(v).__name__ for k, v in replica.init_kwargs.items()}}
 
@@ -188,3 +195,16 @@ def test_the_llm_config_is_rays_public_one() -> None:
     assert LLMConfig.__bases__ == (Internal,)
     assert LLMConfig.model_fields.keys() == Internal.model_fields.keys()
     assert not [k for k in vars(LLMConfig) if not k.startswith(("_", "model_"))]  # pydantic's own: model_*
+
+
+@pytest.mark.usefixtures("job_runtime_env")
+def test_the_server_replica_gets_the_engine_kwargs_rays_builder_adds() -> None:
+    """A KV-aware router goes Ray's way, whose builder turns on the engine's KV events: the ``vllmServer``
+    replica's own config is taken after that."""
+    raw = base(deployment_config={"num_replicas": 1, "request_router_config": {
+        "request_router_class": "ray.serve.llm.request_router:KVAwareRouter"}},
+        experimental_configs={FRONTEND_KEY: VLLM_SERVER})
+    deployment = build_app(args(raw))._bound_deployment
+    assert deployment.func_or_class == "deployments.vllm_server.VLLMServerReplica"
+    (config,) = deployment._replica_config.init_args
+    assert "kv_events_config" in config.engine_kwargs
