@@ -3,7 +3,7 @@
 Ray's ``build_llm_deployment`` gets the placement group from vLLM's engine config, and the module holding that
 config imports vLLM (``vllm.engine.arg_utils``): 22-23 s of Serve's build task on the H200, on every deploy
 and every config update, before a replica is even asked for. The renderer always writes explicit placement
-bundles, so the deployment's options follow from the ``LLMConfig`` alone. ``engine_application`` computes them
+bundles, so the deployment's options follow from the ``LLMConfig`` alone. This module computes them
 as Ray's builder does (``LLMServer.get_deployment_options``, then ``build_llm_deployment``; checked against
 Ray's own builder in ``tests/unit/test_engine_deployment.py``) and names the replica class by its import path,
 which the replica process imports (Serve's ``ReplicaConfig`` takes a class or an import path).
@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ray.serve import Deployment
 
-NAME_PREFIX = "arks-engine:"
-"""Every engine deployment's name starts with this (``arks_ray.render.lora`` relies on it)."""
 
 def modelled(llm_config: Any) -> bool:
-    """Whether ``engine_application`` builds this (Ray) ``LLMConfig``'s deployment exactly as Ray's builder
+    """Whether this module builds this (Ray) ``LLMConfig``'s deployment exactly as Ray's builder
     would: explicit bundles (the renderer always writes them), a GPU or CPU engine, no KV events and no
     KV-aware router (the one router Ray's builder does something for)."""
     from ray.llm._internal.serve.routing_policies.kv_aware.kv_aware_router import is_kv_aware
@@ -66,7 +64,7 @@ def server_options(llm_config: Any) -> dict[str, Any]:
     if "placement_group_bundles" in options or "placement_group_strategy" in options:
         raise ValueError("placement_group_bundles and placement_group_strategy must not be specified in "
                          "deployment_config; they come from the placement_group_config")
-    actor = options.get("ray_actor_options", {})
+    actor = options.setdefault("ray_actor_options", {})
     replica = {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0), **actor.get("resources", {})}
     if "memory" in actor:
         replica["memory"] = actor["memory"]
@@ -82,9 +80,7 @@ def server_options(llm_config: Any) -> dict[str, Any]:
     runtime_env = ray.get_runtime_context().runtime_env
     if ENABLE_WORKER_PROCESS_SETUP_HOOK:
         runtime_env["worker_process_setup_hook"] = "ray.llm._internal.serve._worker_process_setup_hook"
-    actor = options.get("ray_actor_options", {})
     actor["runtime_env"] = {**runtime_env, **actor.get("runtime_env", {}), **(llm_config.runtime_env or {})}
-    options["ray_actor_options"] = actor
     return options
 
 
@@ -94,8 +90,10 @@ def builder_options(options: dict[str, Any], llm_config: Any) -> dict[str, Any]:
     from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
     from ray.llm._internal.serve import constants
 
-    name = options.get("name", llm_config.model_id.replace("/", "--").replace(".", "_"))
-    options["name"] = NAME_PREFIX + name
+    from arks_ray.render.lora import ENGINE_PREFIX, engine_deployment_name
+
+    given = options.get("name")
+    options["name"] = ENGINE_PREFIX + given if given is not None else engine_deployment_name(llm_config.model_id)
     defaults = {
         "max_ongoing_requests": constants.DEFAULT_MAX_ONGOING_REQUESTS,
         "health_check_period_s": constants.DEFAULT_HEALTH_CHECK_PERIOD_S,

@@ -46,7 +46,9 @@ def build_sglang(args: EngineAppArgs) -> Application:
     """The engine deployment of one SGLang ArksApplication (SGLang is imported only when it starts)."""
     from ray.serve.llm import build_llm_deployment
 
+    from arks_ray.render.lora import ENGINE_PREFIX
+
     config = args.ray_llm_config()
     if "model_path" not in config.engine_kwargs:
         raise ValueError(f"application {args.name}: engine_kwargs has no model_path (SGLang's ServerArgs needs one)")
-    return build_llm_deployment(config, name_prefix="arks-engine:", deployment_cls=_sglang_server_class())
+    return build_llm_deployment(config, name_prefix=ENGINE_PREFIX, deployment_cls=_sglang_server_class())

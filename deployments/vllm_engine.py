@@ -276,7 +276,8 @@ def build_vllm(args: EngineAppArgs) -> Application:
     """The engine deployment of one vLLM ArksApplication: Ray's ``LLMServer`` (``ArksLLMServer``) or vLLM's own
     server in a child process (``deployments.vllm_server``), with the options Ray's builder gives an
     ``LLMServer``, computed without importing vLLM where ``deployments.engine_deployment`` can."""
-    from deployments.engine_deployment import NAME_PREFIX, builder_options, engine_deployment, modelled, server_options
+    from arks_ray.render.lora import ENGINE_PREFIX
+    from deployments.engine_deployment import builder_options, engine_deployment, modelled, server_options
 
     try:
         chosen = choose_executor(args.llm_config)
@@ -309,6 +310,6 @@ def build_vllm(args: EngineAppArgs) -> Application:
         return bound(engine_deployment(options, replica))
     from ray.serve.llm import build_llm_deployment  # imports vLLM
 
-    built = build_llm_deployment(config, name_prefix=NAME_PREFIX, deployment_cls=_llm_server_class())
+    built = build_llm_deployment(config, name_prefix=ENGINE_PREFIX, deployment_cls=_llm_server_class())
     # ``_bound_deployment`` is how Serve's own builder reads an Application (ray.serve.deployment.Application).
     return bound(built._bound_deployment)

@@ -25,7 +25,7 @@ from arks_ray.render.options import RenderOptions
 from arks_ray.render.serve_config import model_source
 
 ENGINE_PREFIX = "arks-engine:"
-"""The deployment name prefix ``deployments.vllm_engine.build_vllm`` gives Ray's ``build_llm_deployment``."""
+"""The name prefix of every engine deployment (``deployments.vllm_engine``, ``deployments.sglang_engine``)."""
 
 
 def engine_deployment_name(model_id: str) -> str:
