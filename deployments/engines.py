@@ -8,7 +8,12 @@ imports no engine.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import logging
+import sys
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +22,47 @@ from ray.serve import Application
 from arks_ray.engines.protocol import FRONT_DEPLOYMENT
 
 logger = logging.getLogger("ray.serve.arks.engines")
+
+
+class _Deferred:
+    """Stands for the module ``name`` and imports it on its first attribute use (``deferred_imports``)."""
+
+    __spec__ = None  # importlib reads this off a module it finds in sys.modules: reading it must not import
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, attr: str) -> Any:
+        name = object.__getattribute__(self, "_name")
+        modules: dict[str, Any] = sys.modules
+        if modules.get(name) is self:  # used within the block: the real module takes its place
+            del modules[name]
+        return getattr(importlib.import_module(name), attr)
+
+    def __repr__(self) -> str:
+        return f"<module {object.__getattribute__(self, '_name')!r}, imported on first use>"
+
+
+@contextlib.contextmanager
+def deferred_imports(*names: str) -> Iterator[None]:
+    """Within the block, importing one of ``names`` that is installed and not yet imported gives a ``_Deferred``:
+    the module is imported when something first uses it. After the block, imports are as usual.
+
+    Ray's LLM config module imports ``transformers`` and, through its download utils, ``torch`` as it loads,
+    for functions Serve's build task never calls (loading a model's Hugging Face config, downloading it).
+    That was about 1.5 s of the 2.8 s build on the CPU machine (``tests/unit/test_engine_deployment.py``
+    checks that neither runs)."""
+    modules: dict[str, Any] = sys.modules
+    placed = {}
+    for name in names:
+        if name not in modules and importlib.util.find_spec(name) is not None:
+            placed[name] = modules[name] = _Deferred(name)
+    try:
+        yield
+    finally:
+        for name, stand_in in placed.items():
+            if modules.get(name) is stand_in:
+                del modules[name]
 
 
 class EngineAppArgs(BaseModel):
@@ -32,8 +78,9 @@ class EngineAppArgs(BaseModel):
     def ray_llm_config(self) -> Any:
         """``llm_config`` as Ray's ``LLMConfig``; a config Ray refuses is an error naming the app."""
         # ray.serve.llm's LLMConfig, from its own module: importing ray.serve.llm imports vLLM (seconds), which
-        # Serve's build task does not need (deployments.engine_deployment).
-        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+        # Serve's build task does not need (deployments.engine_deployment); nor does it need torch.
+        with deferred_imports("torch", "transformers"):
+            from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
         try:
             return LLMConfig.model_validate(self.llm_config)

@@ -2,8 +2,8 @@
 
 Ray's ``build_llm_deployment`` runs here beside ours on the same ``LLMConfig``s (vLLM's CPU build is installed)
 and every option must come out equal: name, Serve config, actor options, placement group. A change in Ray's
-builder fails this file. Serve's build task then imports neither vLLM nor ``ray.serve.llm``: checked in a
-fresh interpreter, for the rendered example apps.
+builder fails this file. Serve's build task then imports neither vLLM nor ``ray.serve.llm``, nor runs torch or
+transformers: checked in a fresh interpreter, for the rendered example apps.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -159,7 +160,7 @@ def test_what_is_not_modelled_goes_rays_way(raw: dict[str, Any]) -> None:
     assert not modelled(EngineAppArgs.model_validate(args(raw)).ray_llm_config())
 
 
-def test_the_build_imports_neither_vllm_nor_ray_serve_llm(tmp_path: Path) -> None:
+def test_the_build_imports_neither_vllm_nor_ray_serve_llm_nor_runs_torch(tmp_path: Path) -> None:
     raws = rendered_engine_args("local-demo", "multi-app") + [args(c) for c in CASES.values()]
     (tmp_path / "apps.json").write_text(json.dumps(raws))
     script = (
@@ -167,12 +168,73 @@ def test_the_build_imports_neither_vllm_nor_ray_serve_llm(tmp_path: Path) -> Non
         "ray.get_runtime_context = lambda: types.SimpleNamespace(runtime_env={})\n"
         "from deployments.engines import build_app\n"
         f"apps = [build_app(a) for a in json.load(open({str(tmp_path / 'apps.json')!r}))]\n"
-        "heavy = [m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'ray.serve.llm'))]\n"
-        "print(json.dumps(sorted(heavy)))\n")
+        "heavy = lambda: sorted(m for m in sys.modules if m in ('vllm', 'torch._C', 'transformers.utils')\n"
+        "                       or m.startswith(('vllm.', 'ray.serve.llm')))\n"
+        "built = heavy()\n"
+        # What Ray's modules took as torch and transformers still works, and imports them then.
+        "from ray.llm._internal.common.utils import download_utils\n"
+        "from ray.llm._internal.serve.core.configs import llm_config\n"
+        "home = download_utils.torch.hub._get_torch_home()\n"
+        "auto = llm_config.transformers.AutoConfig.__name__\n"
+        "import torch\n"
+        "print(json.dumps([built, heavy(), bool(home), auto, type(torch).__name__]))\n")
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    built, used, home, auto, torch_type = json.loads(done.stdout.strip().splitlines()[-1])
+    assert built == []
+    assert used == ["torch._C", "transformers.utils"]
+    assert home
+    assert auto == "AutoConfig"
+    assert torch_type == "module"
+
+
+@pytest.fixture
+def fake_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An importable module, ``arks_fake_heavy``, that counts its imports in ``IMPORTS``."""
+    (tmp_path / "arks_fake_heavy.py").write_text(
+        "import builtins\nbuiltins.ARKS_FAKE_IMPORTS = getattr(builtins, 'ARKS_FAKE_IMPORTS', 0) + 1\nVALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "arks_fake_heavy", raising=False)
+    import builtins
+
+    monkeypatch.setattr(builtins, "ARKS_FAKE_IMPORTS", 0, raising=False)
+    yield "arks_fake_heavy"
+    sys.modules.pop("arks_fake_heavy", None)
+
+
+def test_a_deferred_import_runs_the_module_on_first_use_only(fake_module: str) -> None:
+    import builtins
+    import importlib
+
+    from deployments.engines import deferred_imports
+
+    with deferred_imports(fake_module, "arks_not_installed_anywhere"):
+        taken = importlib.import_module(fake_module)
+        assert builtins.ARKS_FAKE_IMPORTS == 0  # type: ignore[attr-defined]
+        with pytest.raises(ImportError):  # not installed: the import fails as usual (Ray's try_import: None)
+            importlib.import_module("arks_not_installed_anywhere")
+    assert fake_module not in sys.modules  # after the block, an import is a usual one
+    assert taken.VALUE == 42
+    assert builtins.ARKS_FAKE_IMPORTS == 1  # type: ignore[attr-defined]
+    assert importlib.import_module(fake_module).VALUE == 42
+    assert builtins.ARKS_FAKE_IMPORTS == 1  # type: ignore[attr-defined]
+
+
+def test_a_module_used_within_the_block_or_imported_before_is_the_real_one(fake_module: str) -> None:
+    import builtins
+    import importlib
+
+    from deployments.engines import deferred_imports
+
+    with deferred_imports(fake_module):
+        assert importlib.import_module(fake_module).VALUE == 42
+        real = sys.modules[fake_module]
+        assert importlib.import_module(fake_module) is real
+    assert sys.modules[fake_module] is real
+    with deferred_imports(fake_module):
+        assert importlib.import_module(fake_module) is real
+    assert builtins.ARKS_FAKE_IMPORTS == 1  # type: ignore[attr-defined]
 
 
 def test_the_prefix_cache_router_is_rays_public_one() -> None:
