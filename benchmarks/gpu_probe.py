@@ -314,6 +314,8 @@ def startup_timeline(app: str, logs: Path = Path("/tmp/ray/session_latest/logs")
             stages["process_s"] = round(began - at, 1)
         if began and ended:
             stages["init_s"] = round(ended - began, 1)
+        elif began and ready:  # the engine's own logging set-up can cut the replica's log short: up to ready
+            stages["init_s"] = round(ready - began, 1)
         if ended and ready:
             stages["noticed_s"] = round(ready - ended, 1)
         replicas.append(stages)

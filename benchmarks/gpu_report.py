@@ -52,11 +52,50 @@ def paired(raw: dict[str, list[dict[str, Any]]], ours: dict[str, list[dict[str, 
     return out
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+STAGES = ["ray.init", "Serve", "build task", "replica process", "replica __init__", "the rest"]
+
+
+def stages(start: dict[str, Any]) -> list[float]:
+    """Seconds of one start of ours (``gpu_side_by_side.py startup``) in each of ``STAGES``."""
+    line = (start.get("timeline") or [{}])[0]
+    parts = [start.get("ray_init_s", 0.0), start.get("ray_and_serve_s", 0.0) - start.get("ray_init_s", 0.0),
+             line.get("build_s", 0.0), line.get("process_s", 0.0), line.get("init_s", 0.0)]
+    return [round(x, 1) for x in [*parts, start["answered_s"] - sum(parts)]]
+
+
+def cold_starts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per ``startup`` run: each start's seconds to the first answer, raw's and ours, medians, the ratio, and
+    the median of each stage of ours."""
+    out = {}
+    for key, runs in data.get("startup", {}).items():
+        if not key.startswith("cold_"):
+            continue
+        raw = [r["answered_s"] for r in runs["raw"] if "answered_s" in r]
+        ours = [r for r in runs["ours"] if "answered_s" in r]
+        if not raw or not ours:
+            continue
+        each = [stages(r) for r in ours]
+        out[key.removeprefix("cold_")] = {
+            "raw": raw, "ours": [r["answered_s"] for r in ours], "raw_median": median(raw),
+            "ours_median": median([r["answered_s"] for r in ours]),
+            "ratio": round(median([r["answered_s"] for r in ours]) / median(raw), 2),
+            "stages": dict(zip(STAGES, [round(median(list(col)), 1) for col in zip(*each, strict=True)],
+                               strict=True)),
+            "failed": len(runs["ours"]) - len(ours)}
+    return out
+
+
 def report(data: dict[str, Any], png: Path | None) -> str:
     targets = data["targets"]
     levels = sorted({int(c) for t in targets.values() for c in t})
     lines = ["| target | concurrency | tokens/s (rounds) | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | tokens/s ÷ raw "
-             "| TTFT p50 - raw ms |", "|---|---|---|---|---|---|---|---|"]
+             "| TTFT p50 - raw ms |", "|---|---|---|---|---|---|---|---|"] if targets else []
     for name, by_c in targets.items():
         for c in levels:
             rounds = by_c.get(str(c))
@@ -85,6 +124,16 @@ def report(data: dict[str, Any], png: Path | None) -> str:
             b = best(rounds)
             lines.append(f"| {name} (no proxy, no gateway) | {c} | {b['tokens_per_s']:.0f} | {b['ttft_p50_ms']} | "
                          f"{b['ttft_p90_ms']} | {b['tpot_p50_ms']} | | |")
+    cold = cold_starts(data)
+    if cold:
+        lines += ["", "Cold starts, to the first answer (seconds; ours: the whole stack from nothing):", "",
+                  "| target | ours, each | raw vLLM, each | ours ÷ raw (medians) | "
+                  + " | ".join(STAGES) + " |", "|---|---|---|---|" + "---|" * len(STAGES)]
+        for name, c in cold.items():
+            lines.append(f"| {name} | {' / '.join(map(str, c['ours']))} | {' / '.join(map(str, c['raw']))} | "
+                         f"{c['ratio']:.2f} | " + " | ".join(f"{v:.1f}" for v in c["stages"].values()) + " |")
+    if png is not None and cold and not targets:
+        return "\n".join([*lines, cold_plot(cold, data, png)])
     if png is not None:
         try:
             import matplotlib
@@ -122,3 +171,32 @@ def report(data: dict[str, Any], png: Path | None) -> str:
         fig.tight_layout()
         fig.savefig(png, dpi=90)
     return "\n".join(lines)
+
+
+def cold_plot(cold: dict[str, dict[str, Any]], data: dict[str, Any], png: Path) -> str:
+    """Stacked bars: the median stages of each start of ours, beside raw vLLM's median start."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"(matplotlib is not installed: no plot at {png})"
+    fig, ax = plt.subplots(figsize=(10, 2.0 + 0.9 * len(cold)))
+    for row, c in enumerate(cold.values()):
+        left = 0.0
+        for i, (stage, seconds) in enumerate(c["stages"].items()):
+            ax.barh(2 * row, seconds, left=left, color=f"C{i}", label=stage if row == 0 else None)
+            left += seconds
+        ax.barh(2 * row + 0.8, c["raw_median"], color="grey", label="raw vLLM" if row == 0 else None)
+        ax.text(left + 1, 2 * row, f"{c['ours_median']:.1f} s ({c['ratio']:.2f}x raw)", va="center", fontsize=8)
+    ax.set_yticks([2 * r for r in range(len(cold))], list(cold))
+    goal = 1.3 * median([c["raw_median"] for c in cold.values()])
+    ax.axvline(goal, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlim(0, max(goal, *(c["ours_median"] for c in cold.values())) * 1.25)
+    ax.set(xlabel="seconds to the first answer (medians; dotted: 1.3x raw)")
+    ax.legend(fontsize=7, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(cold) - 0.3))
+    fig.suptitle(data.get("machine", {}).get("title", "cold starts"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    return ""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Raw vLLM, arks-ray and Ray's stock ``build_openai_app`` on one GPU, one engine at a time, same load.
 
-Three phases, each runnable on its own (one GPU holds one engine: the targets run one after another):
+Four phases, each runnable on its own (one GPU holds one engine: the targets run one after another):
 
 - ``raw``: ``python -m vllm.entrypoints.openai.api_server`` on the model with the engine arguments below;
 - ``ray``: one local Ray; the Arks YAML below rendered by ``arks_ray.local.runner.plan`` (the gateway with
@@ -9,6 +9,10 @@ Three phases, each runnable on its own (one GPU holds one engine: the targets ru
   engine app) is measured; then (``--hops``) the same load straight through the engine's Serve handle,
   skipping the proxy and the gateway; then (``--profile``) one more load under ``py-spy``; then the engine
   app is deleted and Ray's stock OpenAI app is deployed on the same GPU and measured;
+- ``startup``: cold starts side by side, ``--starts`` of each, alternating: raw vLLM until it answers, and the
+  whole stack from nothing (the ``ray`` phase in a fresh process, with the same options, until the gateway
+  answers; then Ray is stopped), with the stages of each start of ours (``ray.init``, Serve, each app's build
+  task, the engine replica's process start, its ``__init__``);
 - ``report``: merges the phases' JSON files, prints the table with ratios to raw and writes a PNG
   (tokens/s and TTFT p50 per concurrency, one line per target) when matplotlib is installed.
 
@@ -18,6 +22,7 @@ each hop carried (SSE events, HTTP body chunks at the client, Serve stream items
 
     python benchmarks/gpu_side_by_side.py raw  --model DIR --out OUT
     python benchmarks/gpu_side_by_side.py ray  --model DIR --out OUT --hops --redis-server redis-server
+    python benchmarks/gpu_side_by_side.py startup --model DIR --out OUT --starts 3 --redis-server redis-server
     python benchmarks/gpu_side_by_side.py report OUT OUT/gpu_side_by_side.png
 
 ``--mock-engine TTFT,TPOT,INTERVAL`` (ms) puts a stand-in engine at a GPU engine's pace in the engine app's
@@ -300,6 +305,64 @@ def stop_raw(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def wait_gpu_free(timeout_s: float = 60) -> float:
+    """Until no process holds the GPU (a stopped engine's memory is given back); seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            held = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return 0.0  # no GPU: nothing to wait for
+        if not held:
+            break
+        time.sleep(1)
+    return round(time.monotonic() - t0, 1)
+
+
+def phase_startup(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """``--starts`` cold starts each of raw vLLM and of the whole stack from nothing, alternating which goes
+    first. Raw: ``vllm serve`` until it answers a chat. Ours: the ``ray`` phase in a fresh process up to its
+    first answer through the gateway (``ray.init``, Serve, the apps' build tasks and replicas), then Ray
+    stopped; with the stages of its start. In ``res["startup"]["cold_LABEL"]``."""
+    cold = res["startup"].setdefault(f"cold_{args.label}", {"raw": [], "ours": []})
+    rest, skip = [], False
+    for arg in sys.argv[2:]:  # this run's own arguments, less --starts, go to the ray phase
+        if skip or arg == "--starts" or arg.startswith("--starts="):
+            skip = arg == "--starts"
+            continue
+        rest.append(arg)
+    for i in range(args.starts):
+        for which in ("raw", "ours") if i % 2 == 0 else ("ours", "raw"):
+            t0 = time.monotonic()
+            if which == "raw":
+                one: dict[str, Any] = {}
+                proc = start_raw(args, {"startup": one}, "ready_s")
+                try:
+                    one["answered_s"] = round(one["ready_s"] + warm(f"{RAW}/v1/chat/completions", {}), 1)
+                finally:
+                    stop_raw(proc)
+            else:
+                sub = args.out / f"start_{args.label}_{i}"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "ray", *rest, "--startup-only",
+                       "--out", str(sub), "--label", "start"]
+                with (args.out / f"start_{args.label}_{i}.log").open("wb") as logf:
+                    done = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False)
+                subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                               check=False)
+                got = json.loads((sub / "gpu_ray_start.json").read_text()).get("startup", {})
+                one = {k.removeprefix("start_"): v for k, v in got.items()}
+                if done.returncode != 0 or "total_s" not in one:
+                    one["error"] = f"exit {done.returncode}; see start_{args.label}_{i}.log"
+                else:
+                    one["answered_s"] = round(one["total_s"] + one["serving_after_running_s"], 1)
+            one["gpu_freed_s"] = wait_gpu_free()
+            cold[which].append(one)
+            log(f"start {i} {which}: {one.get('answered_s')} s to the first answer ({time.monotonic() - t0:.0f} s "
+                f"with the stop)")
+            gpu_probe.dump(res, args.json)
+
+
 def phase_raw(args: argparse.Namespace, res: dict[str, Any]) -> None:
     proc = start_raw(args, res)
     try:
@@ -389,6 +452,7 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     t0 = time.monotonic()
     ray.init(num_cpus=max(os.cpu_count() or 1, lp.num_cpus), num_gpus=args.gpus, resources=lp.resources,
              include_dashboard=False, runtime_env={"env_vars": env})
+    res["startup"]["ray_init_s"] = round(time.monotonic() - t0, 1)
     client = serve_start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
     res["startup"]["ray_and_serve_s"] = round(time.monotonic() - t0, 1)
     client.deploy_apps(ServeDeploySchema.model_validate(lp.serve_config))
@@ -402,6 +466,10 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
         optional(res, "timeline", lambda: res["startup"].update(
             {f"{args.label}_timeline": gpu_probe.startup_timeline(engine_app)}))
     log(f"arks ready: {res['startup']}")
+    if args.startup_only:
+        if redis:
+            redis.stop()
+        return
     if args.interleave_raw:
         warm(f"{RAW}/v1/chat/completions", {})
         measure_interleaved([("raw", http_target(f"{RAW}/v1/chat/completions", {})),
@@ -618,7 +686,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["raw", "ray", "report"])
+    ap.add_argument("phase", choices=["raw", "ray", "startup", "report"])
     ap.add_argument("paths", nargs="*", help="report: the JSON files or folders to merge, then the PNG path")
     ap.add_argument("--model", help="the model folder (a Hugging Face checkpoint)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-bench"))
@@ -664,6 +732,8 @@ def main() -> int:
                     metavar="MS[:MAX_MS],...", help="then the same load once per HTTP read interval of the gateway "
                                                     "(http_stream_interval_ms[:..._max_ms]), a live update")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
+    ap.add_argument("--starts", type=int, default=3, help="startup: cold starts of each (raw, ours)")
+    ap.add_argument("--startup-only", action="store_true", help="ray: stop once the stack has answered once")
     args = ap.parse_args()
     if args.phase == "report":
         *inputs, png = [Path(p) for p in args.paths]
@@ -678,7 +748,7 @@ def main() -> int:
     res: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": machine(),
                            "args": {args.phase: {k: str(v) for k, v in vars(args).items()}}}
     try:
-        (phase_raw if args.phase == "raw" else phase_ray)(args, res)
+        {"raw": phase_raw, "ray": phase_ray, "startup": phase_startup}[args.phase](args, res)
     finally:
         gpu_probe.dump(res, args.json)
     return 0
