@@ -305,6 +305,14 @@ def stop_raw(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def stop_ray() -> None:
+    """Stop what is left of a local Ray (``ray stop --force``; without Ray's CLI, its processes by name)."""
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        subprocess.run(["pkill", "-9", "-f", "raylet|gcs_server|ray::|EngineCore"], capture_output=True, check=False)
+
+
 def wait_gpu_free(timeout_s: float = 60) -> float:
     """Until no process holds the GPU (a stopped engine's memory is given back); seconds waited."""
     t0 = time.monotonic()
@@ -348,8 +356,7 @@ def phase_startup(args: argparse.Namespace, res: dict[str, Any]) -> None:
                        "--out", str(sub), "--label", "start"]
                 with (args.out / f"start_{args.label}_{i}.log").open("wb") as logf:
                     done = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False)
-                subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
-                               check=False)
+                stop_ray()
                 got = json.loads((sub / "gpu_ray_start.json").read_text()).get("startup", {})
                 one = {k.removeprefix("start_"): v for k, v in got.items()}
                 if done.returncode != 0 or "total_s" not in one:
@@ -467,6 +474,8 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
             {f"{args.label}_timeline": gpu_probe.startup_timeline(engine_app)}))
     log(f"arks ready: {res['startup']}")
     if args.startup_only:
+        serve.shutdown()
+        ray.shutdown()
         if redis:
             redis.stop()
         return

@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_side_by_side import stop_ray
+
 ONE = """
 import json, sys, time
 t0 = time.monotonic()
@@ -40,7 +43,7 @@ print(json.dumps({"import_s": t1 - t0, "ray_init_s": t2 - t1, "serve_s": t3 - t2
 def one_start(env: dict[str, str], cpus: int) -> dict[str, float]:
     done = subprocess.run([sys.executable, "-c", ONE, str(cpus)], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=300, check=False)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, check=False)
+    stop_ray()
     if done.returncode != 0:
         return {"error": done.stderr[-500:]}  # type: ignore[dict-item]
     return {k: round(v, 2) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
