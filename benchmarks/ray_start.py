@@ -5,9 +5,12 @@ The first stages of a cold start of the whole stack (``gpu_side_by_side.py start
 the raylet and the workers Ray starts ahead for the first driver), Serve's controller and proxy
 (``serve_start``), then one task (a worker ready for work: what a build task waits for). ``--variant NAME:K=V,...``
 adds one set of environment variables for Ray's processes (``RAY_prestart_worker_first_driver=0``: no workers
-started ahead); ``default`` is Ray as it comes. The variants alternate, ``--rounds`` times; JSON to ``--out``.
+started ahead; ``JOB_RUNTIME_ENV=1``: the driver's job gets a runtime env, which Serve's actors and tasks then
+wait for a worker of their own for); ``default`` is Ray as it comes. The variants alternate, ``--rounds`` times;
+JSON to ``--out``.
 
-    python benchmarks/ray_start.py --rounds 3 --variant noprestart:RAY_prestart_worker_first_driver=0
+    python benchmarks/ray_start.py --rounds 3 --variant noprestart:RAY_prestart_worker_first_driver=0 \
+        --variant jobenv:JOB_RUNTIME_ENV=1
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ t0 = time.monotonic()
 import ray
 from ray.serve._private.api import serve_start
 t1 = time.monotonic()
-ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, runtime_env={"env_vars": {"ARKS_PROBE": "1"}})
+job_env = {"runtime_env": {"env_vars": {"ARKS_PROBE": "1"}}} if sys.argv[2] == "1" else {}
+ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, **job_env)
 t2 = time.monotonic()
 serve_start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
 t3 = time.monotonic()
@@ -41,8 +45,9 @@ print(json.dumps({"import_s": t1 - t0, "ray_init_s": t2 - t1, "serve_s": t3 - t2
 
 
 def one_start(env: dict[str, str], cpus: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", ONE, str(cpus)], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=300, check=False)
+    job_env = env.pop("JOB_RUNTIME_ENV", "0")
+    done = subprocess.run([sys.executable, "-c", ONE, str(cpus), job_env], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300, check=False)
     stop_ray()
     if done.returncode != 0:
         return {"error": done.stderr[-500:]}  # type: ignore[dict-item]
@@ -63,7 +68,7 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for rnd in range(args.rounds):
         for name in list(variants) if rnd % 2 == 0 else list(variants)[::-1]:
-            results[name].append(one_start(variants[name], args.cpus))
+            results[name].append(one_start(dict(variants[name]), args.cpus))
             print(f"round {rnd} {name}: {results[name][-1]}", flush=True)
     summary = {name: {key: round(statistics.median(r[key] for r in runs if key in r), 2)
                       for key in ("ray_init_s", "serve_s", "task_s", "total_s")}
