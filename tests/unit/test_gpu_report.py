@@ -1,0 +1,77 @@
+"""The cold-start side of the GPU benchmark's report (``benchmarks/gpu_report.py``) and the start stages it reads
+off Serve's logs (``benchmarks/gpu_probe.startup_timeline``), on made-up runs and logs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import gpu_probe
+import gpu_report
+
+
+def ours(answered: float, init: float = 30.0) -> dict[str, Any]:
+    return {"ray_init_s": 5.0, "ray_and_serve_s": 12.0, "total_s": answered - 1.0, "serving_after_running_s": 1.0,
+            "answered_s": answered,
+            "timeline": [{"build_s": 3.0, "process_s": 18.0, "init_s": init, "noticed_s": 0.5}]}
+
+
+def run(label: str, raw: list[float], mine: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"startup": {f"cold_{label}": {"raw": [{"ready_s": r - 0.5, "answered_s": r} for r in raw],
+                                          "ours": mine}}}
+
+
+def test_cold_starts_give_medians_the_ratio_and_stages_that_add_up() -> None:
+    data = run("default", [40.0, 50.0, 44.0], [ours(70.0), ours(60.0, init=25.0), {"error": "exit 1"}, ours(66.0)])
+    (name, cold), = gpu_report.cold_starts(data).items()
+    assert name == "default"
+    assert cold["raw_median"] == 44.0
+    assert cold["ours_median"] == 66.0
+    assert cold["ratio"] == 1.5
+    assert cold["failed"] == 1
+    assert list(cold["stages"]) == gpu_report.STAGES
+    assert cold["stages"]["ray.init"] == 5.0
+    assert cold["stages"]["Serve"] == 7.0
+    assert cold["stages"]["replica __init__"] == 30.0
+    for start in (ours(70.0), ours(60.0, init=25.0)):
+        assert sum(gpu_report.stages(start)) == pytest.approx(start["answered_s"])
+
+
+def test_the_report_has_a_cold_start_row_per_run_and_a_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    data = gpu_report.merge([])
+    data["startup"].update(run("a", [40.0], [ours(70.0)])["startup"])
+    data["startup"].update(run("b", [42.0, 44.0], [ours(80.0), ours(90.0)])["startup"])
+    png = tmp_path / "cold.png"
+    table = gpu_report.report(data, png)
+    rows = [line for line in table.splitlines() if line.startswith(("| a |", "| b |"))]
+    assert rows == ["| a | 70.0 | 40.0 | 1.75 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 7.0 |",
+                    "| b | 80.0 / 90.0 | 42.0 / 44.0 | 1.98 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 22.0 |"]
+    assert png.stat().st_size > 1000
+
+
+def write_log(path: Path, lines: list[tuple[str, str]]) -> None:
+    path.write_text("".join(f"INFO 2026-12-04 {at} controller 1 -- {msg}\n" for at, msg in lines))
+
+
+def test_the_start_stages_come_from_serves_logs_and_a_cut_replica_log_ends_at_ready(tmp_path: Path) -> None:
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    write_log(serve / "controller_1.log", [
+        ("05:52:14,441", "Deploying new app 'small'."),
+        ("05:52:17,710", "Imported and built app 'small' successfully."),
+        ("05:52:17,821", "Starting Replica(id='abc', deployment='arks-engine:small', app='small')."),
+        ("05:53:07,272", "Replica(id='abc', deployment='arks-engine:small', app='small') started successfully."),
+    ])
+    replica = serve / "replica_small_arks-engine_small_abc.log"
+    write_log(replica, [("05:52:36,121", "Started initializing replica.")])
+    assert gpu_probe.startup_timeline("small", tmp_path) == [{"build_s": 3.3, "process_s": 18.3, "init_s": 31.2}]
+    write_log(replica, [("05:52:36,121", "Started initializing replica."),
+                        ("05:53:06,872", "Finished initializing replica.")])
+    assert gpu_probe.startup_timeline("small", tmp_path) == [
+        {"build_s": 3.3, "process_s": 18.3, "init_s": 30.8, "noticed_s": 0.4}]
