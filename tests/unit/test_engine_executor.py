@@ -161,3 +161,76 @@ def test_the_in_process_engine_initialises_the_node_here_and_builds_a_uni_config
     assert engine_args.distributed_executor_backend == "uni"
     assert engine_args.model == str(tiny_model_dir)
     assert vllm_config.model_config.served_model_name == "m"
+
+
+RAYS_START_ENGINE = '''
+    async def _start_engine(self):
+        if self.engine is None:
+            raise ValueError("Engine is not set")
+        await self.engine.start()
+        push_telemetry_report_for_all_models(all_models=[self._llm_config])
+        if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
+            record_extra_usage_tag(TagKey.LLM_SERVE_DIRECT_STREAMING_ENABLED, "1")
+'''
+
+
+def test_rays_engine_start_is_the_one_the_replica_mirrors() -> None:
+    """``ArksLLMServer._start_engine`` is Ray's but for the usage report: a change in Ray's fails here."""
+    import inspect
+
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    code = [line for line in inspect.getsource(LLMServer._start_engine).splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    assert code == [line for line in RAYS_START_ENGINE.splitlines() if line]
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+
+def server_with(monkeypatch: pytest.MonkeyPatch, usage_stats: str, push: Any) -> Any:
+    """An ``ArksLLMServer`` with a stand-in engine, Ray's usage report being ``push``."""
+    from ray.llm._internal.serve.observability.usage_telemetry import usage
+
+    from deployments.vllm_engine import _llm_server_class
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", usage_stats)
+    monkeypatch.setattr(usage, "push_telemetry_report_for_all_models", push)
+    server = object.__new__(_llm_server_class())
+    server.engine, server._llm_config = Engine(), "the config"
+    return server
+
+
+def test_the_usage_report_does_not_hold_up_the_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    returned = threading.Event()
+    sent: list[Any] = []
+
+    def push(all_models: list[Any]) -> None:  # Ray's gets or creates its actor, then waits on it
+        sent.append((returned.wait(timeout=5), all_models))
+
+    server = server_with(monkeypatch, "1", push)
+
+    async def start() -> None:
+        await server._start_engine()
+        returned.set()
+        await server._arks_usage_report
+
+    asyncio.run(start())
+    assert server.engine.started
+    assert sent == [(True, ["the config"])]  # sent, after the replica was ready
+
+
+def test_with_usage_stats_off_no_report_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[Any] = []
+    server = server_with(monkeypatch, "0", sent.append)
+    asyncio.run(server._start_engine())
+    assert server.engine.started
+    assert server._arks_usage_report is None
+    assert sent == []
