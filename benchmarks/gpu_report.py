@@ -182,7 +182,7 @@ def cold_plot(cold: dict[str, dict[str, Any]], data: dict[str, Any], png: Path) 
         import matplotlib.pyplot as plt
     except ImportError:
         return f"(matplotlib is not installed: no plot at {png})"
-    fig, ax = plt.subplots(figsize=(10, 2.0 + 0.9 * len(cold)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.9 * len(cold)))
     for row, c in enumerate(cold.values()):
         left = 0.0
         for i, (stage, seconds) in enumerate(c["stages"].items()):
@@ -195,8 +195,8 @@ def cold_plot(cold: dict[str, dict[str, Any]], data: dict[str, Any], png: Path) 
     ax.axvline(goal, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlim(0, max(goal, *(c["ours_median"] for c in cold.values())) * 1.25)
     ax.set(xlabel="seconds to the first answer (medians; dotted: 1.3x raw)")
-    ax.legend(fontsize=7, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(cold) - 0.3))
+    fig.legend(fontsize=7, ncol=7, loc="lower center")
     fig.suptitle(data.get("machine", {}).get("title", "cold starts"), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(png, dpi=90)
     return ""
