@@ -10,7 +10,9 @@ KV-cache use after each step, and ``record_autoscaling_stats`` reports them to S
 
 A single-GPU engine runs the model inside vLLM's EngineCore process, as ``vllm serve`` does
 (``arks_ray.engines.executor`` says when): the replica actor holds the GPU, and the engine config and the
-model download run in the replica rather than in Ray tasks (``InProcessVLLMEngine``).
+model download run in the replica rather than in Ray tasks (``InProcessVLLMEngine``). On a replica that holds
+a GPU, vLLM's EngineCore is forked from a server that imported vLLM while the replica did, as ``vllm serve``
+forks it, rather than spawned after (``deployments.engine_start``).
 
 Streams leave the replica coalesced: the first output at once, then one item per interval, which grows
 with the streams the replica serves (``arks_ray.engines.cadence``; every item costs CPU in each Serve hop
@@ -217,13 +219,17 @@ def _llm_server_class() -> type:
 
         async def _start_engine(self) -> None:
             # Ray's (tests/unit/test_engine_executor.py holds its text), but the usage report does not hold up
-            # the replica (usage_report).
+            # the replica (usage_report), and vLLM's EngineCore is forked from the replica's fork server if it
+            # has one (deployments.engine_start).
             from ray._common.usage.usage_lib import TagKey, record_extra_usage_tag
             from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
 
+            from deployments.engine_start import engine_processes
+
             if self.engine is None:
                 raise ValueError("Engine is not set")
-            await self.engine.start()  # type: ignore[no-untyped-call]
+            with engine_processes():
+                await self.engine.start()  # type: ignore[no-untyped-call]
             self._arks_usage_report = usage_report(self._llm_config)
             if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
                 record_extra_usage_tag(TagKey.LLM_SERVE_DIRECT_STREAMING_ENABLED, "1")
@@ -294,6 +300,10 @@ def _llm_server_class() -> type:
 def __getattr__(name: str) -> Any:
     # The import path Serve's replica loads its class from (deployments.engine_deployment).
     if name == "ArksLLMServer":
+        # The replica's first step: its EngineCore's fork server imports vLLM alongside the import below.
+        from deployments.engine_start import prestart
+
+        prestart()
         return _llm_server_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
