@@ -69,6 +69,12 @@ def stages(start: dict[str, Any]) -> list[float]:
     return [round(x, 1) for x in [*parts, start["answered_s"] - sum(parts)]]
 
 
+def _median_of(starts: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over starts, ours' from their replica's timeline; None where none has it."""
+    values = [v for r in starts for v in [r.get(key, (r.get("timeline") or [{}])[0].get(key))] if v is not None]
+    return round(median(values), 1) if values else None
+
+
 def cold_starts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per ``startup`` run: each start's seconds to the first answer, raw's and ours, medians, the ratio, and
     the median of each stage of ours."""
@@ -87,6 +93,8 @@ def cold_starts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "ratio": round(median([r["answered_s"] for r in ours]) / median(raw), 2),
             "stages": dict(zip(STAGES, [round(median(list(col)), 1) for col in zip(*each, strict=True)],
                                strict=True)),
+            # the EngineCore process's start and imports, within the replica's __init__ (ours) and raw's start
+            "engine_core": {"ours": _median_of(ours, "engine_core_s"), "raw": _median_of(runs["raw"], "engine_core_s")},
             "failed": len(runs["ours"]) - len(ours)}
     return out
 
@@ -128,10 +136,13 @@ def report(data: dict[str, Any], png: Path | None) -> str:
     if cold:
         lines += ["", "Cold starts, to the first answer (seconds; ours: the whole stack from nothing):", "",
                   "| target | ours, each | raw vLLM, each | ours ÷ raw (medians) | "
-                  + " | ".join(STAGES) + " |", "|---|---|---|---|" + "---|" * len(STAGES)]
+                  + " | ".join(STAGES) + " | EngineCore start, ours / raw |",
+                  "|---|---|---|---|" + "---|" * (len(STAGES) + 1)]
         for name, c in cold.items():
+            core = " / ".join("-" if v is None else f"{v:.1f}" for v in c["engine_core"].values())
             lines.append(f"| {name} | {' / '.join(map(str, c['ours']))} | {' / '.join(map(str, c['raw']))} | "
-                         f"{c['ratio']:.2f} | " + " | ".join(f"{v:.1f}" for v in c["stages"].values()) + " |")
+                         f"{c['ratio']:.2f} | " + " | ".join(f"{v:.1f}" for v in c["stages"].values())
+                         + f" | {core} |")
     if png is not None and cold and not targets:
         return "\n".join([*lines, cold_plot(cold, data, png)])
     if png is not None:

@@ -12,7 +12,9 @@ Four phases, each runnable on its own (one GPU holds one engine: the targets run
 - ``startup``: cold starts side by side, ``--starts`` of each, alternating: raw vLLM until it answers, and the
   whole stack from nothing (the ``ray`` phase in a fresh process, with the same options, until the gateway
   answers; then Ray is stopped), with the stages of each start of ours (``ray.init``, Serve, each app's build
-  task, the engine replica's process start, its ``__init__``);
+  task, the engine replica's process start, its ``__init__``, and in it the EngineCore process's start) and
+  raw's EngineCore start; ``--variant NAME:K=V`` adds a start of ours with those ``--serve-env`` settings to
+  each round (``--variant spawn:ARKS_ENGINE_CORE_START=spawn``);
 - ``report``: merges the phases' JSON files, prints the table with ratios to raw and writes a PNG
   (tokens/s and TTFT p50 per concurrency, one line per target) when matplotlib is installed.
 
@@ -333,15 +335,19 @@ def phase_startup(args: argparse.Namespace, res: dict[str, Any]) -> None:
     first. Raw: ``vllm serve`` until it answers a chat. Ours: the ``ray`` phase in a fresh process up to its
     first answer through the gateway (``ray.init``, Serve, the apps' build tasks and replicas), then Ray
     stopped; with the stages of its start. In ``res["startup"]["cold_LABEL"]``."""
-    cold = res["startup"].setdefault(f"cold_{args.label}", {"raw": [], "ours": []})
+    raw_starts: list[dict[str, Any]] = []  # one raw start per round, shared by every variant of ours
+    variants = {"": [], **{f"-{name}": kv.split(",") for name, _, kv in (v.partition(":") for v in args.variant)}}
+    colds = {suffix: res["startup"].setdefault(f"cold_{args.label}{suffix}", {"raw": raw_starts, "ours": []})
+             for suffix in variants}
     rest, skip = [], False
-    for arg in sys.argv[2:]:  # this run's own arguments, less --starts, go to the ray phase
-        if skip or arg == "--starts" or arg.startswith("--starts="):
-            skip = arg == "--starts"
+    for arg in sys.argv[2:]:  # this run's own arguments, less --starts and --variant, go to the ray phase
+        if skip or arg in ("--starts", "--variant") or arg.startswith(("--starts=", "--variant=")):
+            skip = arg in ("--starts", "--variant")
             continue
         rest.append(arg)
     for i in range(args.starts):
-        for which in ("raw", "ours") if i % 2 == 0 else ("ours", "raw"):
+        order = ["raw", *variants]
+        for which in order[i % len(order):] + order[:i % len(order)]:  # each goes first in turn
             t0 = time.monotonic()
             if which == "raw":
                 one: dict[str, Any] = {}
@@ -350,23 +356,27 @@ def phase_startup(args: argparse.Namespace, res: dict[str, Any]) -> None:
                     one["answered_s"] = round(one["ready_s"] + warm(f"{RAW}/v1/chat/completions", {}), 1)
                 finally:
                     stop_raw(proc)
+                one["engine_core_s"] = gpu_probe.engine_core_s(args.out / "raw_vllm.log")
+                one["engine_core_spawned"] = "must use the `spawn`" in (args.out / "raw_vllm.log").read_text(
+                    errors="replace")
             else:
-                sub = args.out / f"start_{args.label}_{i}"
+                name = f"start_{args.label}{which}_{i}"
+                sub = args.out / name
                 cmd = [sys.executable, str(Path(__file__).resolve()), "ray", *rest, "--startup-only",
-                       "--out", str(sub), "--label", "start"]
-                with (args.out / f"start_{args.label}_{i}.log").open("wb") as logf:
+                       "--out", str(sub), "--label", "start", *(f"--serve-env={kv}" for kv in variants[which])]
+                with (args.out / f"{name}.log").open("wb") as logf:
                     done = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False)
                 stop_ray()
                 got = json.loads((sub / "gpu_ray_start.json").read_text()).get("startup", {})
                 one = {k.removeprefix("start_"): v for k, v in got.items()}
                 if done.returncode != 0 or "total_s" not in one:
-                    one["error"] = f"exit {done.returncode}; see start_{args.label}_{i}.log"
+                    one["error"] = f"exit {done.returncode}; see {name}.log"
                 else:
                     one["answered_s"] = round(one["total_s"] + one["serving_after_running_s"], 1)
             one["gpu_freed_s"] = wait_gpu_free()
-            cold[which].append(one)
-            log(f"start {i} {which}: {one.get('answered_s')} s to the first answer ({time.monotonic() - t0:.0f} s "
-                f"with the stop)")
+            (raw_starts if which == "raw" else colds[which]["ours"]).append(one)
+            log(f"start {i} {which or 'ours'}: {one.get('answered_s')} s to the first answer "
+                f"({time.monotonic() - t0:.0f} s with the stop)")
             gpu_probe.dump(res, args.json)
 
 
@@ -390,7 +400,7 @@ def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, floa
                 raise RuntimeError(f"{n} failed: {apps[n].message[:2000]}")
         if len(ready) == len(names):
             return ready
-        time.sleep(1)
+        time.sleep(0.2)
     raise RuntimeError(f"not RUNNING after {timeout_s}s: {set(names) - set(ready)}")
 
 
@@ -743,6 +753,8 @@ def main() -> int:
                                                     "(http_stream_interval_ms[:..._max_ms]), a live update")
     ap.add_argument("--deadline-s", type=float, default=560, help="skip optional steps past this many seconds")
     ap.add_argument("--starts", type=int, default=3, help="startup: cold starts of each (raw, ours)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V[,K=V]",
+                    help="startup: also start ours with these --serve-env settings, each round, as LABEL-NAME")
     ap.add_argument("--startup-only", action="store_true", help="ray: stop once the stack has answered once")
     args = ap.parse_args()
     if args.phase == "report":

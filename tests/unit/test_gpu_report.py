@@ -18,12 +18,12 @@ import gpu_report
 def ours(answered: float, init: float = 30.0) -> dict[str, Any]:
     return {"ray_init_s": 5.0, "ray_and_serve_s": 12.0, "total_s": answered - 1.0, "serving_after_running_s": 1.0,
             "answered_s": answered,
-            "timeline": [{"build_s": 3.0, "process_s": 18.0, "init_s": init, "noticed_s": 0.5}]}
+            "timeline": [{"build_s": 3.0, "process_s": 18.0, "init_s": init, "noticed_s": 0.5, "engine_core_s": 1.0}]}
 
 
 def run(label: str, raw: list[float], mine: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"startup": {f"cold_{label}": {"raw": [{"ready_s": r - 0.5, "answered_s": r} for r in raw],
-                                          "ours": mine}}}
+    return {"startup": {f"cold_{label}": {"raw": [{"ready_s": r - 0.5, "answered_s": r, "engine_core_s": 2.0}
+                                                  for r in raw], "ours": mine}}}
 
 
 def test_cold_starts_give_medians_the_ratio_and_stages_that_add_up() -> None:
@@ -38,6 +38,7 @@ def test_cold_starts_give_medians_the_ratio_and_stages_that_add_up() -> None:
     assert cold["stages"]["ray.init"] == 5.0
     assert cold["stages"]["Serve"] == 7.0
     assert cold["stages"]["replica __init__"] == 30.0
+    assert cold["engine_core"] == {"ours": 1.0, "raw": 2.0}
     for start in (ours(70.0), ours(60.0, init=25.0)):
         assert sum(gpu_report.stages(start)) == pytest.approx(start["answered_s"])
 
@@ -50,8 +51,8 @@ def test_the_report_has_a_cold_start_row_per_run_and_a_plot(tmp_path: Path) -> N
     png = tmp_path / "cold.png"
     table = gpu_report.report(data, png)
     rows = [line for line in table.splitlines() if line.startswith(("| a |", "| b |"))]
-    assert rows == ["| a | 70.0 | 40.0 | 1.75 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 7.0 |",
-                    "| b | 80.0 / 90.0 | 42.0 / 44.0 | 1.98 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 22.0 |"]
+    assert rows == ["| a | 70.0 | 40.0 | 1.75 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 7.0 | 1.0 / 2.0 |",
+                    "| b | 80.0 / 90.0 | 42.0 / 44.0 | 1.98 | 5.0 | 7.0 | 3.0 | 18.0 | 30.0 | 22.0 | 1.0 / 2.0 |"]
     assert png.stat().st_size > 1000
 
 
@@ -75,3 +76,29 @@ def test_the_start_stages_come_from_serves_logs_and_a_cut_replica_log_ends_at_re
                         ("05:53:06,872", "Finished initializing replica.")])
     assert gpu_probe.startup_timeline("small", tmp_path) == [
         {"build_s": 3.3, "process_s": 18.3, "init_s": 30.8, "noticed_s": 0.4}]
+
+
+def test_the_engine_core_start_comes_from_vllms_lines_in_the_replicas_worker_log(tmp_path: Path) -> None:
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    write_log(serve / "controller_1.log", [
+        ("05:52:17,821", "Starting Replica(id='abc', deployment='arks-engine:small', app='small')."),
+        ("05:52:50,000", "Replica(id='abc', deployment='arks-engine:small', app='small') started successfully.")])
+    write_log(serve / "replica_small_arks-engine_small_abc.log", [("05:52:36,121", "Started initializing replica.")])
+    (tmp_path / "worker-1-01000000-7.out").write_text(
+        ":job_id:01000000\n:actor_name:ServeReplica:gateway:ArksGateway\n"
+        "(EngineCore pid=9) INFO 12-04 05:52:37 [core.py:133] not this replica's\n")
+    (tmp_path / "worker-2-01000000-8.out").write_text(
+        ":job_id:01000000\n:actor_name:ServeReplica:small:arks-engine:small\n"
+        "(MainProcess pid=8) INFO 12-04 05:52:37 [model.py:733] Resolved architecture: Qwen2ForCausalLM\n"
+        "(MainProcess pid=8) INFO 12-04 05:52:38 [compilation.py:317] Enabled custom fusions\n"
+        "(EngineCore pid=10) INFO 12-04 05:52:44 [core.py:133] Initializing a V1 LLM engine\n"
+        "(EngineCore pid=10) INFO 12-04 05:52:49 [core.py:200] later\n")
+    (line,) = gpu_probe.startup_timeline("small", tmp_path)
+    assert line["engine_core_s"] == 6.0
+    raw = tmp_path / "raw_vllm.log"
+    raw.write_text("(APIServer pid=1) INFO 12-04 05:37:03 [api_utils.py:347] args\n"
+                   "(EngineCore pid=2) INFO 12-04 05:37:03 [core.py:133] Initializing\n")
+    assert gpu_probe.engine_core_s(raw) == 0.0
+    raw.write_text("(APIServer pid=1) INFO 12-04 05:37:03 [api_utils.py:347] args\n")
+    assert gpu_probe.engine_core_s(raw) is None
