@@ -286,13 +286,23 @@ def _serve_events(path: Path) -> list[tuple[float, str]]:
     return out
 
 
-def startup_timeline(app: str, logs: Path = Path("/tmp/ray/session_latest/logs")) -> list[dict[str, float]]:
+def latest_logs() -> Path:
+    """This machine's newest Ray session's logs (``session_latest`` may point at a session deleted since)."""
+    latest = Path("/tmp/ray/session_latest/logs")
+    if latest.exists():
+        return latest
+    sessions = sorted(Path("/tmp/ray").glob("session_2*/logs"))
+    return sessions[-1] if sessions else latest
+
+
+def startup_timeline(app: str, logs: Path | None = None) -> list[dict[str, float]]:
     """Each replica the app started, in order: seconds spent in each stage of its start, from Serve's logs
     (``build_s`` only for the first: Serve's build task, which imports the app's code and Ray's LLM
     builder; ``process_s``: from Serve starting the replica to its ``__init__`` running, i.e. the worker
     process, its imports and the unpickled arguments; ``init_s``: the ``__init__``; ``noticed_s``: until
     Serve's controller saw it ready; ``engine_core_s``: in the replica's worker log, the EngineCore process's
     start and imports, ``engine_core_s``)."""
+    logs = logs or latest_logs()
     serve_logs = logs / "serve"
     controller = [e for f in sorted(serve_logs.glob("controller_[0-9]*.log")) for e in _serve_events(f)]
     deployed = next((at for at, msg in controller if msg.endswith(f"Deploying new app '{app}'.")), None)
@@ -331,12 +341,13 @@ def startup_timeline(app: str, logs: Path = Path("/tmp/ray/session_latest/logs")
     return replicas
 
 
-_VLLM_LINE = re.compile(r"\((\w+) pid=\d+\) \w+ (\d\d-\d\d \d\d:\d\d:\d\d) (.*)$")
+_VLLM_LINE = re.compile(r"^(?:\((\w+) pid=\d+\) )?(?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) (.*)$")
 
 
 def _vllm_events_in(paths: Any, near: float | None = None) -> list[tuple[float, str, str]]:
-    """vLLM's log lines (``(EngineCore pid=7) INFO 12-04 05:37:08 [core.py:133] ...``) in these files: (when, which
-    process, message). vLLM's stamps have no year and whole seconds: the year is ``near``'s (or this one)."""
+    """vLLM's log lines (``(EngineCore pid=7) INFO 12-04 05:37:08 [core.py:133] ...``; in a Ray worker's own log,
+    without the process) in these files: (when, which process or "", message). vLLM's stamps have no year and
+    whole seconds: the year is ``near``'s (or this one)."""
     year = datetime.datetime.fromtimestamp(near or time.time()).year
     out = []
     for path in paths:
@@ -344,7 +355,7 @@ def _vllm_events_in(paths: Any, near: float | None = None) -> list[tuple[float, 
             m = _VLLM_LINE.search(line)
             if m:
                 at = datetime.datetime.strptime(f"{year}-{m.group(2)}", "%Y-%m-%d %H:%M:%S").timestamp()
-                out.append((at, m.group(1), m.group(3)))
+                out.append((at, m.group(1) or "", m.group(3)))
     return out
 
 

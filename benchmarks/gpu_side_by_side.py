@@ -289,6 +289,12 @@ RAW = "http://127.0.0.1:8100"
 def start_raw(args: argparse.Namespace, res: dict[str, Any], key: str = "raw_ready_s") -> subprocess.Popen[bytes]:
     """``vllm serve`` on the model at ``RAW``, ready (its start time in ``res["startup"][key]``); the caller
     kills its process group."""
+    try:
+        stale = httpx.get(f"{RAW}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        stale = None
+    if stale is not None:  # an earlier run's server, still up, would be timed instead of this one
+        raise RuntimeError(f"something already answers on {RAW} (HTTP {stale}): stop it first")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--served-model-name",
            MODEL, "--host", "127.0.0.1", "--port", RAW.rsplit(":", 1)[1], *ENGINE_CLI]
     logf = (args.out / "raw_vllm.log").open("wb")
@@ -769,6 +775,9 @@ def main() -> int:
     args.json = args.out / f"gpu_{args.phase}_{args.label}.json"
     res: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": machine(),
                            "args": {args.phase: {k: str(v) for k, v in vars(args).items()}}}
+    # A SIGTERM (`timeout`, a lease's end) unwinds like Ctrl-C: each phase's `finally` stops what it started, raw
+    # vLLM included, which would otherwise go on holding the GPU and the port.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         {"raw": phase_raw, "ray": phase_ray, "startup": phase_startup}[args.phase](args, res)
     finally:

@@ -91,7 +91,7 @@ def test_the_engine_core_start_comes_from_vllms_lines_in_the_replicas_worker_log
     (tmp_path / "worker-2-01000000-8.out").write_text(
         ":job_id:01000000\n:actor_name:ServeReplica:small:arks-engine:small\n"
         "(MainProcess pid=8) INFO 12-04 05:52:37 [model.py:733] Resolved architecture: Qwen2ForCausalLM\n"
-        "(MainProcess pid=8) INFO 12-04 05:52:38 [compilation.py:317] Enabled custom fusions\n"
+        "INFO 12-04 05:52:38 [compilation.py:317] Enabled custom fusions\n"
         "(EngineCore pid=10) INFO 12-04 05:52:44 [core.py:133] Initializing a V1 LLM engine\n"
         "(EngineCore pid=10) INFO 12-04 05:52:49 [core.py:200] later\n")
     (line,) = gpu_probe.startup_timeline("small", tmp_path)
