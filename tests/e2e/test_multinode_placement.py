@@ -210,6 +210,12 @@ def test_a_one_gpu_engine_holds_its_gpu_in_the_replica_and_starts_no_ray_task(st
     children = psutil.Process(replica.pid).children(recursive=True)
     assert children
     assert {c.environ().get("CUDA_VISIBLE_DEVICES") for c in children} == {"0"}
+    # The replica holds a GPU, so its EngineCore is forked from the fork server it started as its class loaded
+    # (deployments.engine_start), not spawned: the server is its child, and the EngineCore the server's.
+    servers = [c for c in psutil.Process(replica.pid).children()
+               if any("multiprocessing.forkserver" in part for part in c.cmdline())]
+    assert len(servers) == 1, [c.cmdline()[:3] for c in children]
+    assert servers[0].children()
     # Ray's own path starts a model-download task on each node of the placement group, and on a GPU an
     # engine-config task; the in-process engine does both in the replica. The TP=2 app shows the tasks exist.
     by_node: dict[str, set[str]] = {}
