@@ -8,12 +8,20 @@ again before the engine starts: several seconds of every engine replica's start 
 Here a replica that holds a GPU starts a ``multiprocessing`` fork server as its class loads (``prestart``). The
 server imports vLLM's engine core while the replica imports Ray's LLM server, in parallel, and vLLM's
 EngineCore is forked from it (``engine_processes``): from a process that has imported what a spawned one would,
-and has never touched Ray or CUDA. The child takes its parent's environment as it is when vLLM starts it, as a
-spawned one does. The server stays for the engine's life: the child's exit status reaches vLLM through it.
+and has never connected to Ray or initialised CUDA. The child takes its parent's environment as it is when vLLM
+starts it, for everything read after the fork (what the preloaded modules read as they were imported, they read
+from the replica's environment at class load: nothing vLLM sets before the engine starts, see ``PRELOAD``).
+The server stays for the engine's life (about 600 MB, most of it shared with the EngineCore): the child's exit
+status reaches vLLM through it. The child also watches the replica itself, and stops (SIGTERM, which vLLM's
+EngineCore handles) when the replica is gone, even if the server went first.
+
+What cannot use the server falls back to vLLM's spawn, with a warning: a server that fails to start or to fork,
+or a start vLLM wraps in another executable (``numa_bind``'s numactl).
 
 ``ARKS_ENGINE_CORE_START`` (the replica's environment) chooses: ``auto`` (the default) forks on a replica with a
 GPU, unless ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` says otherwise; ``forkserver`` always (a CPU engine too);
-``spawn`` is vLLM's own way. ``vllmServer`` frontends run ``vllm serve`` itself, which forks on its own.
+``spawn`` is vLLM's own way. ``vllmServer`` frontends run ``vllm serve`` itself, which forks on its own. The PD
+servers (``deployments.pd_vllm``) do not start a server, and spawn.
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ import contextlib
 import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.spawn
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,9 +47,12 @@ AUTO, FORKSERVER, SPAWN = "auto", "forkserver", "spawn"
 CHOICES = (AUTO, FORKSERVER, SPAWN)
 PRELOAD = ("vllm.v1.engine.core",)
 """What the server imports before it forks: the EngineCore's own module, which a spawned EngineCore imports
-first. The executor and worker modules are imported after the fork, as under ``vllm serve``."""
+first. The executor, worker, model and attention modules are imported after the fork, as under ``vllm serve``:
+some read at import what vLLM sets in the replica's environment for the engine (``VLLM_USE_BREAKABLE_CUDAGRAPH``
+for some models), so they must not be preloaded (``tests/unit/test_engine_start.py`` checks)."""
 
 _server: multiprocessing.context.ForkServerContext | None = None
+_plain_executable: str | None = None  # the interpreter children are started with, unless vLLM wraps it
 
 
 def choice(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
@@ -65,13 +80,37 @@ def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
 def prestart(preload: tuple[str, ...] = PRELOAD) -> bool:
     """Start the fork server now, if it is ``wanted``; whether one runs. It imports ``preload`` in the background:
     call this before the replica's own vLLM imports, so that the two overlap."""
-    global _server
+    global _server, _plain_executable
     if _server is None and wanted():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
-        multiprocessing.forkserver.ensure_running()  # returns at once; forks wait for the imports
-        _server = context
+        try:
+            multiprocessing.forkserver.ensure_running()  # returns at once; forks wait for the imports
+        except Exception as exc:  # e.g. a temp dir whose socket path is too long: vLLM's spawn, as before
+            logger.warning("No fork server for vLLM's EngineCore (%s): it will be spawned", exc)
+            return False
+        _server, _plain_executable = context, os.fsdecode(multiprocessing.spawn.get_executable())
     return _server is not None
+
+
+def _spawn_popen(process_obj: Any) -> Any:
+    return multiprocessing.context.SpawnProcess._Popen(process_obj)
+
+
+def _exit_with_parent() -> None:
+    """Stop this process (SIGTERM) once the process that started it is gone: the fork server, its parent in
+    the process tree, may outlive the replica or die before it, and Ray's clean-up of the replica's process
+    group is a setting (``RAY_process_group_cleanup_enabled``)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="arks-exit-with-parent", daemon=True).start()
 
 
 class EngineProcess(multiprocessing.context.ForkServerProcess):
@@ -82,11 +121,23 @@ class EngineProcess(multiprocessing.context.ForkServerProcess):
 
     def start(self) -> None:
         self._parent_environ = dict(os.environ)
+        if os.fsdecode(multiprocessing.spawn.get_executable()) != _plain_executable:
+            self._spawn("vLLM starts it through another executable (numa_bind)")
+            return
+        try:
+            super().start()
+        except (OSError, EOFError) as exc:  # the server died on its preload, or cannot be reached
+            self._spawn(f"the fork server failed: {exc!r}")
+
+    def _spawn(self, why: str) -> None:
+        logger.warning("vLLM's EngineCore is spawned, not forked from the fork server: %s", why)
+        self._Popen = _spawn_popen  # type: ignore[method-assign]
         super().start()
 
     def run(self) -> None:
         os.environ.clear()
         os.environ.update(self._parent_environ)
+        _exit_with_parent()
         super().run()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,133 @@ def test_vllm_starts_its_engine_core_through_the_hook_replaced() -> None:
     assert "context = get_mp_context()" in source
     assert "context.Process(" in source
     assert "proc.start()" in source
+
+
+DEATH = """
+import multiprocessing, os, signal, sys, time
+sys.path.insert(0, {root!r})
+from deployments import engine_start
+
+def sleep_long(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    os.environ["ARKS_ENGINE_CORE_START"] = "forkserver"
+    assert engine_start.prestart(preload=())
+    proc = engine_start.EngineContext(engine_start._server).Process(target=sleep_long, args=(sys.argv[1],))
+    proc.start()
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)  # the replica dies without a word: no finalizer, no shutdown
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_engine_process_stops_when_the_replica_is_killed(tmp_path: Path) -> None:
+    import time
+
+    script, pid_file = tmp_path / "death.py", tmp_path / "child.pid"
+    script.write_text(DEATH.format(root=str(ROOT)))
+    done = subprocess.run([sys.executable, str(script), str(pid_file)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "the forked process outlived the replica"
+
+
+FALLBACK = """
+import json, multiprocessing, multiprocessing.spawn, os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tmp!r})
+from deployments import engine_start
+
+def report(queue):
+    queue.put({{"parent": os.getppid(), "probe": os.environ.get("ARKS_PROBE")}})
+
+def start(context):
+    queue = context.Queue()
+    proc = context.Process(target=report, args=(queue,))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(60)
+    return {{**got, "exitcode": proc.exitcode, "me": os.getpid()}}
+
+if __name__ == "__main__":
+    os.environ.update(ARKS_ENGINE_CORE_START="forkserver", ARKS_PROBE="here")
+    assert engine_start.prestart(preload=(sys.argv[1],))
+    context = engine_start.EngineContext(engine_start._server)
+    out = {{}}
+    if sys.argv[2] == "wrapped":  # vLLM's numa_bind sets another executable around the start
+        plain = multiprocessing.spawn.get_executable()
+        multiprocessing.spawn.set_executable(os.path.join({tmp!r}, "python-wrapper"))
+        try:
+            out = start(context)
+        finally:
+            multiprocessing.spawn.set_executable(plain)
+    else:
+        out = start(context)
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("preload", "mode"), [("boom", "plain"), ("json", "wrapped")],
+                         ids=["server-died-on-its-preload", "executable-wrapped"])
+def test_what_cannot_use_the_server_is_spawned_instead(tmp_path: Path, preload: str, mode: str) -> None:
+    (tmp_path / "boom.py").write_text("raise RuntimeError('not an ImportError: the fork server dies')\n")
+    (tmp_path / "python-wrapper").symlink_to(sys.executable)
+    script = tmp_path / "fallback.py"
+    script.write_text(FALLBACK.format(root=str(ROOT), tmp=str(tmp_path)))
+    # The fork server finds modules on its own path (Python 3.11 does not give it the parent's sys.path).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), preload, mode], capture_output=True, text=True, timeout=120,
+                          check=False, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["parent"] == got["me"]  # spawned by the replica itself
+    assert got["probe"] == "here"
+    assert got["exitcode"] == 0
+    assert "is spawned, not forked from the fork server" in done.stderr
+
+
+def test_a_server_that_cannot_start_leaves_vllms_spawn(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import multiprocessing.forkserver
+
+    def refuse() -> None:
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(engine_start, "_server", None)
+    monkeypatch.setenv(engine_start.START_ENV, "forkserver")
+    monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", refuse)
+    assert engine_start.prestart() is False
+    assert engine_start._server is None
+    assert "No fork server for vLLM's EngineCore (AF_UNIX path too long)" in caplog.text
+
+
+def test_the_preload_imports_nothing_that_reads_the_engines_environment_at_import() -> None:
+    """Modules decorated with ``eager_break_during_capture`` read ``VLLM_USE_BREAKABLE_CUDAGRAPH`` as they load,
+    which vLLM sets in the replica for some models after the server started: they must load after the fork."""
+    pytest.importorskip("vllm")
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {engine_start.PRELOAD!r}]\n"
+            "from pathlib import Path\n"
+            "bad = [n for n, m in list(sys.modules.items()) if n.startswith('vllm') and getattr(m, '__file__', None)"
+            " and '@eager_break_during_capture' in Path(m.__file__).read_text(errors='replace')]\n"
+            "print(len(sys.modules), bad)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, bad = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) > 300  # vLLM's engine core was imported
+    assert bad == "[]"
