@@ -111,7 +111,11 @@ def stack(no_shared_stack: None) -> Iterator[dict[str, Any]]:
         NodeSpec("head", 3, {"arks-head": 1000}),
         [NodeSpec("a1", 3, two), NodeSpec("a2", 3, dict(two)), NodeSpec("b1", 3, {groups["solo"]: 1000}, num_gpus=1)])
     try:
-        cluster.start()
+        # vLLM's CPU platform sets VLLM_WORKER_MULTIPROC_METHOD=spawn in a process that has built an engine config
+        # (an earlier test in this one): nodes started with it would keep the solo engine's EngineCore on spawn.
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+            cluster.start()
         runner.deploy(first.serve_config)
         runner.wait_ready(["gateway", "spread", "solo"], timeout_s=420, progress=print)
         yield {"port": port, "base": f"http://127.0.0.1:{port}", "cluster": cluster, "groups": groups,
@@ -216,6 +220,8 @@ def test_a_one_gpu_engine_holds_its_gpu_in_the_replica_and_starts_no_ray_task(st
                if any("multiprocessing.forkserver" in part for part in c.cmdline())]
     assert len(servers) == 1, [c.cmdline()[:3] for c in children]
     assert servers[0].children()
+    assert not [c for c in psutil.Process(replica.pid).children()
+                if any("multiprocessing.spawn" in part for part in c.cmdline())]
     # Ray's own path starts a model-download task on each node of the placement group, and on a GPU an
     # engine-config task; the in-process engine does both in the replica. The TP=2 app shows the tasks exist.
     by_node: dict[str, set[str]] = {}
