@@ -300,8 +300,8 @@ def startup_timeline(app: str, logs: Path | None = None) -> list[dict[str, float
     (``build_s`` only for the first: Serve's build task, which imports the app's code and Ray's LLM
     builder; ``process_s``: from Serve starting the replica to its ``__init__`` running, i.e. the worker
     process, its imports and the unpickled arguments; ``init_s``: the ``__init__``; ``noticed_s``: until
-    Serve's controller saw it ready; ``engine_core_s``: in the replica's worker log, the EngineCore process's
-    start and imports, ``engine_core_s``)."""
+    Serve's controller saw it ready; ``engine_core_s``: the EngineCore process's start and imports, read off the
+    replica's worker log by ``engine_core_s``)."""
     logs = logs or latest_logs()
     serve_logs = logs / "serve"
     controller = [e for f in sorted(serve_logs.glob("controller_[0-9]*.log")) for e in _serve_events(f)]
@@ -331,8 +331,7 @@ def startup_timeline(app: str, logs: Path | None = None) -> list[dict[str, float
             stages["noticed_s"] = round(ready - ended, 1)
         replicas.append(stages)
     # The replicas' own worker logs (their EngineCore's lines among them), in the order they were started.
-    workers = sorted((f for f in logs.glob("worker-*.out")
-                      if f":actor_name:ServeReplica:{app}:" in f.read_text(errors="replace")[:500]),
+    workers = sorted((f for f in logs.glob("worker-*.out") if f":actor_name:ServeReplica:{app}:" in _head(f)),
                      key=lambda f: f.stat().st_ctime)
     for stages, worker in zip(replicas, workers, strict=False):
         core = engine_core_s(worker)
@@ -344,18 +343,22 @@ def startup_timeline(app: str, logs: Path | None = None) -> list[dict[str, float
 _VLLM_LINE = re.compile(r"^(?:\((\w+) pid=\d+\) )?(?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) (.*)$")
 
 
-def _vllm_events_in(paths: Any, near: float | None = None) -> list[tuple[float, str, str]]:
+def _head(path: Path, size: int = 500) -> str:
+    with path.open(errors="replace") as f:
+        return f.read(size)
+
+
+def _vllm_events(log: Path) -> list[tuple[float, str, str]]:
     """vLLM's log lines (``(EngineCore pid=7) INFO 12-04 05:37:08 [core.py:133] ...``; in a Ray worker's own log,
-    without the process) in these files: (when, which process or "", message). vLLM's stamps have no year and
-    whole seconds: the year is ``near``'s (or this one)."""
-    year = datetime.datetime.fromtimestamp(near or time.time()).year
+    without the process) in this file: (when, which process or "", message). vLLM's stamps have no year and
+    whole seconds: the year is this one."""
+    year = datetime.datetime.now().year
     out = []
-    for path in paths:
-        for line in Path(path).read_text(errors="replace").splitlines():
-            m = _VLLM_LINE.search(line)
-            if m:
-                at = datetime.datetime.strptime(f"{year}-{m.group(2)}", "%Y-%m-%d %H:%M:%S").timestamp()
-                out.append((at, m.group(1) or "", m.group(3)))
+    for line in log.read_text(errors="replace").splitlines():
+        m = _VLLM_LINE.search(line)
+        if m:
+            at = datetime.datetime.strptime(f"{year}-{m.group(2)}", "%Y-%m-%d %H:%M:%S").timestamp()
+            out.append((at, m.group(1) or "", m.group(3)))
     return out
 
 
@@ -363,7 +366,7 @@ def engine_core_s(log: Path) -> float | None:
     """A log holding vLLM's (``vllm serve``'s, or an engine replica's worker log): seconds from its last line
     before the EngineCore's first to that one, i.e. the EngineCore process's start and imports (about 0 when
     forked, an import of vLLM when spawned), in whole seconds."""
-    events = _vllm_events_in([log])
+    events = _vllm_events(log)
     core = next((i for i, (_, name, _) in enumerate(events) if name.startswith("EngineCore")), None)
     before = [at for at, name, _ in events[:core] if not name.startswith("EngineCore")] if core is not None else []
     return round(events[core][0] - before[-1], 1) if core is not None and before else None
