@@ -16,16 +16,20 @@ def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def merge(paths: list[Path]) -> dict[str, Any]:
     """The phases' results in one. An interleaved run (``--interleave-raw``) keeps its own raw vLLM apart, as
-    ``raw (beside LABEL)``, and its round-by-round comparison goes to ``paired``."""
+    ``raw (beside LABEL)``, and so its raw variants (``raw NAME (beside LABEL)``); the round-by-round comparison
+    of each of its other targets with its raw goes to ``paired``."""
     merged: dict[str, Any] = {"targets": {}, "hops": {}, "startup": {}, "profiles": {}, "machine": {}, "args": {},
                               "paired": {}}
     for path in paths:
         data = json.loads(path.read_text())
         targets = dict(data.get("targets", {}))
-        ours = [name for name in targets if name != "raw"]
-        if "raw" in targets and len(ours) == 1:  # raw and one arks-ray target, loads alternating
-            merged["paired"][ours[0]] = paired(targets["raw"], targets[ours[0]])
-            targets[f"raw (beside {ours[0]})"] = targets.pop("raw")
+        ours = [name for name in targets if not name.startswith("raw")]
+        if "raw" in targets and len(ours) == 1:  # raw (and its variants) and one arks-ray target, loads alternating
+            beside = f" (beside {ours[0]})"
+            for name in [n for n in targets if n != "raw"]:
+                merged["paired"][name if name in ours else name + beside] = paired(targets["raw"], targets[name])
+            for name in [n for n in targets if n.startswith("raw")]:
+                targets[name + beside] = targets.pop(name)
         data["targets"] = targets
         for key in merged:
             merged[key].update(data.get(key, {}))

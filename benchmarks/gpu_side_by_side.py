@@ -50,6 +50,7 @@ import asyncio
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,9 +172,11 @@ async def one(client: Any, url: str, headers: dict[str, str], payload: dict[str,
                     usage = int(json.loads(event[6:])["usage"]["completion_tokens"])
     latency = time.perf_counter() - started
     ok = usage == payload["max_tokens"]
+    # Tokens are the usage's count: an event can carry several (vLLM's --stream-interval), so the events with
+    # content ("content_events") are not tokens.
     return {"ok": ok, "ttft": ttft or latency, "latency": latency, "chunks": chunks, "events": events,
-            "tokens": tokens, "error": "" if ok else f"usage {usage} != {payload['max_tokens']}", "id": rid,
-            "sent_unix": sent}
+            "content_events": tokens, "tokens": usage, "sent_unix": sent, "id": rid,
+            "error": "" if ok else f"usage {usage} != {payload['max_tokens']}"}
 
 
 _IDS = itertools.count()
@@ -214,7 +217,8 @@ def summary(wall: float, results: list[dict[str, Any]], cpu: dict[str, Any]) -> 
             "ttft_p50_ms": ms(pct([r["ttft"] for r in ok], 0.5)), "ttft_p90_ms": ms(pct([r["ttft"] for r in ok], 0.9)),
             "tpot_p50_ms": ms(pct([(r["latency"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in ok], 0.5)),
             "latency_p50_ms": ms(pct([r["latency"] for r in ok], 0.5)),
-            "per_request": {k: round(sum(r.get(k, 0) for r in ok) / n, 1) for k in ("events", "chunks", "items")},
+            "per_request": {k: round(sum(r.get(k, 0) for r in ok) / n, 1)
+                            for k in ("events", "content_events", "chunks", "items")},
             "first_errors": [r["error"] for r in results if not r["ok"]][:3], "cpu": cpu}
 
 
@@ -246,7 +250,7 @@ def measure_interleaved(targets: list[tuple[str, Any]], args: argparse.Namespace
     other round), so that a machine whose speed drifts during the run weighs on every target alike."""
     for rnd in range(args.rounds):
         for name, fn in targets if rnd % 2 == 0 else targets[::-1]:
-            measure(name, fn, args, store, rounds=1, first_round=rnd, gateway=name != "raw")
+            measure(name, fn, args, store, rounds=1, first_round=rnd, gateway=not name.startswith("raw"))
 
 
 def http_target(url: str, headers: dict[str, str]) -> Any:
@@ -286,26 +290,40 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None =
 RAW = "http://127.0.0.1:8100"
 
 
-def start_raw(args: argparse.Namespace, res: dict[str, Any], key: str = "raw_ready_s") -> subprocess.Popen[bytes]:
-    """``vllm serve`` on the model at ``RAW``, ready (its start time in ``res["startup"][key]``); the caller
-    kills its process group."""
+def start_raw(args: argparse.Namespace, res: dict[str, Any], key: str = "raw_ready_s", url: str = RAW,
+              extra: tuple[str, ...] = (), logname: str = "raw_vllm.log") -> subprocess.Popen[bytes]:
+    """``vllm serve`` on the model at ``url`` with ``extra`` engine arguments, ready (its start time in
+    ``res["startup"][key]``); the caller kills its process group."""
     try:
-        stale = httpx.get(f"{RAW}/health", timeout=2).status_code
+        stale = httpx.get(f"{url}/health", timeout=2).status_code
     except httpx.HTTPError:
         stale = None
     if stale is not None:  # an earlier run's server, still up, would be timed instead of this one
-        raise RuntimeError(f"something already answers on {RAW} (HTTP {stale}): stop it first")
+        raise RuntimeError(f"something already answers on {url} (HTTP {stale}): stop it first")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--served-model-name",
-           MODEL, "--host", "127.0.0.1", "--port", RAW.rsplit(":", 1)[1], *ENGINE_CLI]
-    logf = (args.out / "raw_vllm.log").open("wb")
+           MODEL, "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], *ENGINE_CLI, *extra]
+    logf = (args.out / logname).open("wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        res["startup"][key] = round(wait_http(f"{RAW}/health", 300, proc), 1)
+        res["startup"][key] = round(wait_http(f"{url}/health", 300, proc), 1)
     except BaseException:
         stop_raw(proc)
         raise
-    log(f"raw vLLM ready in {res['startup'][key]} s")
+    log(f"raw vLLM{' ' + ' '.join(extra) if extra else ''} ready in {res['startup'][key]} s")
     return proc
+
+
+def raw_variants(args: argparse.Namespace) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``--raw-variant NAME:ARGS``: (target name, URL, engine arguments) of each raw vLLM beside the default one,
+    on the ports after ``RAW``'s."""
+    port = int(RAW.rsplit(":", 1)[1])
+    out = []
+    for i, spec in enumerate(args.raw_variant, start=1):
+        name, sep, words = spec.partition(":")
+        if not sep or not name or not words.strip():
+            raise SystemExit(f"--raw-variant {spec!r}: expected NAME:ARGS, e.g. si8:--stream-interval 8")
+        out.append((f"raw {name}", f"http://127.0.0.1:{port + i}", tuple(shlex.split(words))))
+    return out
 
 
 def stop_raw(proc: subprocess.Popen[bytes]) -> None:
@@ -411,12 +429,18 @@ def _wait_apps(serve: Any, names: list[str], timeout_s: float) -> dict[str, floa
 
 
 def phase_ray(args: argparse.Namespace, res: dict[str, Any]) -> None:
-    raw = start_raw(args, res, "upstream_ready_s") if args.upstream_raw or args.interleave_raw else None
+    if args.raw_variant and not args.interleave_raw:
+        raise SystemExit("--raw-variant runs beside the app: it needs --interleave-raw")
+    raws: list[subprocess.Popen[bytes]] = []
     try:
+        if args.upstream_raw or args.interleave_raw:
+            raws.append(start_raw(args, res, "upstream_ready_s"))
+        for name, url, extra in raw_variants(args):
+            raws.append(start_raw(args, res, f"{name}_ready_s", url, extra, f"{name.replace(' ', '_')}_vllm.log"))
         serve_phase(args, res)
     finally:
-        if raw is not None:
-            stop_raw(raw)
+        for proc in raws:
+            stop_raw(proc)
 
 
 def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
@@ -497,8 +521,11 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
             redis.stop()
         return
     if args.interleave_raw:
-        warm(f"{RAW}/v1/chat/completions", {})
-        measure_interleaved([("raw", http_target(f"{RAW}/v1/chat/completions", {})),
+        raws = [("raw", RAW, ()), *raw_variants(args)]
+        res["raw_variants"] = {name: list(extra) for name, _, extra in raws[1:]}
+        for _, raw_url, _ in raws:
+            warm(f"{raw_url}/v1/chat/completions", {})
+        measure_interleaved([*((name, http_target(f"{raw_url}/v1/chat/completions", {})) for name, raw_url, _ in raws),
                              (args.label, http_target(url, hdr))], args, res["targets"])
     else:
         measure(args.label, http_target(url, hdr), args, res["targets"])
@@ -752,6 +779,9 @@ def main() -> int:
     ap.add_argument("--interleave-raw", action="store_true",
                     help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
                          "between it and arks-ray round by round")
+    ap.add_argument("--raw-variant", action="append", default=[], metavar="NAME:ARGS",
+                    help="with --interleave-raw: one more raw vLLM beside it, with these engine arguments, in the "
+                         "same rotation as 'raw NAME' (si8:--stream-interval 8)")
     ap.add_argument("--gateway-setting", action="append", default=[], metavar="KEY=JSON",
                     help="a gateway setting (arks_ray/gateway/settings.py), e.g. http_stream_interval_ms=50")
     ap.add_argument("--http-intervals", type=lambda v: [x for x in v.split(",") if x], default=[],

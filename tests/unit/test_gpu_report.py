@@ -3,6 +3,8 @@ off Serve's logs (``benchmarks/gpu_probe.startup_timeline``), on made-up runs an
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,31 @@ def test_the_engine_core_start_comes_from_vllms_lines_in_the_replicas_worker_log
     assert gpu_probe.engine_core_s(raw) == 0.0
     raw.write_text("(APIServer pid=1) INFO 12-04 05:37:03 [api_utils.py:347] args\n")
     assert gpu_probe.engine_core_s(raw) is None
+
+
+def rounds(*tokens_and_ttft: tuple[float, float]) -> list[dict[str, Any]]:
+    return [{"tokens_per_s": t, "ttft_p50_ms": ttft} for t, ttft in tokens_and_ttft]
+
+
+def test_an_interleaved_run_pairs_ours_and_each_raw_variant_with_its_raw(tmp_path: Path) -> None:
+    path = tmp_path / "gpu_ray_si.json"
+    path.write_text(json.dumps({"targets": {
+        "raw": {"32": rounds((1000, 50), (2000, 60))},
+        "raw si8": {"32": rounds((1100, 40), (2400, 50))},
+        "si8": {"32": rounds((900, 70), (2100, 66))}}}))
+    data = gpu_report.merge([path])
+    assert set(data["targets"]) == {"raw (beside si8)", "raw si8 (beside si8)", "si8"}
+    ours, variant = data["paired"]["si8"]["32"], data["paired"]["raw si8 (beside si8)"]["32"]
+    assert (ours["tokens_ratio"], ours["round_ratios"], ours["ttft_p50_extra_ms"]) == (1.0, [0.9, 1.05], 13.0)
+    assert (variant["tokens_ratio"], variant["ttft_p50_extra_ms"]) == (1.167, -10.0)
+
+
+def test_raw_variants_take_the_ports_after_raws_and_refuse_a_spec_without_args() -> None:
+    import gpu_side_by_side
+
+    args = argparse.Namespace(raw_variant=["si8:--stream-interval 8", "two:--a 1 --b"])
+    assert gpu_side_by_side.raw_variants(args) == [
+        ("raw si8", "http://127.0.0.1:8101", ("--stream-interval", "8")),
+        ("raw two", "http://127.0.0.1:8102", ("--a", "1", "--b"))]
+    with pytest.raises(SystemExit, match="NAME:ARGS"):
+        gpu_side_by_side.raw_variants(argparse.Namespace(raw_variant=["si8"]))
