@@ -55,12 +55,13 @@ async def engine_items(server: Any, request: EngineRequest, on_first: Callable[[
         async for item in stream:
             batch = item if isinstance(item, list) else [item]
             texts: list[str] = []
+            counted = meter.completion_tokens
             for part in batch:
                 if isinstance(part, str):
                     texts.append(meter.filter(part))
                 elif _is_error(part):
                     if texts:
-                        yield Chunk("".join(texts))
+                        yield Chunk("".join(texts), meter.completion_tokens - counted)
                     yield engine_failure(part)
                     return
                 elif isinstance(part, BaseModel):  # a whole response (non-streaming)
@@ -72,7 +73,7 @@ async def engine_items(server: Any, request: EngineRequest, on_first: Callable[[
                 if not streamed:
                     streamed = True
                     on_first()
-                yield Chunk(text)
+                yield Chunk(text, meter.completion_tokens - counted)
     except ValidationError as exc:
         yield validation_failure(exc)
         return

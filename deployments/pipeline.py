@@ -334,7 +334,7 @@ class RequestLifecycle:
             if not self._done:
                 engine.cancel()
                 self.p.router.released(ticket, self.p.clock())
-                self.on_inference_complete("client_gone", 499, self._counted(None, first.text.count("data: {")))
+                self.on_inference_complete("client_gone", 499, self._counted(None, first.counted()))
 
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **self._headers()}
         return Reply(200, headers, stream=relay, close=close)
@@ -346,7 +346,7 @@ class RequestLifecycle:
         ``[DONE]`` is admitted against this one's real usage."""
         p = self.p
         final: Final | None = None
-        events = first.text.count("data: {")
+        relayed = first.counted()  # output tokens relayed, as the engine counted them (Chunk.counted)
         outcome: Outcome | None = None  # None until it ends: the client left
         status = 200
         last = ""  # the chunk with [DONE], held back
@@ -357,7 +357,7 @@ class RequestLifecycle:
                 yield first.text
             async for item in items:
                 if isinstance(item, Chunk):
-                    events += item.text.count("data: {")
+                    relayed += item.counted()
                     if last:  # more after [DONE]: let the held chunk go first
                         yield last
                         last = ""
@@ -383,7 +383,7 @@ class RequestLifecycle:
             if outcome is None:
                 engine.cancel()  # the client left: stop the engine's work
                 p.router.released(ticket, p.clock())
-            used = self._counted(final, events)
+            used = self._counted(final, relayed)
             if outcome == "ok":
                 p.router.succeeded(ticket, p.clock(), used.completion_tokens)
             self.on_inference_complete(outcome or "client_gone", status if outcome else 499, used)
@@ -397,11 +397,12 @@ class RequestLifecycle:
         if self._settling is not None and not self._settling.done():
             await asyncio.wait({self._settling}, timeout=SETTLE_WAIT_S)
 
-    def _counted(self, final: Final | None, events: int) -> Usage:
-        """Usage of a stream: the engine's own when it sent it, else the events relayed (the first carries
-        only the role: a 1-token overcount) with the prompt estimate."""
+    def _counted(self, final: Final | None, relayed: int) -> Usage:
+        """Usage of a stream: the engine's own when it sent it, else the output tokens relayed (each chunk's
+        ``counted``: its events, or the engine's count when vLLM hands over several tokens per event) with the
+        prompt estimate."""
         assert self.admission is not None
-        counted = final.completion_tokens if final else events
+        counted = final.completion_tokens if final else relayed
         return usage_from(final.usage if final else None, self.admission.estimate.prompt_tokens, counted)
 
     # --- on_inference_complete --------------------------------------------------------------------------

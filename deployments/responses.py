@@ -36,9 +36,11 @@ def sse(event: Any) -> str:
 
 
 async def responses_items(server: Any, request: EngineRequest, on_first: Callable[[], None],
-                          resolve: Callable[[], Any]) -> AsyncIterator[EngineItem]:
+                          resolve: Callable[[], Any], stride: int = 1) -> AsyncIterator[EngineItem]:
     """The items of one Responses request on ``server`` (an ``ArksLLMServer`` whose engine is started);
-    ``resolve`` loads the request's LoRA adapter, if any, before vLLM looks it up."""
+    ``resolve`` loads the request's LoRA adapter, if any, before vLLM looks it up. Each text delta carries the
+    tokens vLLM handed over at once: one, then ``stride`` (``arks_ray.engines.cadence``); that is what a stream
+    that ends early is charged for."""
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
 
     handler = getattr(getattr(server.engine, "_app_state", None), "openai_serving_responses", None)
@@ -66,18 +68,20 @@ async def responses_items(server: Any, request: EngineRequest, on_first: Callabl
         yield engine_failure(result)
         return
     usage: dict[str, Any] | None = None
-    deltas = 0
+    counted = 0
     try:
         async for event in result:
+            tokens = 0
             if event.type == "response.output_text.delta":
-                deltas += 1
-                if deltas == 1:
+                tokens = stride if counted else 1
+                if not counted:
                     on_first()
             elif event.type in ("response.completed", "response.incomplete", "response.failed"):
                 usage = usage_of(getattr(event.response, "usage", None))
-            yield Chunk(sse(event))
+            counted += tokens
+            yield Chunk(sse(event), tokens)
     except Exception:
         logger.exception("engine failed mid-stream on a Responses request")
         yield Failure("engine", 500, "the engine failed mid-stream")
         return
-    yield Final(usage, deltas)
+    yield Final(usage, counted)

@@ -16,7 +16,10 @@ forks it, rather than spawned after (``deployments.engine_start``).
 
 Streams leave the replica coalesced: the first output at once, then one item per interval, which grows
 with the streams the replica serves (``arks_ray.engines.cadence``; every item costs CPU in each Serve hop
-behind it); ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live.
+behind it); ``user_config.stream_interval_ms`` and ``stream_interval_max_ms`` change it live. Before that,
+vLLM hands each stream's tokens to its OpenAI layer in the replica every few tokens (the stride: about one
+interval's worth at the replica's recent TPOT, at most ``user_config.stream_stride_max_tokens``), unless the
+engine args pin vLLM's ``--stream-interval``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ def attach_engine_stats(engine: Any, stats: ReplicaStats) -> bool:
         return False
     loggers.append(_stat_logger(stats))
     return True
+
+
+def output_processor(engine: Any) -> Any | None:
+    """vLLM's ``OutputProcessor`` behind Ray's ``VLLMEngine``, if it takes a stride: its ``stream_interval``, which
+    its ``add_request`` gives each new request (``tests/unit/test_engine_stride.py`` holds that text of vLLM's)."""
+    processor = getattr(getattr(engine, "_engine_client", None), "output_processor", None)
+    value = getattr(processor, "stream_interval", None)
+    return processor if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 STREAM_INTERVAL_MS = cadence.BASE_MS
@@ -199,6 +210,9 @@ def _llm_server_class() -> type:
             self._llm_config.experimental_configs.setdefault("stream_batching_interval_ms", STREAM_INTERVAL_MS)
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
             self._arks_interval_max_ms = cadence.MAX_MS
+            self._arks_stride_max = cadence.STRIDE_MAX_TOKENS
+            self._arks_stride_pinned = "stream_interval" in (llm_config.engine_kwargs or {})
+            self._arks_outputs: Any = None
 
         def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
             # LoRA adapters come from the table in user_config (deployments.lora), not Ray's cloud loader.
@@ -216,6 +230,10 @@ def _llm_server_class() -> type:
             await super().start()  # type: ignore[no-untyped-call]
             if self.engine is not None:
                 attach_engine_stats(self.engine, self._arks_stats)
+                self._arks_outputs = output_processor(self.engine)
+                if self._arks_outputs is None:
+                    logger.warning("vLLM's output processor takes no stride here: it hands over every token, "
+                                   "and the replica formats an event per token")
 
         async def _start_engine(self) -> None:
             # Ray's (tests/unit/test_engine_executor.py holds its text), but the usage report does not hold up
@@ -245,11 +263,26 @@ def _llm_server_class() -> type:
             own), ``stream_interval_max_ms`` how far that grows under more streams (``cadence.MAX_MS``)."""
             # Checked before anything is applied: a refused user_config changes nothing.
             interval, ceiling = cadence.user_intervals(config)
+            stride_max = cadence.user_stride(config)
             self._arks_adapters.update(config)  # LoRA adapters: deployments.lora
             if interval is not None:
                 self._llm_config.experimental_configs["stream_batching_interval_ms"] = interval
             if ceiling is not None:
                 self._arks_interval_max_ms = ceiling
+            if stride_max is not None:
+                self._arks_stride_max = stride_max
+
+        def _arks_stride(self) -> int:
+            """The stride of a stream starting now (``cadence.token_stride``), set on vLLM's output processor for
+            the requests it adds next. Engine args that pin ``stream_interval`` keep theirs."""
+            outputs = self._arks_outputs
+            if outputs is None:
+                return 1
+            if not self._arks_stride_pinned:
+                interval = self._get_batch_interval_ms()
+                outputs.stream_interval = cadence.token_stride(
+                    float(interval or 0), self._arks_stats.typical_tpot_ms(time.monotonic()), self._arks_stride_max)
+            return int(outputs.stream_interval)
 
         def _get_batch_interval_ms(self, stream: bool = True) -> Any:
             # Ray's hook for each new stream's Batcher: the base interval, stretched by this replica's load.
@@ -281,11 +314,12 @@ def _llm_server_class() -> type:
 
         async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
             """The gateway's port (``arks_ray.engines.protocol``), timed for the autoscaling policy."""
-            meter = StreamMeter(request.client_usage)
             timer = self._arks_stats.start(time.monotonic())
+            stride = self._arks_stride()
+            meter = StreamMeter(request.client_usage, stride)
             try:
                 on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
-                items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex) \
+                items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex, stride) \
                     if request.kind == "responses" else engine_items(self, request, on_first, meter)
                 async for item in items:
                     yield item

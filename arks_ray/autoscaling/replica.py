@@ -94,6 +94,7 @@ class ReplicaStats:
     _ttft: LatencyWindow = field(init=False)
     _tpot: LatencyWindow = field(init=False)
     _engine: tuple[float, float, float, float] | None = None  # (at, running, waiting, kv use)
+    _typical_tpot: tuple[float, float | None] = (float("-inf"), None)  # (computed at, median TPOT ms)
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile < 100:
@@ -117,6 +118,16 @@ class ReplicaStats:
         self.in_flight = max(0, self.in_flight - 1)
         if timer.first_at is not None and output_tokens > 1:
             self._tpot.add((now - timer.first_at) * 1000 / (output_tokens - 1), now)
+
+    def typical_tpot_ms(self, now: float, every_s: float = 1.0) -> float | None:
+        """The median TPOT of the window's requests (None without any), recomputed at most every ``every_s``:
+        new streams ask for it, and a window can hold thousands of requests."""
+        at, value = self._typical_tpot
+        if now - at >= every_s:
+            values = self._tpot.values(now)
+            value = percentile(values, 50) if values else None
+            self._typical_tpot = (now, value)
+        return value
 
     def scheduler(self, running: int, waiting: int, kv_cache_usage: float, now: float) -> None:
         """vLLM's scheduler counters after an engine step."""

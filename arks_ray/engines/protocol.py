@@ -62,9 +62,15 @@ class EngineRequest:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """SSE text (one or more whole events) to forward as is."""
+    """SSE text (one or more whole events) to forward as is, and the output tokens it carries as the engine
+    counted them (None: one per event, as the gateway then counts them)."""
 
     text: str
+    tokens: int | None = None
+
+    def counted(self) -> int:
+        """The output tokens to charge for this text if the stream ends without the engine's usage."""
+        return self.text.count("data: {") if self.tokens is None else self.tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,19 +22,30 @@ class StreamMeter:
     The usage may come on a chunk of its own (``"choices": []``, as vLLM sends it) or on the last chunk
     that still has choices (as many OpenAI-compatible servers do). Either way it is recorded; the
     usage-only chunk is dropped and the usage field of a content chunk removed unless the client asked
-    for it. ``completion_tokens`` counts content-bearing events, exact for vLLM (one token per event)
-    and an estimate elsewhere: what a stream that ends early is charged for.
+    for it. ``completion_tokens`` counts the output tokens of the events, an estimate that is what a stream
+    that ends early is charged for: one per event, exact for vLLM handing over every token (a 1-token
+    overcount: the role chunk); with vLLM's ``stride`` > 1 (its ``stream_interval``), one for the first event
+    and ``stride`` for each later one, within one stride of what the client received.
     """
 
-    def __init__(self, client_usage: bool) -> None:
+    def __init__(self, client_usage: bool, stride: int = 1) -> None:
         self.client_usage = client_usage
+        self.stride = stride
         self.usage: dict[str, Any] | None = None
         self.completion_tokens = 0
+        self._events = 0
+
+    def _count(self, events: int) -> None:
+        if self.stride > 1 and events:
+            self.completion_tokens += events * self.stride - (self.stride - 1 if self._events == 0 else 0)
+        else:
+            self.completion_tokens += events
+        self._events += events
 
     def filter(self, text: str) -> str:
         """The part of ``text`` (one or more whole SSE events) to forward to the client."""
         if '"usage"' not in text:
-            self.completion_tokens += text.count("data: {")
+            self._count(text.count("data: {"))
             return text
         kept = []
         for event in text.split("\n\n"):
@@ -49,21 +60,21 @@ class StreamMeter:
         if not event.startswith("data: {"):
             return event
         if '"usage"' not in event:
-            self.completion_tokens += 1
+            self._count(1)
             return event
         try:
             data = json.loads(event[6:])
         except json.JSONDecodeError:
-            self.completion_tokens += 1
+            self._count(1)
             return event
         found = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(found, dict):
-            self.completion_tokens += 1
+            self._count(1)
             return event
         self.usage = found
         if not data.get("choices"):  # a usage-only chunk
             return event if self.client_usage else ""
-        self.completion_tokens += 1
+        self._count(1)
         if self.client_usage:
             return event
         return "data: " + json.dumps({k: v for k, v in data.items() if k != "usage"}, separators=(",", ":"))

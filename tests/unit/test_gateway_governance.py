@@ -285,6 +285,18 @@ async def test_a_stream_cut_by_the_client_is_settled_with_what_was_relayed(make:
     assert resp.headers["x-ratelimit-remaining-tokens"] == str(1000 - relayed.total_tokens - ESTIMATE)
 
 
+async def test_a_cut_stream_whose_events_carry_several_tokens_is_charged_the_engines_count(make: Any) -> None:
+    # vLLM handing over 8 tokens per event (the stride): the engine counts them on each chunk, and a client that
+    # leaves early is charged those, not one per event.
+    s = make({"tpm": 1000}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
+    s.backends.script(Chunk(CHUNK, 9), Chunk(CHUNK, 8), Chunk(DONE, 0), hang=True)
+    sent = await asgi_stream_until_disconnect(s.app, {**BODY, "stream": True})
+    assert sent[1]["body"] == CHUNK.encode()
+    await s.pipeline.drain()
+    assert await s.usage() == {"team": {"total": 7 + 9}}
+    assert [(r.outcome, r.completion_tokens) for r in s.metrics.records] == [("client_gone", 9)]
+
+
 async def test_a_backend_failure_counts_the_request_but_no_tokens(make: Any) -> None:
     s = make({"rpm": 10, "tpm": 1000}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
     s.backends.script(Failure("unavailable", 503, "backend 'app-m' lost the replica serving this request"))

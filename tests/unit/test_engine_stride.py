@@ -1,0 +1,170 @@
+"""The stride: how many tokens vLLM gathers per stream before handing them to its OpenAI layer in the engine
+replica (``arks_ray.engines.cadence.token_stride``, applied by ``ArksLLMServer`` on vLLM's output processor), and
+what a stream cut short is charged when its events carry several tokens (``StreamMeter``, ``Chunk.tokens``).
+
+The server is the real subclass of Ray's ``LLMServer`` with a stand-in output processor; the vLLM code the stride
+relies on is held here as text, so that a vLLM that changes it fails these tests. A real vLLM engine is driven by
+``tests/contract/test_engine_stride.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from arks_ray.autoscaling.replica import ReplicaStats
+from arks_ray.engines import cadence
+from arks_ray.engines.protocol import Chunk, EngineRequest, Final
+from arks_ray.engines.sse import StreamMeter
+from deployments.engine_stream import engine_items
+from deployments.lora import AdapterTable
+from deployments.vllm_engine import _llm_server_class, output_processor
+
+ROLE = 'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+
+
+def event(text: str) -> str:
+    return f'data: {{"choices":[{{"index":0,"delta":{{"content":"{text}"}}}}]}}\n\n'
+
+
+@pytest.mark.parametrize(("interval", "tpot", "cap", "stride"), [
+    (100, 10, 8, 8),     # 10 tokens per interval, capped
+    (100, 12.5, 8, 8),
+    (100, 30, 8, 3),     # a slow model: 3 tokens per interval
+    (200, 15, 16, 13),
+    (100, 150, 8, 1),    # slower than the interval: every token
+    (100, None, 8, 1),   # no TPOT yet
+    (0, 10, 8, 1),       # no coalescing: every token
+    (100, 10, 1, 1),     # turned off
+])
+def test_the_stride_is_one_intervals_tokens_at_the_recent_tpot(interval: float, tpot: float | None, cap: int,
+                                                               stride: int) -> None:
+    assert cadence.token_stride(interval, tpot, cap) == stride
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "8", True])
+def test_a_stride_cap_that_is_not_a_positive_integer_is_refused_by_name(bad: Any) -> None:
+    with pytest.raises(ValueError, match="stream_stride_max_tokens"):
+        cadence.user_stride({cadence.STRIDE_KEY: bad})
+    assert cadence.user_stride({}) is None
+    assert cadence.user_stride({cadence.STRIDE_KEY: 1}) == 1
+
+
+def test_the_typical_tpot_is_the_windows_median_recomputed_at_most_every_second() -> None:
+    stats = ReplicaStats()
+    assert stats.typical_tpot_ms(0.0) is None
+    for tpot in (10, 12, 30):
+        timer = stats.start(0.0)
+        stats.first_output(timer, 0.0)
+        stats.finish(timer, 11, tpot / 100)  # 10 more tokens in tpot*10 ms
+    assert stats.typical_tpot_ms(0.5) is None  # the None of t=0 holds for a second
+    assert stats.typical_tpot_ms(1.0) == pytest.approx(12.0)
+
+
+class Outputs:
+    stream_interval = 1
+
+
+def server(engine_kwargs: dict[str, Any] | None = None, outputs: Any = None) -> Any:
+    cls = type("StrideServer", (_llm_server_class(),), {"__del__": lambda self: None})
+    srv = cls.__new__(cls)
+    srv._llm_config = SimpleNamespace(experimental_configs={"stream_batching_interval_ms": 100.0},
+                                      engine_kwargs=engine_kwargs or {})
+    srv._arks_adapters = AdapterTable()
+    srv._arks_stats, srv._arks_interval_max_ms = ReplicaStats(), cadence.MAX_MS
+    srv._arks_stride_max = cadence.STRIDE_MAX_TOKENS
+    srv._arks_stride_pinned = "stream_interval" in (engine_kwargs or {})
+    srv._arks_outputs = outputs
+    return srv
+
+
+def finished(stats: ReplicaStats, tpot_ms: float) -> None:
+    # On the clock the server reads (time.monotonic), finishing now; in flight again as before.
+    now = time.monotonic()
+    timer = stats.start(now - tpot_ms / 100)
+    stats.first_output(timer, now - tpot_ms / 100)
+    stats.finish(timer, 11, now)
+
+
+def test_the_server_sets_the_stride_on_vllms_output_processor_from_its_load_and_tpot() -> None:
+    outputs = Outputs()
+    srv = server(outputs=outputs)
+    assert srv._arks_stride() == 1
+    assert outputs.stream_interval == 1
+    finished(srv._arks_stats, 30.0)
+    srv._arks_stats._typical_tpot = (float("-inf"), None)  # as a second later
+    assert srv._arks_stride() == 3
+    assert outputs.stream_interval == 3
+    srv._arks_stats.in_flight = 128  # the interval grows to 200 ms under load
+    assert srv._arks_stride() == 6
+    srv.reconfigure({cadence.STRIDE_KEY: 1})  # live: every token again
+    assert srv._arks_stride() == 1
+    assert outputs.stream_interval == 1
+    with pytest.raises(ValueError, match="stream_stride_max_tokens"):
+        srv.reconfigure({cadence.STRIDE_KEY: 0, "stream_interval_ms": 5})
+    assert srv._llm_config.experimental_configs["stream_batching_interval_ms"] == 100.0  # nothing applied
+
+
+def test_engine_args_that_pin_vllms_stream_interval_keep_it() -> None:
+    outputs = Outputs()
+    outputs.stream_interval = 4
+    srv = server({"stream_interval": 4}, outputs)
+    finished(srv._arks_stats, 10.0)
+    assert srv._arks_stride() == 4
+    assert outputs.stream_interval == 4
+
+
+def test_without_an_output_processor_that_takes_a_stride_every_token_is_handed_over() -> None:
+    assert server()._arks_stride() == 1
+    assert output_processor(SimpleNamespace(_engine_client=SimpleNamespace(output_processor=object()))) is None
+    outputs = Outputs()
+    assert output_processor(SimpleNamespace(_engine_client=SimpleNamespace(output_processor=outputs))) is outputs
+
+
+def test_a_strided_meter_counts_one_token_for_the_first_event_and_a_stride_for_each_later_one() -> None:
+    meter = StreamMeter(client_usage=False, stride=8)
+    meter.filter(ROLE)
+    assert meter.completion_tokens == 1
+    meter.filter(event("a") + event("b"))
+    assert meter.completion_tokens == 17
+    plain = StreamMeter(client_usage=False)
+    plain.filter(ROLE + event("a") + event("b"))
+    assert plain.completion_tokens == 3  # one per event, as before
+
+
+def test_each_chunk_carries_the_tokens_the_meter_counted() -> None:
+    class Scripted:
+        async def chat(self, request: Any) -> Any:
+            async def stream() -> Any:
+                yield [ROLE, event("a")]
+                yield [event("b"), event("c")]
+            return stream()
+
+    request = EngineRequest(kind="chat", body={"model": "m", "stream": True,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+
+    async def run() -> list[Any]:
+        return [item async for item in engine_items(Scripted(), request, meter=StreamMeter(False, 4))]
+
+    got = asyncio.run(run())
+    chunks = [item for item in got if isinstance(item, Chunk)]
+    assert [c.tokens for c in chunks[:2]] == [5, 8]  # role 1 + a 4, then b and c: 4 each
+    assert isinstance(got[-1], Final)
+    assert got[-1].completion_tokens == 13
+    assert Chunk(ROLE + event("a")).counted() == 2  # no count from the engine: one per event
+
+
+def test_vllms_output_processor_gives_each_new_request_its_stride_and_hands_over_every_stride_tokens() -> None:
+    from vllm.v1.engine import output_processor as vllm_outputs
+
+    add = inspect.getsource(vllm_outputs.OutputProcessor.add_request)
+    assert "stream_interval=self.stream_interval" in add
+    assert "self.stream_interval = stream_interval" in inspect.getsource(vllm_outputs.OutputProcessor.__init__)
+    make = inspect.getsource(vllm_outputs.RequestState.make_request_output)
+    assert "if self.stream_interval > 1:" in make
+    assert "or self.sent_tokens_offset == 0" in make  # the first token at once
+    assert "finished" in make.split("if not (", 1)[1].split(")", 1)[0]  # and the end
