@@ -42,12 +42,12 @@ def _is_error(part: Any) -> bool:
 async def engine_items(server: Any, request: EngineRequest, on_first: Callable[[], None] = lambda: None,
                        meter: StreamMeter | None = None) -> AsyncIterator[EngineItem]:
     """The items of one request served by ``server`` (a Ray LLM server with chat/completions/embeddings)."""
-    body = with_usage(request.body) if request.kind != "embeddings" else request.body
+    meter = meter or StreamMeter(request.client_usage)
+    body = with_usage(request.body, meter.running) if request.kind != "embeddings" else request.body
     parsed = parse_request(request.kind, body)
     if isinstance(parsed, Failure):
         yield parsed
         return
-    meter = meter or StreamMeter(request.client_usage)
     streamed = done = False
     try:
         result = getattr(server, request.kind)(parsed)

@@ -38,9 +38,10 @@ def sse(event: Any) -> str:
 async def responses_items(server: Any, request: EngineRequest, on_first: Callable[[], None],
                           resolve: Callable[[], Any], stride: int = 1) -> AsyncIterator[EngineItem]:
     """The items of one Responses request on ``server`` (an ``ArksLLMServer`` whose engine is started);
-    ``resolve`` loads the request's LoRA adapter, if any, before vLLM looks it up. Each text delta carries the
-    tokens vLLM handed over at once: one, then ``stride`` (``arks_ray.engines.cadence``); that is what a stream
-    that ends early is charged for."""
+    ``resolve`` loads the request's LoRA adapter, if any, before vLLM looks it up. A stream that ends early is
+    charged its delta events (text, reasoning, tool-call arguments): one token for the first, then ``stride``,
+    the tokens vLLM hands over at once (``arks_ray.engines.cadence``). That is an estimate: vLLM's Responses
+    stream has no running usage, and a slow reader's merged outputs carry more."""
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
 
     handler = getattr(getattr(server.engine, "_app_state", None), "openai_serving_responses", None)
@@ -72,7 +73,7 @@ async def responses_items(server: Any, request: EngineRequest, on_first: Callabl
     try:
         async for event in result:
             tokens = 0
-            if event.type == "response.output_text.delta":
+            if event.type.endswith(".delta"):
                 tokens = stride if counted else 1
                 if not counted:
                     on_first()

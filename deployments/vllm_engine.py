@@ -35,7 +35,7 @@ from arks_ray.autoscaling.config import replica_stats
 from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import cadence
 from arks_ray.engines.executor import EXECUTOR_KEY, IN_PROCESS, choose_executor
-from arks_ray.engines.protocol import EngineItem, EngineRequest
+from arks_ray.engines.protocol import EngineItem, EngineRequest, wants_running_usage
 from arks_ray.engines.sse import StreamMeter
 from arks_ray.engines.vllm_server import VLLM_SERVER, check_server_frontend, frontend
 from deployments.engine_stream import engine_items
@@ -211,7 +211,8 @@ def _llm_server_class() -> type:
             self._arks_stats = replica_stats(llm_config.deployment_config or {})
             self._arks_interval_max_ms = cadence.MAX_MS
             self._arks_stride_max = cadence.STRIDE_MAX_TOKENS
-            self._arks_stride_pinned = "stream_interval" in (llm_config.engine_kwargs or {})
+            pinned = (llm_config.engine_kwargs or {}).get("stream_interval")
+            self._arks_stride_pinned: int | None = None if pinned is None else int(pinned)
             self._arks_outputs: Any = None
 
         def _init_multiplex_loader(self, model_downloader_cls: Any = None) -> None:
@@ -274,15 +275,26 @@ def _llm_server_class() -> type:
 
         def _arks_stride(self) -> int:
             """The stride of a stream starting now (``cadence.token_stride``), set on vLLM's output processor for
-            the requests it adds next. Engine args that pin ``stream_interval`` keep theirs."""
+            the requests it adds next. Engine args that pin ``stream_interval`` keep theirs.
+
+            The attribute is the engine's, not the request's (vLLM 0.26 has no other), and vLLM reads it when it
+            adds the request, after the chat template and any LoRA load: a request may get the stride set for the
+            next one. Only the cadence depends on that; what a stream is charged does not (``_arks_running``)."""
             outputs = self._arks_outputs
             if outputs is None:
-                return 1
-            if not self._arks_stride_pinned:
+                return self._arks_stride_pinned or 1
+            if self._arks_stride_pinned is None:
                 interval = self._get_batch_interval_ms()
                 outputs.stream_interval = cadence.token_stride(
                     float(interval or 0), self._arks_stats.typical_tpot_ms(time.monotonic()), self._arks_stride_max)
             return int(outputs.stream_interval)
+
+        def _arks_running(self) -> bool:
+            """Whether streams ask vLLM for the running usage on every event: whenever an event may carry more than
+            one token here, so that a stream cut short is charged the tokens relayed (``StreamMeter``)."""
+            if self._arks_stride_pinned is not None:
+                return self._arks_stride_pinned > 1
+            return self._arks_outputs is not None and self._arks_stride_max > 1
 
         def _get_batch_interval_ms(self, stream: bool = True) -> Any:
             # Ray's hook for each new stream's Batcher: the base interval, stretched by this replica's load.
@@ -315,8 +327,9 @@ def _llm_server_class() -> type:
         async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
             """The gateway's port (``arks_ray.engines.protocol``), timed for the autoscaling policy."""
             timer = self._arks_stats.start(time.monotonic())
-            stride = self._arks_stride()
-            meter = StreamMeter(request.client_usage, stride)
+            # A pooling request must not get a stride (vLLM asserts a detokenizer for one).
+            stride = self._arks_stride() if request.kind != "embeddings" else 1
+            meter = StreamMeter(request.client_usage, self._arks_running(), wants_running_usage(request.body))
             try:
                 on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
                 items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex, stride) \

@@ -17,7 +17,7 @@ last when the stream ends, so that layer does its per-event work once per stride
 tokens the stream makes in one coalescing interval at the replica's recent TPOT, so the client's cadence stays
 the interval's; it is capped (``STRIDE_MAX_TOKENS``, ``user_config.stream_stride_max_tokens``) and is 1 (every
 token) without a TPOT yet or without coalescing. On an H200 at 128 streams a stride of 8 took the engine
-replica from 0.70-0.80 to 0.50-0.56 cores (benchmarks/results/gpu_h200_i.json).
+replica from 0.70-0.80 to 0.50-0.57 cores behind Serve's proxy (benchmarks/results/gpu_h200_i.json).
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ class Chunk:
 
     def counted(self) -> int:
         """The output tokens to charge for this text if the stream ends without the engine's usage."""
-        return self.text.count("data: {") if self.tokens is None else self.tokens
+        tokens = getattr(self, "tokens", None)  # None too in a Chunk pickled by an engine older than the field
+        return self.text.count("data: {") if tokens is None else tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +155,20 @@ def wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(opts, dict) and bool(opts.get("include_usage"))
 
 
-def with_usage(body: dict[str, Any]) -> dict[str, Any]:
-    """The request as sent to the backend: streams always carry the usage chunk."""
+def wants_running_usage(body: dict[str, Any]) -> bool:
+    """Did the client ask for the running usage on every chunk (vLLM's ``continuous_usage_stats``)?"""
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("continuous_usage_stats"))
+
+
+def with_usage(body: dict[str, Any], running: bool = False) -> dict[str, Any]:
+    """The request as sent to the backend: streams always carry the usage chunk, and with ``running`` the
+    running usage on every chunk too (``StreamMeter``). A client's own ``stream_interval`` (vLLM's, per
+    request) is dropped: its events would carry more tokens than a stream cut short is charged for."""
     if not body.get("stream"):
         return body
     given = body.get("stream_options")
     opts: dict[str, Any] = given if isinstance(given, dict) else {}
-    return {**body, "stream_options": {**opts, "include_usage": True}}
+    sent = {k: v for k, v in body.items() if k != "stream_interval"}
+    return {**sent, "stream_options": {**opts, "include_usage": True, **({"continuous_usage_stats": True}
+                                                                           if running else {})}}

@@ -22,30 +22,30 @@ class StreamMeter:
     The usage may come on a chunk of its own (``"choices": []``, as vLLM sends it) or on the last chunk
     that still has choices (as many OpenAI-compatible servers do). Either way it is recorded; the
     usage-only chunk is dropped and the usage field of a content chunk removed unless the client asked
-    for it. ``completion_tokens`` counts the output tokens of the events, an estimate that is what a stream
-    that ends early is charged for: one per event, exact for vLLM handing over every token (a 1-token
-    overcount: the role chunk); with vLLM's ``stride`` > 1 (its ``stream_interval``), one for the first event
-    and ``stride`` for each later one, within one stride of what the client received.
+    for it. ``completion_tokens`` counts the output tokens relayed, what a stream that ends early is charged for.
+
+    With ``running`` the engine was asked to put its running usage on every event (vLLM's
+    ``stream_options.continuous_usage_stats``, ``with_usage``): each choice's latest ``completion_tokens``,
+    summed, is exact however many tokens an event carries (vLLM's ``stream_interval``, outputs it merged for a
+    slow reader, speculative decoding, events its parsers held back). Those usages are stripped unless the
+    client asked for them too (``client_running``). Otherwise each content-bearing event counts one token:
+    exact for vLLM handing over every token (the role chunk adds one), an estimate elsewhere.
     """
 
-    def __init__(self, client_usage: bool, stride: int = 1) -> None:
+    def __init__(self, client_usage: bool, running: bool = False, client_running: bool = False) -> None:
         self.client_usage = client_usage
-        self.stride = stride
+        self.running = running
+        self.client_running = client_running
         self.usage: dict[str, Any] | None = None
         self.completion_tokens = 0
-        self._events = 0
-
-    def _count(self, events: int) -> None:
-        if self.stride > 1 and events:
-            self.completion_tokens += events * self.stride - (self.stride - 1 if self._events == 0 else 0)
-        else:
-            self.completion_tokens += events
-        self._events += events
+        self._choices: dict[int, int] = {}  # running: each choice's latest count
+        self._uncounted = 0  # events that carried no running count, one token each
 
     def filter(self, text: str) -> str:
         """The part of ``text`` (one or more whole SSE events) to forward to the client."""
         if '"usage"' not in text:
-            self._count(text.count("data: {"))
+            self._uncounted += text.count("data: {")
+            self._total()
             return text
         kept = []
         for event in text.split("\n\n"):
@@ -54,28 +54,42 @@ class StreamMeter:
             kept_event = self._event(event)
             if kept_event:
                 kept.append(kept_event)
+        self._total()
         return "".join(e + "\n\n" for e in kept)
+
+    def _total(self) -> None:
+        self.completion_tokens = sum(self._choices.values()) + self._uncounted
 
     def _event(self, event: str) -> str:
         if not event.startswith("data: {"):
             return event
         if '"usage"' not in event:
-            self._count(1)
+            self._uncounted += 1
             return event
         try:
             data = json.loads(event[6:])
         except json.JSONDecodeError:
-            self._count(1)
+            self._uncounted += 1
             return event
         found = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(found, dict):
-            self._count(1)
+            self._uncounted += 1
             return event
-        self.usage = found
-        if not data.get("choices"):  # a usage-only chunk
+        choices = data.get("choices")
+        if not choices:  # a usage-only chunk
+            self.usage = found
             return event if self.client_usage else ""
-        self._count(1)
-        if self.client_usage:
+        count = found.get("completion_tokens")
+        if self.running and isinstance(count, int) and not isinstance(count, bool) and isinstance(choices, list):
+            for choice in choices:
+                index = choice.get("index", 0) if isinstance(choice, dict) else 0
+                self._choices[index] = max(self._choices.get(index, 0), count)
+            keep = self.client_running
+        else:
+            self.usage = found  # a server's usage on its last content chunk
+            self._uncounted += 1
+            keep = self.client_usage
+        if keep:
             return event
         return "data: " + json.dumps({k: v for k, v in data.items() if k != "usage"}, separators=(",", ":"))
 

@@ -7,6 +7,7 @@ tokens for every auth case, and the hot-reload test redeploys with only the gate
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,6 +89,29 @@ def test_stream_without_include_usage_has_no_usage_chunk(stack: dict[str, Any]) 
     chunks = list(client(stack).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True))
     assert all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks)
+
+
+def test_a_long_stream_comes_in_strides_and_its_running_usage_only_when_asked(stack: dict[str, Any]) -> None:
+    # After a few requests the replica knows its TPOT and vLLM hands tokens over once per stride
+    # (deployments.vllm_engine): fewer content events than tokens, the usage exact, and the running usage the
+    # replica asks vLLM for (to charge a stream cut short) stripped, unless the client asked for it too.
+    c = client(stack)
+    for _ in range(3):  # streams: a replica's TPOT comes from streams only
+        list(c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, stream=True))
+    time.sleep(1.1)  # the replica reads its median TPOT at most once a second
+    ask = {"model": "tiny", "messages": CHAT, "max_tokens": 64, "stream": True, "extra_body": {"ignore_eos": True}}
+    plain = list(c.chat.completions.create(**ask, stream_options={"include_usage": True}))
+    content = [ch for ch in plain if ch.choices and ch.choices[0].delta.content]
+    assert plain[-1].usage is not None
+    assert plain[-1].usage.completion_tokens == 64
+    assert all(ch.usage is None for ch in plain[:-1])
+    assert len(content) < 64, "every token came in its own event: no stride"
+    running = list(c.chat.completions.create(
+        **ask, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [ch.usage.completion_tokens for ch in running if ch.choices and ch.usage is not None]
+    assert len(counts) == len([ch for ch in running if ch.choices])  # on every chunk
+    assert counts == sorted(counts)
+    assert counts[-1] == 64
 
 
 def test_completions_both_ways(stack: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ what a stream cut short is charged when its events carry several tokens (``Strea
 
 The server is the real subclass of Ray's ``LLMServer`` with a stand-in output processor; the vLLM code the stride
 relies on is held here as text, so that a vLLM that changes it fails these tests. A real vLLM engine is driven by
-``tests/contract/test_engine_stride.py``."""
+``tests/contract/test_vllm_stride.py``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from arks_ray.autoscaling.replica import ReplicaStats
 from arks_ray.engines import cadence
-from arks_ray.engines.protocol import Chunk, EngineRequest, Final
+from arks_ray.engines.protocol import Chunk, EngineRequest, Final, wants_running_usage, with_usage
 from arks_ray.engines.sse import StreamMeter
 from deployments.engine_stream import engine_items
 from deployments.lora import AdapterTable
@@ -77,7 +77,8 @@ def server(engine_kwargs: dict[str, Any] | None = None, outputs: Any = None) -> 
     srv._arks_adapters = AdapterTable()
     srv._arks_stats, srv._arks_interval_max_ms = ReplicaStats(), cadence.MAX_MS
     srv._arks_stride_max = cadence.STRIDE_MAX_TOKENS
-    srv._arks_stride_pinned = "stream_interval" in (engine_kwargs or {})
+    pinned = (engine_kwargs or {}).get("stream_interval")
+    srv._arks_stride_pinned = None if pinned is None else int(pinned)
     srv._arks_outputs = outputs
     return srv
 
@@ -125,36 +126,88 @@ def test_without_an_output_processor_that_takes_a_stride_every_token_is_handed_o
     assert output_processor(SimpleNamespace(_engine_client=SimpleNamespace(output_processor=outputs))) is outputs
 
 
-def test_a_strided_meter_counts_one_token_for_the_first_event_and_a_stride_for_each_later_one() -> None:
-    meter = StreamMeter(client_usage=False, stride=8)
-    meter.filter(ROLE)
+def running(text: str, tokens: int, index: int = 0) -> str:
+    """A vLLM chunk with its running usage (continuous_usage_stats), usage last as vLLM dumps it."""
+    return (f'data: {{"choices":[{{"index":{index},"delta":{{"content":"{text}"}}}}],'
+            f'"usage":{{"prompt_tokens":7,"completion_tokens":{tokens},"total_tokens":{7 + tokens}}}}}\n\n')
+
+
+ROLE_RUNNING = ('data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],'
+                '"usage":{"prompt_tokens":7,"completion_tokens":0,"total_tokens":7}}\n\n')
+USAGE = 'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":17,"total_tokens":24}}\n\n'
+
+
+def test_a_running_meter_counts_the_engines_tokens_whatever_an_event_carries_and_strips_them() -> None:
+    meter = StreamMeter(client_usage=False, running=True)
+    out = meter.filter(ROLE_RUNNING + running("a", 1))
     assert meter.completion_tokens == 1
-    meter.filter(event("a") + event("b"))
-    assert meter.completion_tokens == 17
+    assert '"usage"' not in out
+    assert out.count("data: {") == 2
+    meter.filter(running("bcdefghi", 9))  # one event, 8 tokens (a stride, or outputs merged for a slow reader)
+    meter.filter(running("j", 12))  # 3 tokens, one event: some were held back by vLLM's parsers
+    assert meter.completion_tokens == 12
+    assert meter.filter(USAGE) == ""  # the usage chunk: kept for the final, not relayed
+    assert meter.final().usage == {"prompt_tokens": 7, "completion_tokens": 17, "total_tokens": 24}
+
+
+def test_a_running_meter_sums_the_choices_and_keeps_the_usages_a_client_asked_for() -> None:
+    meter = StreamMeter(client_usage=True, running=True, client_running=True)
+    out = meter.filter(running("a", 1, 0) + running("b", 1, 1) + running("cd", 3, 0) + running("ef", 4, 1))
+    assert meter.completion_tokens == 7  # choice 0 at 3, choice 1 at 4
+    assert out.count('"usage"') == 4
+
+
+def test_without_running_usage_each_event_counts_one_token() -> None:
     plain = StreamMeter(client_usage=False)
     plain.filter(ROLE + event("a") + event("b"))
-    assert plain.completion_tokens == 3  # one per event, as before
+    assert plain.completion_tokens == 3  # one per event, the role chunk included, as before
+
+
+def test_the_backend_gets_the_usage_its_meter_needs_and_never_the_clients_stride() -> None:
+    body = {"model": "m", "stream": True, "stream_interval": 1000, "stream_options": {"include_usage": False}}
+    assert with_usage(body) == {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+    assert with_usage(body, running=True)["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert not wants_running_usage(body)
+    assert wants_running_usage({"stream_options": {"continuous_usage_stats": True}})
+
+
+def test_streams_ask_for_running_usage_wherever_an_event_may_carry_several_tokens() -> None:
+    assert server(outputs=Outputs())._arks_running()  # the stride is on
+    off = server(outputs=Outputs())
+    off.reconfigure({cadence.STRIDE_KEY: 1})
+    assert not off._arks_running()  # every token its own event: counted one per event
+    assert not server()._arks_running()  # no stride without vLLM's output processor
+    assert server({"stream_interval": 4})._arks_running()  # vLLM strides itself, as the engine args say
+    assert not server({"stream_interval": 1}, Outputs())._arks_running()
 
 
 def test_each_chunk_carries_the_tokens_the_meter_counted() -> None:
+    seen: list[Any] = []
+
     class Scripted:
         async def chat(self, request: Any) -> Any:
+            seen.append(request)
+
             async def stream() -> Any:
-                yield [ROLE, event("a")]
-                yield [event("b"), event("c")]
+                yield [ROLE_RUNNING, running("a", 1)]
+                yield [running("bcde", 5), running("fghi", 9)]
+                yield [USAGE]
             return stream()
 
-    request = EngineRequest(kind="chat", body={"model": "m", "stream": True,
+    request = EngineRequest(kind="chat", body={"model": "m", "stream": True, "stream_interval": 64,
                                                "messages": [{"role": "user", "content": "hi"}]})
 
     async def run() -> list[Any]:
-        return [item async for item in engine_items(Scripted(), request, meter=StreamMeter(False, 4))]
+        return [item async for item in engine_items(Scripted(), request, meter=StreamMeter(False, running=True))]
 
     got = asyncio.run(run())
     chunks = [item for item in got if isinstance(item, Chunk)]
-    assert [c.tokens for c in chunks[:2]] == [5, 8]  # role 1 + a 4, then b and c: 4 each
+    assert [c.tokens for c in chunks[:2]] == [1, 8]
+    assert [c.counted() for c in chunks[2:]] == [0]  # the [DONE] this scripted stream lacked
     assert isinstance(got[-1], Final)
-    assert got[-1].completion_tokens == 13
+    assert got[-1].usage["completion_tokens"] == 17
+    assert seen[0].stream_options.continuous_usage_stats is True
+    assert getattr(seen[0], "stream_interval", None) is None  # the client's stride never reaches vLLM
     assert Chunk(ROLE + event("a")).counted() == 2  # no count from the engine: one per event
 
 

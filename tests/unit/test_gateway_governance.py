@@ -238,12 +238,13 @@ async def test_a_daily_quota_says_when_it_comes_back(make: Any) -> None:
 # --- settlement of what went wrong --------------------------------------------------------------------------
 
 
-async def asgi_stream_until_disconnect(app: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Drive the ASGI app like a server whose client hangs up after the first streamed chunk.
+async def asgi_stream_until_disconnect(app: Any, body: dict[str, Any], chunks: int = 1) -> list[dict[str, Any]]:
+    """Drive the ASGI app like a server whose client hangs up after the first ``chunks`` streamed chunks.
 
     (The test clients buffer whole responses, so closing one early never reaches the app.)"""
     sent: list[dict[str, Any]] = []
     got_chunk = asyncio.Event()
+    bodies = 0
     request = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -253,9 +254,12 @@ async def asgi_stream_until_disconnect(app: Any, body: dict[str, Any]) -> list[d
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        nonlocal bodies
         sent.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
-            got_chunk.set()
+            bodies += 1
+            if bodies >= chunks:
+                got_chunk.set()
 
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
@@ -289,11 +293,12 @@ async def test_a_cut_stream_whose_events_carry_several_tokens_is_charged_the_eng
     # vLLM handing over 8 tokens per event (the stride): the engine counts them on each chunk, and a client that
     # leaves early is charged those, not one per event.
     s = make({"tpm": 1000}, Quota(name="team", budgets=(QuotaBudget(type="total", value=10**6),)))
-    s.backends.script(Chunk(CHUNK, 9), Chunk(CHUNK, 8), Chunk(DONE, 0), hang=True)
-    sent = await asgi_stream_until_disconnect(s.app, {**BODY, "stream": True})
-    assert sent[1]["body"] == CHUNK.encode()
+    # The client leaves after two chunks, while the engine takes its time over the third.
+    s.backends.scripts["app-m"] = Script(items=[Chunk(CHUNK, 1), Chunk(CHUNK, 8), Chunk(CHUNK, 8)], gap_s=0.5)
+    sent = await asgi_stream_until_disconnect(s.app, {**BODY, "stream": True}, chunks=2)
+    assert [m.get("body") for m in sent[1:]] == [CHUNK.encode(), CHUNK.encode()]
     await s.pipeline.drain()
-    assert await s.usage() == {"team": {"total": 7 + 9}}
+    assert await s.usage() == {"team": {"total": 7 + 1 + 8}}
     assert [(r.outcome, r.completion_tokens) for r in s.metrics.records] == [("client_gone", 9)]
 
 
