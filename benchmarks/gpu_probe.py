@@ -148,9 +148,10 @@ def _engine_call(handle: Any, body: dict[str, Any]) -> Any:
 
 async def _one_by_handle(handle: Any, body: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    ttft, items, events, tokens = None, 0, 0, 0
+    ttft, items, events, tokens, usage = None, 0, 0, 0, None
     async for item in _engine_call(handle, body):
         items += 1
+        usage = getattr(item, "usage", None) or usage  # the Final item's: an event may carry several tokens
         text = item if isinstance(item, str) else getattr(item, "text", None)
         if not isinstance(text, str):
             continue
@@ -162,6 +163,8 @@ async def _one_by_handle(handle: Any, body: dict[str, Any]) -> dict[str, Any]:
                 tokens += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
+    if isinstance(usage, dict) and usage.get("completion_tokens"):
+        tokens = int(usage["completion_tokens"])
     return {"ok": tokens > 0, "ttft": ttft or 0.0, "latency": time.perf_counter() - started, "items": items,
             "events": events, "tokens": tokens}
 

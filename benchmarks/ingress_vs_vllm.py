@@ -344,7 +344,8 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
     wall = sum(p.wall_s for p in phases)
     tokens = sum(r.completion_tokens for r in ok)
     ttft = [r.ttft for r in ok]
-    tpot = [(r.latency - r.ttft) / (r.content_chunks - 1) for r in ok if r.content_chunks > 1]
+    # Per token, by the usage's count: an event may carry several tokens (vLLM's stream_interval).
+    tpot = [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok if r.completion_tokens > 1]
     return {
         "requests": len(results),
         "errors": len(results) - len(ok),
