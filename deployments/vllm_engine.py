@@ -329,7 +329,8 @@ def _llm_server_class() -> type:
             timer = self._arks_stats.start(time.monotonic())
             # A pooling request must not get a stride (vLLM asserts a detokenizer for one).
             stride = self._arks_stride() if request.kind != "embeddings" else 1
-            meter = StreamMeter(request.client_usage, self._arks_running(), wants_running_usage(request.body))
+            asked = wants_running_usage(request.body)  # then it comes anyway, and counts exactly
+            meter = StreamMeter(request.client_usage, self._arks_running() or asked, asked)
             try:
                 on_first = lambda: self._arks_stats.first_output(timer, time.monotonic())  # noqa: E731
                 items = responses_items(self, request, on_first, self._maybe_resolve_lora_from_multiplex, stride) \
