@@ -132,3 +132,50 @@ def test_raw_variants_take_the_ports_after_raws_and_refuse_a_spec_without_args()
         ("raw two", "http://127.0.0.1:8102", ("--a", "1", "--b"))]
     with pytest.raises(SystemExit, match="NAME:ARGS"):
         gpu_side_by_side.raw_variants(argparse.Namespace(raw_variant=["si8"]))
+
+
+PROXY = 'SessionName="s",actor_id="a1",component="proxy",loop_type="main"'
+GATEWAY = 'actor_id="{}",application="gateway",component="replica",deployment="ArksGateway",loop_type="main"'
+
+
+def metrics(p1: int, p5: int, g5: int, g100: int) -> str:
+    """Ray's metrics page as it shows Serve's event-loop lag histograms: the proxy and two gateway replicas."""
+    name = "ray_serve_event_loop_scheduling_latency_ms"
+    rows = [(PROXY, "1.0", p1), (PROXY, "5.0", p5), (PROXY, "+Inf", p5),
+            (GATEWAY.format("g1"), "5.0", g5), (GATEWAY.format("g1"), "100.0", g100),
+            (GATEWAY.format("g1"), "+Inf", g100), (GATEWAY.format("g2"), "5.0", 0),
+            (GATEWAY.format("g2"), "100.0", g100), (GATEWAY.format("g2"), "+Inf", g100)]
+    return "\n".join([f"# TYPE {name} histogram", *(f'{name}_bucket{{{tags},le="{le}"}} {n}' for tags, le, n in rows),
+                      f"{name}_sum{{{PROXY}}} 9", ""])
+
+
+def test_the_event_loop_lag_of_a_load_comes_from_serves_histograms_per_loop(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    texts = [metrics(10, 10, 5, 5), metrics(50, 60, 5, 105)]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = texts.pop(0).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        before = gpu_probe.loop_lag_buckets([url])
+        after = gpu_probe.loop_lag_buckets([url])
+    finally:
+        server.shutdown()
+    lag = gpu_probe.loop_lag(before, after)
+    assert set(lag) == {"proxy", "ArksGateway"}
+    assert lag["proxy"] == {"samples": 50, "p50_le_ms": 1.0, "p90_le_ms": 5.0, "p99_le_ms": 5.0}  # 40 at <=1 ms
+    # the two gateway replicas summed: 200 new samples, none at or below 5 ms
+    assert lag["ArksGateway"] == {"samples": 200, "p50_le_ms": 100.0, "p90_le_ms": 100.0, "p99_le_ms": 100.0}
