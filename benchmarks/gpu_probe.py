@@ -15,9 +15,9 @@
 - ``startup_timeline``: where an engine app's start went, from Serve's own logs: the build task, the
   replica's process until its ``__init__`` runs, the ``__init__`` (the engine, or the vLLM server, starting),
   and Serve's notice after it;
-- ``loop_lag_buckets`` / ``loop_lag``: how late each Serve event loop (the proxy's, each deployment's replicas')
-  woke up during a load, from Ray Serve's own ``serve_event_loop_scheduling_latency_ms`` histograms on Ray's
-  metrics endpoint: a request waits that long in the loop before its next step runs.
+- ``serve_waits`` / ``waits_between``: during a load, how late each Serve event loop (the proxy's, each
+  deployment's replicas') woke up, and how long requests waited in a router for a replica, from Ray Serve's own
+  histograms on Ray's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -378,16 +378,19 @@ def engine_core_s(log: Path) -> float | None:
     return round(events[core][0] - before[-1], 1) if core is not None and before else None
 
 
-# ------------------------------------------------------------------------------------- event-loop lag
+# ----------------------------------------------------------------------------------------- Serve waits
 
-LOOP_LAG = "ray_serve_event_loop_scheduling_latency_ms_bucket{"
-LOOP_LAG_ENV = {"RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.05", "RAY_metrics_report_interval_ms": "1000"}
+WAITS = {"ray_serve_event_loop_scheduling_latency_ms_bucket{": "loop lag",
+         "ray_serve_request_router_fulfillment_time_ms_bucket{": "router wait"}
+"""Ray Serve's own histograms read by ``serve_waits``: how late each event loop woke up, and how long a request
+waited in a router (the proxy's, or a handle's) before it was assigned a replica."""
+WAITS_ENV = {"RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.05", "RAY_metrics_report_interval_ms": "1000"}
 """Serve samples each loop every 5 s and Ray reports metrics every 10 s by default: too seldom for a 10 s load."""
 
 
-def loop_lag_buckets(urls: list[str] | None = None) -> dict[str, dict[float, float]]:
-    """Cumulative counts of Serve's event-loop lag histograms now, per loop (``proxy``, or the deployment and
-    loop type of a replica, its actors summed), from every live node's metrics endpoint."""
+def serve_waits(urls: list[str] | None = None) -> dict[str, dict[float, float]]:
+    """Cumulative counts of ``WAITS`` now, per histogram and place: ``loop lag proxy``, ``loop lag <deployment>``
+    (its replicas summed), ``router wait <deployment> (<handle source>)``, from every live node's metrics page."""
     import httpx
 
     if urls is None:
@@ -398,25 +401,28 @@ def loop_lag_buckets(urls: list[str] | None = None) -> dict[str, dict[float, flo
     out: dict[str, dict[float, float]] = {}
     for url in urls:
         for line in httpx.get(url, timeout=10).text.splitlines():
-            if not line.startswith(LOOP_LAG):
+            what = next((name for prefix, name in WAITS.items() if line.startswith(prefix)), None)
+            if what is None:
                 continue
             labels, _, value = line.rpartition(" ")
             tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            loop = tags.get("deployment") or tags.get("component", "?")
+            where = tags.get("deployment") or tags.get("component", "?")
             if tags.get("loop_type", "main") != "main":
-                loop += f" ({tags['loop_type']})"
+                where += f" ({tags['loop_type']})"
+            if tags.get("handle_source"):
+                where += f" ({tags['handle_source'].lower()})"
             edge = float("inf") if tags.get("le") == "+Inf" else float(tags.get("le", "inf"))
-            counts = out.setdefault(loop, {})
+            counts = out.setdefault(f"{what} {where}", {})
             counts[edge] = counts.get(edge, 0.0) + float(value)
     return out
 
 
-def loop_lag(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> dict[str, Any]:
-    """Per loop, the lag samples taken between two reads and the histogram edges (ms) that hold their p50, p90
-    and p99: a sample at or below the edge, above the one before."""
+def waits_between(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> dict[str, Any]:
+    """Per histogram and place, the samples taken between two reads and the histogram edges (ms) that hold their
+    p50, p90 and p99: a sample at or below the edge, above the one before."""
     out: dict[str, Any] = {}
-    for loop, counts in sorted(after.items()):
-        prior = before.get(loop, {})
+    for key, counts in sorted(after.items()):
+        prior = before.get(key, {})
         cumulative = sorted((edge, count - prior.get(edge, 0.0)) for edge, count in counts.items())
         total = cumulative[-1][1] if cumulative else 0.0
         if total <= 0:
@@ -425,6 +431,6 @@ def loop_lag(before: dict[str, dict[float, float]], after: dict[str, dict[float,
         def edge_of(q: float, cumulative: list[tuple[float, float]] = cumulative, total: float = total) -> float:
             return next(edge for edge, count in cumulative if count >= q * total)
 
-        out[loop] = {"samples": int(total), "p50_le_ms": edge_of(0.5), "p90_le_ms": edge_of(0.9),
-                     "p99_le_ms": edge_of(0.99)}
+        out[key] = {"samples": int(total), "p50_le_ms": edge_of(0.5), "p90_le_ms": edge_of(0.9),
+                    "p99_le_ms": edge_of(0.99)}
     return out

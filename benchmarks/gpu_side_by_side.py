@@ -230,19 +230,19 @@ def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any],
         n = max(args.min_requests, args.requests_per_stream * conc)
         for rnd in range(first_round, first_round + (args.rounds if rounds is None else rounds)):
             bodies = [body(i, seed0 + 10 * rnd + conc, args.max_tokens) for i in range(n)]
-            lag0 = optional_lag(args)
+            waits0 = optional_waits(args)
             sampler = gpu_probe.CpuSampler()
             sampler.start()
             began = time.time()
             wall, results = asyncio.run(fn(bodies, conc))
             s = summary(wall, results, sampler.stop())
             s["gateway"] = gpu_probe.gateway_view(began, time.time(), results) if gateway else None
-            if lag0 is not None:
+            if waits0 is not None:
                 time.sleep(2.5)  # the last second's samples reach Ray's metrics endpoint
-                s["loop_lag"] = gpu_probe.loop_lag(lag0, optional_lag(args) or {})
-                log(f"{name} c={conc} round {rnd}: event-loop lag p50/p90/p99 (ms, bucket edges): " + "; ".join(
-                    f"{loop} {v['p50_le_ms']:g}/{v['p90_le_ms']:g}/{v['p99_le_ms']:g}"
-                    for loop, v in s["loop_lag"].items()))
+                s["serve_waits"] = gpu_probe.waits_between(waits0, optional_waits(args) or {})
+                log(f"{name} c={conc} round {rnd}: Serve's waits p50/p90/p99 (ms, bucket edges): " + "; ".join(
+                    f"{key} {v['p50_le_ms']:g}/{v['p90_le_ms']:g}/{v['p99_le_ms']:g}"
+                    for key, v in s["serve_waits"].items()))
             store.setdefault(name, {}).setdefault(str(conc), []).append(s)
             roles = ", ".join(f"{k} {v:.2f}" for k, v in list(s["cpu"]["cores_by_role"].items())[:6])
             g = s["gateway"] or {}
@@ -252,14 +252,14 @@ def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any],
                 f"{seen or ''}, failed {s['failed']}, per request {s['per_request']}; cores: {roles}")
 
 
-def optional_lag(args: argparse.Namespace) -> dict[str, dict[float, float]] | None:
-    """Serve's event-loop lag histograms now (``--loop-lag``), or None: off, no Ray here, or no endpoint."""
-    if not getattr(args, "loop_lag", False):
+def optional_waits(args: argparse.Namespace) -> dict[str, dict[float, float]] | None:
+    """Serve's wait histograms now (``--serve-waits``), or None: off, no Ray here, or no endpoint."""
+    if not getattr(args, "serve_waits", False):
         return None
     try:
-        return gpu_probe.loop_lag_buckets()
+        return gpu_probe.serve_waits()
     except Exception as exc:  # a diagnostic: the load's figures stand without it
-        log(f"event-loop lag not read: {type(exc).__name__}: {exc}")
+        log(f"Serve's waits not read: {type(exc).__name__}: {exc}")
         return None
 
 
@@ -507,7 +507,7 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     # Ray's defaults).
     from arks_ray.render.options import SERVE_THROUGHPUT_ENV, ingress_env
 
-    extra = {**SERVE_THROUGHPUT_ENV, **ingress_env(args.ingress), **(gpu_probe.LOOP_LAG_ENV if args.loop_lag else {}),
+    extra = {**SERVE_THROUGHPUT_ENV, **ingress_env(args.ingress), **(gpu_probe.WAITS_ENV if args.serve_waits else {}),
              **dict(kv.split("=", 1) for kv in args.serve_env)}
     res["ingress"] = args.ingress
     res["serve_env"] = extra
@@ -798,9 +798,10 @@ def main() -> int:
     ap.add_argument("--interleave-raw", action="store_true",
                     help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
                          "between it and arks-ray round by round")
-    ap.add_argument("--loop-lag", action="store_true",
+    ap.add_argument("--serve-waits", action="store_true",
                     help="ray phase: each load also reads how late Serve's event loops (the proxy's, each "
-                         "replica's) woke up, from Ray's metrics (sampled every 50 ms, reported every second)")
+                         "replica's) woke up and how long requests waited in a router for a replica, from Ray's "
+                         "metrics (loops sampled every 50 ms, metrics reported every second)")
     ap.add_argument("--raw-variant", action="append", default=[], metavar="NAME:ARGS",
                     help="with --interleave-raw: one more raw vLLM beside it, with these engine arguments, in the "
                          "same rotation as 'raw NAME' (si8:--stream-interval 8)")

@@ -145,11 +145,14 @@ def metrics(p1: int, p5: int, g5: int, g100: int) -> str:
             (GATEWAY.format("g1"), "5.0", g5), (GATEWAY.format("g1"), "100.0", g100),
             (GATEWAY.format("g1"), "+Inf", g100), (GATEWAY.format("g2"), "5.0", 0),
             (GATEWAY.format("g2"), "100.0", g100), (GATEWAY.format("g2"), "+Inf", g100)]
+    router = "ray_serve_request_router_fulfillment_time_ms_bucket"
+    waits = 'application="gateway",deployment="ArksGateway",handle_source="PROXY"'
     return "\n".join([f"# TYPE {name} histogram", *(f'{name}_bucket{{{tags},le="{le}"}} {n}' for tags, le, n in rows),
-                      f"{name}_sum{{{PROXY}}} 9", ""])
+                      f"{name}_sum{{{PROXY}}} 9", f'{router}{{{waits},le="50.0"}} {p5}',
+                      f'{router}{{{waits},le="+Inf"}} {p5}', ""])
 
 
-def test_the_event_loop_lag_of_a_load_comes_from_serves_histograms_per_loop(tmp_path: Path) -> None:
+def test_serves_waits_during_a_load_come_from_its_histograms_per_loop_and_router(tmp_path: Path) -> None:
     import http.server
     import threading
 
@@ -170,12 +173,14 @@ def test_the_event_loop_lag_of_a_load_comes_from_serves_histograms_per_loop(tmp_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-        before = gpu_probe.loop_lag_buckets([url])
-        after = gpu_probe.loop_lag_buckets([url])
+        before = gpu_probe.serve_waits([url])
+        after = gpu_probe.serve_waits([url])
     finally:
         server.shutdown()
-    lag = gpu_probe.loop_lag(before, after)
-    assert set(lag) == {"proxy", "ArksGateway"}
-    assert lag["proxy"] == {"samples": 50, "p50_le_ms": 1.0, "p90_le_ms": 5.0, "p99_le_ms": 5.0}  # 40 at <=1 ms
+    lag = gpu_probe.waits_between(before, after)
+    assert set(lag) == {"loop lag proxy", "loop lag ArksGateway", "router wait ArksGateway (proxy)"}
+    assert lag["router wait ArksGateway (proxy)"]["p50_le_ms"] == 50.0
+    # 40 of the proxy's 50 new samples at or below 1 ms
+    assert lag["loop lag proxy"] == {"samples": 50, "p50_le_ms": 1.0, "p90_le_ms": 5.0, "p99_le_ms": 5.0}
     # the two gateway replicas summed: 200 new samples, none at or below 5 ms
-    assert lag["ArksGateway"] == {"samples": 200, "p50_le_ms": 100.0, "p90_le_ms": 100.0, "p99_le_ms": 100.0}
+    assert lag["loop lag ArksGateway"] == {"samples": 200, "p50_le_ms": 100.0, "p90_le_ms": 100.0, "p99_le_ms": 100.0}
