@@ -4,7 +4,7 @@ what a stream cut short is charged when its events carry several tokens (``Strea
 
 The server is the real subclass of Ray's ``LLMServer`` with a stand-in output processor; the vLLM code the stride
 relies on is held here as text, so that a vLLM that changes it fails these tests. A real vLLM engine is driven by
-``tests/contract/test_vllm_stride.py``."""
+``tests/contract/test_engine_core_start.py``."""
 
 from __future__ import annotations
 
