@@ -484,7 +484,8 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
                                  args.frontend), source="gpu-bench")
     res["frontend"] = args.frontend or "rayLLM"
     res["engine_args"] = args.engine_arg
-    lp = plan(loaded, "default", 8000, gateway_settings=settings)
+    lp = plan(loaded, "default", 8000, gateway_settings=settings, gateway_replicas=args.gateways)
+    res["gateways"] = args.gateways
     engine_app = lp.engine_apps[0] if lp.engine_apps else ""
     if not engine_app and (args.mock_engine or args.llm_config):
         raise SystemExit("--mock-engine and --llm-config need the engine app (not --upstream-raw)")
@@ -798,6 +799,9 @@ def main() -> int:
     ap.add_argument("--interleave-raw", action="store_true",
                     help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
                          "between it and arks-ray round by round")
+    ap.add_argument("--gateways", type=int, default=1,
+                    help="ray phase: gateway replicas for the whole run (arks-ray up's default is 1; a cluster's "
+                         "gateway autoscales from 1 to 4 at 64 requests in flight each, so 2 at 128 streams)")
     ap.add_argument("--serve-waits", action="store_true",
                     help="ray phase: each load also reads how late Serve's event loops (the proxy's, each "
                          "replica's) woke up and how long requests waited in a router for a replica, from Ray's "
