@@ -254,7 +254,7 @@ def measure(name: str, fn: Any, args: argparse.Namespace, store: dict[str, Any],
 
 def optional_waits(args: argparse.Namespace) -> dict[str, dict[float, float]] | None:
     """Serve's wait histograms now (``--serve-waits``), or None: off, no Ray here, or no endpoint."""
-    if not getattr(args, "serve_waits", False):
+    if not args.serve_waits:
         return None
     try:
         return gpu_probe.serve_waits()

@@ -327,7 +327,8 @@ def _llm_server_class() -> type:
         async def generate(self, request: EngineRequest) -> AsyncIterator[EngineItem]:
             """The gateway's port (``arks_ray.engines.protocol``), timed for the autoscaling policy."""
             timer = self._arks_stats.start(time.monotonic())
-            # A pooling request must not get a stride (vLLM asserts a detokenizer for one).
+            # A pooling request sets no stride: vLLM asserts a detokenizer for one (a pooling model serves no
+            # streams, so none is set before it either).
             stride = self._arks_stride() if request.kind != "embeddings" else 1
             asked = wants_running_usage(request.body)  # then it comes anyway, and counts exactly
             meter = StreamMeter(request.client_usage, self._arks_running() or asked, asked)

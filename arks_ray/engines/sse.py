@@ -37,15 +37,18 @@ class StreamMeter:
         self.running = running
         self.client_running = client_running
         self.usage: dict[str, Any] | None = None
-        self.completion_tokens = 0
         self._choices: dict[int, int] = {}  # running: each choice's latest count
         self._uncounted = 0  # events that carried no running count, one token each
+
+    @property
+    def completion_tokens(self) -> int:
+        """The output tokens relayed so far (see the class)."""
+        return sum(self._choices.values()) + self._uncounted
 
     def filter(self, text: str) -> str:
         """The part of ``text`` (one or more whole SSE events) to forward to the client."""
         if '"usage"' not in text:
             self._uncounted += text.count("data: {")
-            self._total()
             return text
         kept = []
         for event in text.split("\n\n"):
@@ -54,11 +57,7 @@ class StreamMeter:
             kept_event = self._event(event)
             if kept_event:
                 kept.append(kept_event)
-        self._total()
         return "".join(e + "\n\n" for e in kept)
-
-    def _total(self) -> None:
-        self.completion_tokens = sum(self._choices.values()) + self._uncounted
 
     def _event(self, event: str) -> str:
         if not event.startswith("data: {"):
