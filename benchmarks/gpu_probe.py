@@ -41,6 +41,9 @@ ROLES = (  # first match wins: (role, substring of the command line)
     ("stock_ingress", "OpenAiIngress"),
     ("engine_replica", "ray::ServeReplica:"),
     ("engine_core", "EngineCore"),
+    # An EngineCore forked by deployments.engine_start's fork server keeps the fork server's command line, which
+    # names the module it preloads (and, in its sys_path, ray/_private: it would count as a Ray daemon).
+    ("engine_core", "'vllm.v1.engine.core'"),
     ("engine_worker", "ray::RayWorkerWrapper"),
     ("serve_controller", "ray::ServeController"),
     ("redis", "redis-server"),

@@ -485,7 +485,7 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     res["frontend"] = args.frontend or "rayLLM"
     res["engine_args"] = args.engine_arg
     lp = plan(loaded, "default", 8000, gateway_settings=settings, gateway_replicas=args.gateways)
-    res["gateways"] = args.gateways
+    res["gateways"] = lp.gateway_replicas
     engine_app = lp.engine_apps[0] if lp.engine_apps else ""
     if not engine_app and (args.mock_engine or args.llm_config):
         raise SystemExit("--mock-engine and --llm-config need the engine app (not --upstream-raw)")
@@ -799,9 +799,10 @@ def main() -> int:
     ap.add_argument("--interleave-raw", action="store_true",
                     help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
                          "between it and arks-ray round by round")
-    ap.add_argument("--gateways", type=int, default=1,
-                    help="ray phase: gateway replicas for the whole run (arks-ray up's default is 1; a cluster's "
-                         "gateway autoscales from 1 to 4 at 64 requests in flight each, so 2 at 128 streams)")
+    ap.add_argument("--gateways", type=int, default=None,
+                    help="ray phase: gateway replicas for the whole run (default: arks-ray up's with Redis, one per "
+                         "8 cores, 1 to 4; a cluster's gateway autoscales from 1 to 4 at 64 requests in flight "
+                         "each, so 2 at 128 streams)")
     ap.add_argument("--serve-waits", action="store_true",
                     help="ray phase: each load also reads how late Serve's event loops (the proxy's, each "
                          "replica's) woke up and how long requests waited in a router for a replica, from Ray's "

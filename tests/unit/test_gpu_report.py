@@ -184,3 +184,13 @@ def test_serves_waits_during_a_load_come_from_its_histograms_per_loop_and_router
     assert lag["loop lag proxy"] == {"samples": 50, "p50_le_ms": 1.0, "p90_le_ms": 5.0, "p99_le_ms": 5.0}
     # the two gateway replicas summed: 200 new samples, none at or below 5 ms
     assert lag["loop lag ArksGateway"] == {"samples": 200, "p50_le_ms": 100.0, "p90_le_ms": 100.0, "p99_le_ms": 100.0}
+
+
+def test_an_engine_core_forked_by_the_fork_server_counts_as_the_engine_core() -> None:
+    """The fork server's children keep its command line, whose sys_path names ray/_private: a GPU run counted
+    our EngineCore's core as a Ray daemon's until this was found (top on the ninth-and-later H200)."""
+    forked = ("/venv/bin/python3 -B -c from multiprocessing.forkserver import main; main(47, 49, "
+              "['vllm.v1.engine.core'], **{'sys_path': ['/work/main', '/tmp/site/ray/_private']})")
+    assert gpu_probe.role_of(forked, -1) == "engine_core"
+    assert gpu_probe.role_of("/tmp/site/ray/core/src/ray/raylet/raylet --x", -1) == "ray_daemons"
+    assert gpu_probe.role_of("VLLM::EngineCore", -1) == "engine_core"
