@@ -162,12 +162,26 @@ def from_env(env: Mapping[str, str], base: ControllerSettings | None = None) -> 
         changes["gang_scheduler"] = _choice(env["ARKS_GANG_SCHEDULER"], get_args(GangScheduler), "ARKS_GANG_SCHEDULER")
     if env.get("ARKS_INGRESS"):
         changes["ingress"] = _choice(env["ARKS_INGRESS"], get_args(Ingress), "ARKS_INGRESS")
+    if env.get("ARKS_GATEWAY_REPLICAS"):
+        changes["gateway_replicas"] = replica_range(env["ARKS_GATEWAY_REPLICAS"], "ARKS_GATEWAY_REPLICAS")
     if env.get("ARKS_UPGRADE_STRATEGY"):
         changes["upgrade_strategy"] = _choice(env["ARKS_UPGRADE_STRATEGY"], get_args(UpgradeStrategy),
                                               "ARKS_UPGRADE_STRATEGY")
     if changes:
         s.render = dataclasses.replace(s.render, **changes)  # type: ignore[arg-type]
     return s
+
+
+def replica_range(value: str, var: str) -> tuple[int, int]:
+    """``MIN,MAX`` (or one number for both) as a checked replica range."""
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        low, high = 0, 0
+    if not 1 <= low <= high:
+        raise ValueError(f"{var}={value!r}: expected MIN,MAX with 1 <= MIN <= MAX (or one number)")
+    return low, high
 
 
 def _choice(value: str, allowed: tuple[str, ...], var: str) -> str:

@@ -19,6 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from arks_ray.api.gateway import GatewayConfig
+from arks_ray.render.serve_config import gateway_app
 from controller.settings import from_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,3 +263,24 @@ def write_plain_manifests() -> None:
 
 if __name__ == "__main__" and "--write" in sys.argv:
     write_plain_manifests()
+
+
+def test_the_gateway_replica_range_reaches_the_render_and_only_with_redis() -> None:
+    docs = render_chart(chart_values(gateway__minReplicas=2, gateway__maxReplicas=6))
+    env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["ARKS_GATEWAY_REPLICAS"] == "2,6"
+    settings = from_env({"ARKS_GATEWAY_REPLICAS": env["ARKS_GATEWAY_REPLICAS"],
+                         "ARKS_GATEWAY_REDIS_URL": "redis://arks-redis:6379/0"})
+    assert settings.render.gateway_replicas == (2, 6)
+    autoscaling = gateway_app(GatewayConfig(), settings.render)["deployments"][0]["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (2, 6)
+    # Without a shared counter store each replica would count limits on its own: one replica.
+    alone = gateway_app(GatewayConfig(), from_env({"ARKS_GATEWAY_REPLICAS": "2,6"}).render)
+    assert (alone["deployments"][0]["autoscaling_config"]["min_replicas"],
+            alone["deployments"][0]["autoscaling_config"]["max_replicas"]) == (1, 1)
+    assert from_env({"ARKS_GATEWAY_REPLICAS": "3"}).render.gateway_replicas == (3, 3)
+    assert from_env({}).render.gateway_replicas == (1, 4)
+    for bad in ("0,2", "3,2", "two", "1,2,3"):
+        with pytest.raises(ValueError, match="ARKS_GATEWAY_REPLICAS"):
+            from_env({"ARKS_GATEWAY_REPLICAS": bad})
