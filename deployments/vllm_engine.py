@@ -285,8 +285,8 @@ def _llm_server_class() -> type:
                 return self._arks_stride_pinned or 1
             if self._arks_stride_pinned is None:
                 interval = self._get_batch_interval_ms()
-                outputs.stream_interval = cadence.token_stride(
-                    float(interval or 0), self._arks_stats.typical_tpot_ms(time.monotonic()), self._arks_stride_max)
+                tpot = self._arks_stats.typical_tpot_ms(time.monotonic(), remembered=True)
+                outputs.stream_interval = cadence.token_stride(float(interval or 0), tpot, self._arks_stride_max)
             return int(outputs.stream_interval)
 
         def _arks_running(self) -> bool:

@@ -95,6 +95,7 @@ class ReplicaStats:
     _tpot: LatencyWindow = field(init=False)
     _engine: tuple[float, float, float, float] | None = None  # (at, running, waiting, kv use)
     _typical_tpot: tuple[float, float | None] = (float("-inf"), None)  # (computed at, median TPOT ms)
+    _last_tpot: float | None = None  # the last median a window with requests gave
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile < 100:
@@ -119,15 +120,22 @@ class ReplicaStats:
         if timer.first_at is not None and output_tokens > 1:
             self._tpot.add((now - timer.first_at) * 1000 / (output_tokens - 1), now)
 
-    def typical_tpot_ms(self, now: float, every_s: float = 1.0) -> float | None:
+    def typical_tpot_ms(self, now: float, every_s: float = 1.0, *, remembered: bool = False) -> float | None:
         """The median TPOT of the window's requests (None without any), recomputed at most every ``every_s``:
-        new streams ask for it, and a window can hold thousands of requests."""
+        new streams ask for it, and a window can hold thousands of requests.
+
+        ``remembered``: a window without requests gives the last median one had (None only before the first).
+        For the stride of a load that follows a pause: the model's pace is the best guess there is, and with
+        None the whole first wave of a burst would be handed over token by token, when the replica is busiest.
+        The window replaces it once the burst's first requests finish."""
         at, value = self._typical_tpot
         if now - at >= every_s:
             values = self._tpot.values(now)
             value = percentile(values, 50) if values else None
             self._typical_tpot = (now, value)
-        return value
+            if value is not None:
+                self._last_tpot = value
+        return self._last_tpot if value is None and remembered else value
 
     def scheduler(self, running: int, waiting: int, kv_cache_usage: float, now: float) -> None:
         """vLLM's scheduler counters after an engine step."""

@@ -63,6 +63,10 @@ def test_the_typical_tpot_is_the_windows_median_recomputed_at_most_every_second(
         stats.finish(timer, 11, tpot / 100)  # 10 more tokens in tpot*10 ms
     assert stats.typical_tpot_ms(0.5) is None  # the None of t=0 holds for a second
     assert stats.typical_tpot_ms(1.0) == pytest.approx(12.0)
+    # After a pause longer than the window: none, unless the last median is wanted (a burst's stride).
+    assert stats.typical_tpot_ms(30.0) is None
+    assert stats.typical_tpot_ms(30.0, remembered=True) == pytest.approx(12.0)
+    assert ReplicaStats().typical_tpot_ms(0.0, remembered=True) is None  # never had one
 
 
 class Outputs:
@@ -102,6 +106,9 @@ def test_the_server_sets_the_stride_on_vllms_output_processor_from_its_load_and_
     assert outputs.stream_interval == 3
     srv._arks_stats.in_flight = 128  # the interval grows to 200 ms under load
     assert srv._arks_stride() == 6
+    srv._arks_stats._tpot = type(srv._arks_stats._tpot)(10.0)  # a pause: the window is empty
+    srv._arks_stats._typical_tpot = (float("-inf"), None)
+    assert srv._arks_stride() == 6  # the burst after it gets the last pace's stride, not 1
     srv.reconfigure({cadence.STRIDE_KEY: 1})  # live: every token again
     assert srv._arks_stride() == 1
     assert outputs.stream_interval == 1
