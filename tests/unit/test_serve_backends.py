@@ -4,6 +4,7 @@ exceptions turned into failures a client may see (no exception text)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import types
 from dataclasses import dataclass, field
@@ -217,6 +218,15 @@ def test_the_gateway_store_takes_the_redis_password_from_its_environment() -> No
     kwargs = store._redis.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     assert kwargs["password"] == "s3cret/pw"
     assert "s3cret" not in settings.model_dump_json()
+
+
+def test_a_gateway_without_redis_says_its_counters_are_its_own(caplog: pytest.LogCaptureFixture) -> None:
+    from arks_ray.stores.memory import MemoryStore
+    from deployments.gateway import make_store
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve.arks.gateway"):
+        assert isinstance(make_store(GatewaySettings(), {}), MemoryStore)
+    assert "counted in this replica's memory, which is right for one gateway replica only" in caplog.text
 
 
 async def test_an_engine_apps_placeholder_ingress_does_not_count_as_serving(fake_serve: dict[str, Any]) -> None:
