@@ -144,7 +144,8 @@ def up_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every app to be RUNNING.")] = 900.0,
     redis_url: Annotated[str | None, typer.Option(help="Counter store for limits and quotas.")] = None,
     gateway_replicas: Annotated[int | None, typer.Option(
-        min=1, help="Gateway ingress replicas (default: with --redis-url, one per 8 cores, 1 to 4; else 1).")] = None,
+        min=1, help="Gateway ingress replicas (default: one per 8 cores, 1 or 2, with --redis-url or no limits and "
+                   "quotas; else 1).")] = None,
     num_gpus: Annotated[int | None, typer.Option(
         "--num-gpus", min=0, help="GPUs to offer the local Ray (default: detected, e.g. by nvidia-smi).")] = None,
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
@@ -170,14 +171,14 @@ def up_cmd(
     if ingress not in ("serve", "haproxy"):
         _err(f"error: --ingress {ingress!r}: expected serve or haproxy")
         raise typer.Exit(2)
-    if (gateway_replicas or 1) > 1 and not redis_url:
-        _err(f"warning: --gateway-replicas {gateway_replicas} without --redis-url: each replica counts rate limits "
-             "and quotas in its own memory, so a client may get up to that many times its limits")
     try:
         plan = runner.plan(loaded, namespace or "default", port, gateway_settings=settings,
                            gateway_replicas=gateway_replicas, ingress=ingress)  # type: ignore[arg-type]
         _step(f"rendered {len(plan.engine_apps)} engine app(s) + gateway ({plan.gateway_replicas} "
               f"replica{'s' if plan.gateway_replicas > 1 else ''})", t0)
+        if plan.gateway_replicas > 1 and not redis_url and plan.gateway_counts:
+            _err(f"warning: {plan.gateway_replicas} gateway replicas without --redis-url: each counts rate limits "
+                 "and quotas in its own memory, so a client may get up to that many times its limits")
         t = time.monotonic()
         for note in runner.ensure_local_models(loaded):
             _step(note, t)

@@ -44,8 +44,8 @@ def make_store(settings: GatewaySettings, environ: Mapping[str, str] = os.enviro
         from arks_ray.stores.redis import RedisStore
 
         return RedisStore(settings.redis_url, timeout_s=settings.store_timeout_s)
-    logger.warning("no redis_url: rate limits and quotas are counted in this replica's memory, which is right "
-                   "for one gateway replica only (the rendered gateway then has one) and lost when it restarts")
+    logger.info("no redis_url: rate limits and quotas are counted in this replica's memory, seen by no other "
+                "replica and lost when it restarts (the rendered gateway has one replica where they exist)")
     return MemoryStore()
 
 

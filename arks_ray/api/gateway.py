@@ -96,3 +96,9 @@ class GatewayConfig(_Frozen):
     endpoints: tuple[Endpoint, ...] = ()
     tokens: tuple[Token, ...] = ()
     quotas: tuple[Quota, ...] = ()
+
+    @property
+    def counts(self) -> bool:
+        """Whether the gateway counts anything per token: a rate limit or a quota. Without a shared counter store
+        each replica would count them on its own, so the renderer then runs one replica."""
+        return bool(self.quotas) or any(g.rate_limits or g.quota for t in self.tokens for g in t.grants)

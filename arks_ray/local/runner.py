@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arks_ray.api.gateway import GATEWAY_APP
+from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
 from arks_ray.api.loading import Loaded
 from arks_ray.api.model import ArksModel
 from arks_ray.local.keys import local_token_keys
@@ -35,22 +35,33 @@ TINY_LORA_ID = "arks-ray/tiny-qwen2-lora"
 DASHBOARD_PORT = 8265
 MIN_LOGICAL_CPUS = 8
 GATEWAY_CORES_PER_REPLICA = 8
+GATEWAY_AUTO_MAX = 2
 
 
-def default_gateway_replicas(shared_store: bool, cores: int | None = None) -> int:
-    """Gateway replicas ``up`` runs when not told: with a shared counter store (Redis), one per 8 cores of the
-    machine, 1 to 4 (a cluster's gateway autoscales 1-4); without one, 1, since each replica's in-memory store
-    would count limits and quotas on its own.
+def machine_cores() -> int:
+    """The cores this process may use, as Ray counts them (CPU affinity and a cgroup's CPU quota)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # Ray's private helper moved: the affinity mask, which ignores a cgroup's quota
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_gateway_replicas(free_to_scale: bool, cores: int | None = None) -> int:
+    """Gateway replicas ``up`` runs when not told: one per 8 cores, 1 or 2, where replicas may scale
+    (``free_to_scale``: a shared counter store, or no rate limit or quota to count); else 1, since each
+    replica's in-memory counters would count limits and quotas on their own.
 
     One replica's event loop takes in every request (Serve's gRPC accepts) between relaying every stream: on a
-    16-core H200 at 128 streams a second replica took the time to reach the gateway from 107-200 ms to 27-66 ms,
-    and TTFT from +16 ms over raw vLLM to below it (README, Performance). A 2-core machine gets 1: a second
-    replica there only moved the wait to the engine replica."""
-    if not shared_store:
+    16-core H200 at 128 streams behind Serve's proxy a second replica took the time to reach the gateway from
+    108-200 ms to 27-66 ms, and TTFT from +16 ms over raw vLLM to below it (README, Performance). A 2-core
+    machine gets 1: a second replica there only moved the wait to the engine replica. More than 2 was not
+    measured: ``--gateway-replicas`` sets it."""
+    if not free_to_scale:
         return 1
-    cores = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                             else os.cpu_count() or 1)
-    return max(1, min(4, cores // GATEWAY_CORES_PER_REPLICA))
+    cores = machine_cores() if cores is None else cores
+    return max(1, min(GATEWAY_AUTO_MAX, cores // GATEWAY_CORES_PER_REPLICA))
 
 
 class LocalError(Exception):
@@ -80,6 +91,13 @@ class LocalPlan:
     @property
     def gateway_replicas(self) -> int:
         return sum(int(d.get("num_replicas", 1)) for a in self.serve_config["applications"] if a["name"] == GATEWAY_APP
+                   for d in a.get("deployments", []))
+
+    @property
+    def gateway_counts(self) -> bool:
+        """Whether the gateway counts rate limits or quotas (``GatewayConfig.counts``)."""
+        return any(GatewayConfig.model_validate(d.get("user_config") or {}).counts
+                   for a in self.serve_config["applications"] if a["name"] == GATEWAY_APP
                    for d in a.get("deployments", []))
 
     @property
@@ -171,7 +189,11 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
     if gateway_replicas is None:
-        gateway_replicas = default_gateway_replicas(bool((gateway_settings or {}).get("redis_url")))
+        gateway = next(d for a in rendered.serve_config["applications"] if a["name"] == GATEWAY_APP
+                       for d in a["deployments"])
+        shared = bool((gateway_settings or {}).get("redis_url"))
+        gateway_replicas = default_gateway_replicas(shared or not GatewayConfig.model_validate(
+            gateway.get("user_config") or {}).counts)
     elif gateway_replicas < 1:
         raise LocalError(f"--gateway-replicas {gateway_replicas}: at least 1")
     config = localize(rendered.serve_config, port, gateway_replicas)

@@ -89,9 +89,10 @@ class RenderOptions:
 
     gateway_replicas: tuple[int, int] = (1, 4)
     """Min and max gateway ingress replicas (Serve autoscaling at 64 requests in flight each), with a shared
-    counter store (``gateway_settings`` ``redis_url``). Without one the gateway is one replica: each replica's
-    in-memory counters would count limits and quotas on their own. A second replica took the intake time at
-    128 streams from 107-200 ms to 27-66 ms on a GPU (README, Performance)."""
+    counter store (``gateway_settings`` ``redis_url``) or nothing to count. A namespace with rate limits or quotas
+    and no shared store gets one replica: each replica's in-memory counters would count them on their own. A
+    second replica took the intake time at 128 streams from 108-200 ms to 27-66 ms on a GPU (README,
+    Performance)."""
 
     head_resource: str = "arks-head"
     """Custom Ray resource only the head pod advertises; gateway replicas ask for it."""

@@ -243,7 +243,8 @@ def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, names
 
 
 def gateway_app(config: GatewayConfig, options: RenderOptions) -> dict[str, Any]:
-    low, high = options.gateway_replicas if options.gateway_settings.get("redis_url") else (1, 1)
+    shared = bool(options.gateway_settings.get("redis_url")) or not config.counts
+    low, high = options.gateway_replicas if shared else (1, 1)
     return {
         "name": GATEWAY_APP,
         "route_prefix": "/",

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from arks_ray.api.gateway import GatewayConfig
+from arks_ray.api.gateway import GatewayConfig, Quota
 from arks_ray.render.serve_config import gateway_app
 from controller.settings import from_env
 
@@ -261,26 +261,39 @@ def write_plain_manifests() -> None:
         (DEPLOY / name).write_text(HEADERS[name] + body)
 
 
-if __name__ == "__main__" and "--write" in sys.argv:
-    write_plain_manifests()
-
-
-def test_the_gateway_replica_range_reaches_the_render_and_only_with_redis() -> None:
-    docs = render_chart(chart_values(gateway__minReplicas=2, gateway__maxReplicas=6))
+def test_the_gateway_replica_range_reaches_the_render_where_replicas_may_scale() -> None:
+    docs = render_chart(chart_values(gateway__minReplicas=2, gateway__maxReplicas=6, redis__enabled=True,
+                                     redis__password="x"))
     env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
     assert env["ARKS_GATEWAY_REPLICAS"] == "2,6"
-    settings = from_env({"ARKS_GATEWAY_REPLICAS": env["ARKS_GATEWAY_REPLICAS"],
-                         "ARKS_GATEWAY_REDIS_URL": "redis://arks-redis:6379/0"})
+    settings = from_env({k: v for k, v in env.items() if v is not None})
     assert settings.render.gateway_replicas == (2, 6)
-    autoscaling = gateway_app(GatewayConfig(), settings.render)["deployments"][0]["autoscaling_config"]
+    counted = GatewayConfig(quotas=(Quota(name="q"),))
+    autoscaling = gateway_app(counted, settings.render)["deployments"][0]["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (2, 6)
-    # Without a shared counter store each replica would count limits on its own: one replica.
-    alone = gateway_app(GatewayConfig(), from_env({"ARKS_GATEWAY_REPLICAS": "2,6"}).render)
-    assert (alone["deployments"][0]["autoscaling_config"]["min_replicas"],
-            alone["deployments"][0]["autoscaling_config"]["max_replicas"]) == (1, 1)
+    # Without a shared counter store each replica would count limits on its own: one replica where there are
+    # any, the range where there are none.
+    alone = from_env({"ARKS_GATEWAY_REPLICAS": "2,6"}).render
+    pinned = gateway_app(counted, alone)["deployments"][0]["autoscaling_config"]
+    assert (pinned["min_replicas"], pinned["max_replicas"]) == (1, 1)
+    free = gateway_app(GatewayConfig(), alone)["deployments"][0]["autoscaling_config"]
+    assert (free["min_replicas"], free["max_replicas"]) == (2, 6)
     assert from_env({"ARKS_GATEWAY_REPLICAS": "3"}).render.gateway_replicas == (3, 3)
     assert from_env({}).render.gateway_replicas == (1, 4)
-    for bad in ("0,2", "3,2", "two", "1,2,3"):
+    for bad in ("0,2", "3,2", "two", "1,2,3", ",4"):
         with pytest.raises(ValueError, match="ARKS_GATEWAY_REPLICAS"):
             from_env({"ARKS_GATEWAY_REPLICAS": bad})
+
+
+def test_a_release_without_gateway_values_renders_and_keeps_the_default_range() -> None:
+    """``helm upgrade --reuse-values`` from a release before these values has no ``gateway`` map."""
+    values = chart_values()
+    values.pop("gateway")
+    env = {e["name"] for e in by_kind(render_chart(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+           ["env"]}
+    assert "ARKS_GATEWAY_REPLICAS" not in env
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    write_plain_manifests()
