@@ -97,11 +97,11 @@ def role_of(command: str) -> str:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile (0-100) of ``values``: one of the values, NaN when there are none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+    """The ``q``-th percentile (0-100) of ``values``, computed as the benchmark's own figures are (interpolating
+    between ranks); NaN when there are none."""
+    from arks_ray.autoscaling.replica import percentile as interpolated
+
+    return interpolated(values, q) if values else float("nan")
 
 
 def load(trace_dir: Path, prefix: str = "bench-") -> Trace:

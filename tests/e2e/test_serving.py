@@ -105,9 +105,10 @@ def test_a_long_stream_comes_in_strides_and_its_running_usage_only_when_asked(st
     assert plain[-1].usage is not None
     assert plain[-1].usage.completion_tokens == 64
     assert all(ch.usage is None for ch in plain[:-1])
-    # The rule gives 8 here (1 + 8 x 8 tokens: 9 events). Without a stride this machine's vLLM still merges
-    # some outputs for a late reader, so "fewer than 64" would not tell: 58 came without one after a pause.
-    assert len(content) <= 16, f"{len(content)} events for 64 tokens: no stride"
+    # The rule gives 8 here (1 + 8 x 8 tokens: 9 events); 24 allows a stride of 3 on a slow machine. Without a
+    # stride this machine's vLLM still merges some outputs for a late reader, so "fewer than 64" would not tell:
+    # 58 came without one after a pause.
+    assert len(content) <= 24, f"{len(content)} events for 64 tokens: no stride"
     running = list(c.chat.completions.create(
         **ask, stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [ch.usage.completion_tokens for ch in running if ch.choices and ch.usage is not None]
@@ -120,7 +121,7 @@ def test_a_long_stream_comes_in_strides_and_its_running_usage_only_when_asked(st
     assert after[-1].usage is not None
     assert after[-1].usage.completion_tokens == 64
     events = len([ch for ch in after if ch.choices and ch.choices[0].delta.content])
-    assert events <= 16, f"{events} events for 64 tokens after a pause: no stride"
+    assert events <= 24, f"{events} events for 64 tokens after a pause: no stride"
 
 
 def test_completions_both_ways(stack: dict[str, Any]) -> None:
