@@ -47,7 +47,9 @@ def demo_without(*kinds: str) -> str:
 
 
 def make_plan(extra: str, port: int, *, base: str | None = None, **kwargs: Any) -> runner.LocalPlan:
-    """The demo objects (or ``base``) plus ``extra`` YAML, planned for a local run on ``port``."""
+    """The demo objects (or ``base``) plus ``extra`` YAML, planned for a local run on ``port``; one gateway replica
+    unless ``gateway_replicas`` says otherwise (``up``'s default depends on the machine's cores)."""
+    kwargs.setdefault("gateway_replicas", 1)
     loaded = load_yaml((DEMO.read_text() if base is None else base) + "\n---\n" + extra)
     assert not loaded.errors, loaded.errors
     runner.ensure_local_models(loaded)
