@@ -800,9 +800,9 @@ def main() -> int:
                     help="ray phase: raw vLLM runs alongside (both engines on the GPU), and the loads alternate "
                          "between it and arks-ray round by round")
     ap.add_argument("--gateways", type=int, default=None,
-                    help="ray phase: gateway replicas for the whole run (default: arks-ray up's with Redis, one per "
-                         "8 cores, 1 to 4; a cluster's gateway autoscales from 1 to 4 at 64 requests in flight "
-                         "each, so 2 at 128 streams)")
+                    help="ray phase: gateway replicas for the whole run (default: arks-ray up's, one per 8 cores, 1 "
+                         "or 2; a cluster's gateway autoscales from 1 to 4 at 64 requests in flight each, so 2 at "
+                         "128 streams)")
     ap.add_argument("--serve-waits", action="store_true",
                     help="ray phase: each load also reads how late Serve's event loops (the proxy's, each "
                          "replica's) woke up and how long requests waited in a router for a replica, from Ray's "

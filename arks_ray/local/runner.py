@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arks_ray.api.gateway import GATEWAY_APP, GatewayConfig
+from arks_ray.api.gateway import GATEWAY_APP
 from arks_ray.api.loading import Loaded
 from arks_ray.api.model import ArksModel
 from arks_ray.local.keys import local_token_keys
 from arks_ray.render import Rendered, RenderOptions, render_namespace
 from arks_ray.render.cluster import parse_ray_resources
 from arks_ray.render.options import SERVE_THROUGHPUT_ENV, Ingress, ingress_env
+from arks_ray.render.serve_config import gateway_may_scale
 
 TINY_MODEL_ID = "arks-ray/tiny-qwen2"
 TINY_EMBED_ID = "arks-ray/tiny-qwen2-embed"
@@ -96,9 +97,7 @@ class LocalPlan:
     @property
     def gateway_counts(self) -> bool:
         """Whether the gateway counts rate limits or quotas (``GatewayConfig.counts``)."""
-        return any(GatewayConfig.model_validate(d.get("user_config") or {}).counts
-                   for a in self.serve_config["applications"] if a["name"] == GATEWAY_APP
-                   for d in a.get("deployments", []))
+        return self.rendered.gateway.counts
 
     @property
     def engine_apps(self) -> list[str]:
@@ -189,11 +188,7 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     if rendered.errors:
         raise LocalError("\n".join(str(p) for p in rendered.errors))
     if gateway_replicas is None:
-        gateway = next(d for a in rendered.serve_config["applications"] if a["name"] == GATEWAY_APP
-                       for d in a["deployments"])
-        shared = bool((gateway_settings or {}).get("redis_url"))
-        gateway_replicas = default_gateway_replicas(shared or not GatewayConfig.model_validate(
-            gateway.get("user_config") or {}).counts)
+        gateway_replicas = default_gateway_replicas(gateway_may_scale(rendered.gateway, options.gateway_settings))
     elif gateway_replicas < 1:
         raise LocalError(f"--gateway-replicas {gateway_replicas}: at least 1")
     config = localize(rendered.serve_config, port, gateway_replicas)

@@ -242,9 +242,14 @@ def disaggregated_app(app: ArksDisaggregatedApplication, model: ArksModel, names
     return {"name": app.metadata.name, "route_prefix": None, "import_path": DISAGG_IMPORT, "args": args}
 
 
+def gateway_may_scale(config: GatewayConfig, gateway_settings: dict[str, Any]) -> bool:
+    """Whether the gateway may run several replicas: its counters are shared (a ``redis_url``), or it counts
+    nothing. Otherwise each replica would count rate limits and quotas on its own."""
+    return bool(gateway_settings.get("redis_url")) or not config.counts
+
+
 def gateway_app(config: GatewayConfig, options: RenderOptions) -> dict[str, Any]:
-    shared = bool(options.gateway_settings.get("redis_url")) or not config.counts
-    low, high = options.gateway_replicas if shared else (1, 1)
+    low, high = options.gateway_replicas if gateway_may_scale(config, options.gateway_settings) else (1, 1)
     return {
         "name": GATEWAY_APP,
         "route_prefix": "/",
