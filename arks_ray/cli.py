@@ -83,7 +83,8 @@ def render_cmd(
     namespace: NamespaceOpt = None,
     serve_config: Annotated[bool, typer.Option("--serve-config", help="Print only the Serve config.")] = False,
 ) -> None:
-    """Render Arks manifests into a RayService (first) and model PVCs/Jobs, as multi-document YAML."""
+    """Render Arks manifests into a RayService (first), the NetworkPolicy of its Ray pods and model PVCs/Jobs, as
+    multi-document YAML."""
     _, results, problems = render_files(filename, namespace)
     _report(problems)
     if any(p.severity == "error" for p in problems):

@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.verbose:
         # kopf logs every successful handler call; the reconciler logs what it writes instead.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    settings = build_settings(args, dict(os.environ))
+    try:
+        settings = build_settings(args, dict(os.environ))
+    except ValueError as exc:
+        # A bad chart value: one line that names it, not a traceback (the pod's log is what the user reads).
+        sys.exit(f"error: {exc}")
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

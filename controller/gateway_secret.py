@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from arks_ray.api.digests import TokenKeys
-from controller.meta import MANAGED_BY, annotation
-from controller.writes import Write
-
-CONTENT_ANNOTATION = "arks.ai/content-id"
+from arks_ray.render.names import CONTENT_ANNOTATION
+from controller.meta import MANAGED_BY
+from controller.writes import Write, apply_changed
 
 
 def gateway_secret(namespace: str, name: str, keys: TokenKeys | None, redis_password: str | None
@@ -49,8 +48,4 @@ def gateway_secret(namespace: str, name: str, keys: TokenKeys | None, redis_pass
 def secret_write(desired: dict[str, Any] | None, live: Mapping[str, Any] | None, namespace: str,
                  name: str) -> Write | None:
     """Apply the Secret when it is missing or its content id differs."""
-    if desired is None:
-        return None
-    if live is not None and annotation(live, CONTENT_ANNOTATION) == annotation(desired, CONTENT_ANNOTATION):
-        return None
-    return Write("apply", "Secret", namespace, name, desired, "create" if live is None else "content changed")
+    return apply_changed(desired, live, namespace, name) if desired is not None else None

@@ -64,6 +64,7 @@ RESOURCES: dict[str, Resource] = {
     "DaemonSet": Resource("apps", "v1", "daemonsets", "DaemonSet"),
     "Secret": Resource("", "v1", "secrets", "Secret"),
     "Pod": Resource("", "v1", "pods", "Pod"),
+    "NetworkPolicy": Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 }
 
 

@@ -10,7 +10,8 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
+from arks_ray.render.names import MANAGED_BY as MANAGED_BY  # re-exported for the planners
+
 Obj = Mapping[str, Any]
 
 

@@ -29,13 +29,14 @@ import yaml
 from arks_ray.api import ArksApplication, ArksDisaggregatedApplication, ArksEndpoint, ArksModel, ArksQuota, ArksToken
 from arks_ray.render import SPEC_HASH_ANNOTATION, Rendered, RenderOptions, render_namespace
 from arks_ray.render.names import RAYSERVICE_NAME, label_value
+from arks_ray.render.network_policy import NETWORK_POLICY_NAME
 from controller import status as st
 from controller.downloads import ModelInputs, plan_model
 from controller.gateway_secret import gateway_secret, secret_write
 from controller.meta import MANAGED_BY, annotation, contains, finalizers, meta, name_of, owner_ref
 from controller.node_caches import plan_node_caches
 from controller.snapshot import APP_KINDS, Snapshot, add_problems
-from controller.writes import Write
+from controller.writes import Write, apply_changed
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Observed:
     """Log tails of running download Jobs, by Job name (their progress reports)."""
     daemonsets: Sequence[dict[str, Any]] = ()
     """The namespace's managed DaemonSets (node-cache preloads)."""
+    network_policy: Mapping[str, Any] | None = None
+    """The live NetworkPolicy ``arks-ray-cluster`` of the namespace's Ray pods."""
 
 
 @dataclass
@@ -113,6 +116,23 @@ def rayservice_change(desired: Mapping[str, Any], live: Mapping[str, Any] | None
 def rayservice_write(desired: dict[str, Any], live: Mapping[str, Any] | None, ns: str) -> Write | None:
     why = rayservice_change(desired, live)
     return Write("apply", "RayService", ns, RAYSERVICE_NAME, desired, why) if why else None
+
+
+def _managed(obj: Mapping[str, Any] | None) -> bool:
+    return obj is not None and (meta(obj).get("labels") or {}).items() >= MANAGED_BY.items()
+
+
+def policy_write(desired: dict[str, Any] | None, live: Mapping[str, Any] | None, ns: str) -> Write | None:
+    """Apply the NetworkPolicy of the Ray pods when it changed or was edited (a hand-made opening is closed
+    again); delete ours when none is wanted any more."""
+    if desired is not None:
+        write = apply_changed(desired, live, ns, NETWORK_POLICY_NAME)
+        if write is None and live is not None and not contains(live.get("spec"), desired["spec"]):
+            write = Write("apply", "NetworkPolicy", ns, NETWORK_POLICY_NAME, desired, "drift")
+        return write
+    if _managed(live):
+        return Write("delete", "NetworkPolicy", ns, NETWORK_POLICY_NAME, why="network policy turned off")
+    return None
 
 
 def _finalizers(obj: Mapping[str, Any], wanted: list[str]) -> dict[str, Any]:
@@ -304,10 +324,16 @@ def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, no
         secret = gateway_secret(ns, options.gateway_secret, options.token_keys, redis_password)
         if (write := secret_write(secret, seen.gateway_secret, ns, options.gateway_secret)) is not None:
             models.writes.append(write)
+        if (write := policy_write(applied.network_policy, seen.network_policy, ns)) is not None:
+            # Before the RayService too: its pods are never reachable without it.
+            models.writes.append(write)
         if (write := rayservice_write(desired, live_rs, ns)) is not None:
             rs_writes.append(write)
-    elif live_rs is not None and (meta(live_rs).get("labels") or {}).items() >= MANAGED_BY.items():
-        rs_writes.append(Write("delete", "RayService", ns, RAYSERVICE_NAME, why="no Arks objects left"))
+    else:
+        if _managed(live_rs):
+            rs_writes.append(Write("delete", "RayService", ns, RAYSERVICE_NAME, why="no Arks objects left"))
+        if _managed(seen.network_policy):
+            rs_writes.append(Write("delete", "NetworkPolicy", ns, NETWORK_POLICY_NAME, why="no Arks objects left"))
     statuses, requeue = _status_writes(snap, applied, models, seen, now)
     delays = [*models.requeue, *requeue]
     phases = [p for p in (adds, models.writes, rs_writes, releases, statuses) if p]

@@ -24,6 +24,7 @@ from arks_ray.api.gateway import GatewayConfig, Quota
 from arks_ray.gateway.ports import StoreUnavailable
 from arks_ray.gateway.quotas import Floor
 from arks_ray.render.names import RAYSERVICE_NAME
+from arks_ray.render.network_policy import NETWORK_POLICY_NAME
 from arks_ray.render.options import GATEWAY_SECRET
 from controller import errors
 from controller.kube import ARKS_KINDS, KubeClient
@@ -117,9 +118,10 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
                   metrics: Metrics | None = None, routes: RoutesReader | None = None,
                   gateway_secret: str = GATEWAY_SECRET) -> tuple[Snapshot, Observed]:
     """Both rounds of reads."""
-    lists, rayservice, secret = await asyncio.gather(
+    lists, rayservice, secret, policy = await asyncio.gather(
         asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
-        kube.get("RayService", ns, RAYSERVICE_NAME), kube.get("Secret", ns, gateway_secret))
+        kube.get("RayService", ns, RAYSERVICE_NAME), kube.get("Secret", ns, gateway_secret),
+        kube.get("NetworkPolicy", ns, NETWORK_POLICY_NAME))
     snap = take(ns, [o for items in lists for o in items])
     secrets, pvcs, jobs, usage, weights, daemonsets = await asyncio.gather(
         _secrets(kube, ns, snap.secret_names()),
@@ -136,7 +138,7 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
     # Only the gateway Secret's metadata is kept: its values are never read back.
     secret_meta = {"metadata": secret.get("metadata") or {}} if secret else None
     return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, gateway_secret=secret_meta,
-                          download_logs=logs, daemonsets=daemonsets)
+                          download_logs=logs, daemonsets=daemonsets, network_policy=policy)
 
 
 async def _nothing() -> list[dict[str, Any]]:

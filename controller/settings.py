@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import get_args
+from typing import Any, get_args
 from urllib.parse import quote
+
+import yaml
 
 from arks_ray.api.digests import TokenKeys
 from arks_ray.render import RenderOptions
+from arks_ray.render.network_policy import NetworkAccess, check_peer
 from arks_ray.render.options import GangScheduler, Ingress, UpgradeStrategy
 
 FIELD_MANAGER = "arks-ray"
@@ -167,9 +170,43 @@ def from_env(env: Mapping[str, str], base: ControllerSettings | None = None) -> 
     if env.get("ARKS_UPGRADE_STRATEGY"):
         changes["upgrade_strategy"] = _choice(env["ARKS_UPGRADE_STRATEGY"], get_args(UpgradeStrategy),
                                               "ARKS_UPGRADE_STRATEGY")
+    if env.get("ARKS_NETWORK_POLICY"):
+        changes["network_access"] = network_access(env["ARKS_NETWORK_POLICY"], "ARKS_NETWORK_POLICY")
     if changes:
         s.render = dataclasses.replace(s.render, **changes)  # type: ignore[arg-type]
     return s
+
+
+_ACCESS_KEYS = {"dashboardFrom": "dashboard_from", "serveFrom": "serve_from", "metricsFrom": "metrics_from"}
+
+
+def network_access(value: str, var: str) -> NetworkAccess | None:
+    """The chart's ``networkPolicy`` block (YAML): who may reach the Ray pods, or None when ``enabled`` is false."""
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{var}: not YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{var}: expected a mapping with enabled, dashboardFrom, serveFrom, metricsFrom")
+    unknown = set(data) - {"enabled", *_ACCESS_KEYS}
+    if unknown:
+        raise ValueError(f"{var}: unknown key(s) {', '.join(sorted(unknown))} "
+                         f"(expected enabled, dashboardFrom, serveFrom, metricsFrom)")
+    if not isinstance(data.get("enabled", True), bool):
+        raise ValueError(f"{var}: enabled must be true or false")
+    if not data.get("enabled", True):
+        return None
+    fields: dict[str, tuple[Any, ...]] = {}
+    for key, attr in _ACCESS_KEYS.items():
+        peers = data.get(key)
+        if peers is None:
+            continue
+        if not isinstance(peers, list):
+            raise ValueError(f"{var}: {key} must be a list of NetworkPolicy peers")
+        for peer in peers:
+            check_peer(peer, f"{var}: {key}")
+        fields[attr] = tuple(peers)
+    return NetworkAccess(**fields)
 
 
 def replica_range(value: str, var: str) -> tuple[int, int]:

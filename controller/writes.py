@@ -7,8 +7,12 @@ what was planned with what was written.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from arks_ray.render.names import CONTENT_ANNOTATION
+from controller.meta import annotation
 
 
 @dataclass(frozen=True)
@@ -28,3 +32,10 @@ class Write:
     def __str__(self) -> str:
         why = f" ({self.why})" if self.why else ""
         return f"{self.verb} {self.kind} {self.namespace}/{self.name}{why}"
+
+
+def apply_changed(desired: dict[str, Any], live: Mapping[str, Any] | None, namespace: str, name: str) -> Write | None:
+    """Apply ``desired`` when the live object is missing or holds another content id (``CONTENT_ANNOTATION``)."""
+    if live is not None and annotation(live, CONTENT_ANNOTATION) == annotation(desired, CONTENT_ANNOTATION):
+        return None
+    return Write("apply", desired["kind"], namespace, name, desired, "create" if live is None else "content changed")

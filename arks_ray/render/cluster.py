@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arks_ray.api.common import RESERVED_MOUNT_PATH, RESERVED_VOLUME, InstanceSpec
-from arks_ray.render.names import MAX_LABEL, digest, dns_label, label_value
+from arks_ray.render.names import MANAGED_BY, MAX_LABEL, digest, dns_label, label_value
 from arks_ray.render.node_cache import NodeCache
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -128,7 +128,7 @@ class PodShape:
             pod["initContainers"] = [self.node_cache.init_container(), *pod.get("initContainers", [])]
         if self.image_pull_secrets:
             pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
-        labels = {**(inst.labels or {}), "app.kubernetes.io/managed-by": "arks-ray", "arks.ai/worker-group": group,
+        labels = {**(inst.labels or {}), **MANAGED_BY, "arks.ai/worker-group": group,
                   APP_LABEL: label_value(self.app)}
         if self.role:
             labels[ROLE_LABEL] = self.role

@@ -13,6 +13,10 @@ from typing import Any
 
 MAX_LABEL = 63
 RAYSERVICE_NAME = "arks"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
+"""The label on every object and pod template arks-ray renders or writes."""
+CONTENT_ANNOTATION = "arks.ai/content-id"
+"""A digest of what an object holds, so that an unchanged object is not written again."""
 
 
 def digest(value: Any, length: int = 64) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from arks_ray import __version__
 from arks_ray.api.digests import TokenKeys
+from arks_ray.render.network_policy import NetworkAccess
 
 IMAGE_REPO = "ghcr.io/arks-ray/arks-ray"
 GATEWAY_SECRET = "arks-gateway"  # noqa: S105 - a Secret name
@@ -137,6 +138,11 @@ class RenderOptions:
     def ray_env(self) -> dict[str, str]:
         """``serve_env`` with the ingress's settings: the environment every Ray container gets."""
         return {**self.serve_env, **ingress_env(self.ingress)}
+
+    network_access: NetworkAccess | None = field(default_factory=NetworkAccess)
+    """Who may connect to the namespace's Ray pods from outside them: rendered as the NetworkPolicy
+    ``arks-ray-cluster`` (``arks_ray.render.network_policy``). None renders none (every pod reaches every Ray
+    port). Never rendered for the local runner."""
 
     upgrade_strategy: UpgradeStrategy = "NewCluster"
     """RayService ``upgradeStrategy.type``: what KubeRay does when the cluster spec changes beyond appended

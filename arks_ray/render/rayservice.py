@@ -38,7 +38,8 @@ from arks_ray.render.gang import gang_labels
 from arks_ray.render.gateway_config import compile_gateway
 from arks_ray.render.lora import apply_lora
 from arks_ray.render.models import render_download_job, render_pvc
-from arks_ray.render.names import RAYSERVICE_NAME, digest
+from arks_ray.render.names import MANAGED_BY, RAYSERVICE_NAME, digest
+from arks_ray.render.network_policy import network_policy
 from arks_ray.render.node_cache import node_cache_of, preload_daemonset
 from arks_ray.render.options import RenderOptions
 from arks_ray.render.serve_config import (
@@ -52,7 +53,6 @@ from arks_ray.render.serve_config import (
 from arks_ray.render.validation import app_warnings, disaggregated_errors
 
 SPEC_HASH_ANNOTATION = "arks.ai/spec-hash"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "arks-ray"}
 AnyApp = ArksApplication | ArksDisaggregatedApplication
 
 
@@ -68,10 +68,13 @@ class Rendered:
     problems: list[Problem] = field(default_factory=list)
     serve_apps: dict[str, str] = field(default_factory=dict)
     """Serve application name -> the Arks object (``Kind/name``) it was rendered from."""
+    network_policy: dict[str, Any] | None = None
+    """Who may connect to the namespace's Ray pods (``arks_ray.render.network_policy``); None: not rendered."""
 
     @property
     def manifests(self) -> list[dict[str, Any]]:
-        return [self.rayservice, *self.children]
+        policy = [self.network_policy] if self.network_policy is not None else []
+        return [self.rayservice, *policy, *self.children]
 
     @property
     def errors(self) -> list[Problem]:
@@ -327,7 +330,9 @@ def render_namespace(
         },
         "spec": spec,
     }
-    return Rendered(namespace, rayservice, children, config, gateway, problems, origins)
+    access = None if options.local else options.network_access
+    policy = network_policy(namespace, access) if access is not None else None
+    return Rendered(namespace, rayservice, children, config, gateway, problems, origins, policy)
 
 
 def render(loaded: Loaded, *, previous: Mapping[str, dict[str, Any]] | None = None,

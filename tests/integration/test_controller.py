@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -105,6 +106,13 @@ async def test_apply_renders_a_valid_rayservice(operators: Operators, kubectl: K
     assert pvc is not None
     assert pvc["metadata"]["ownerReferences"][0]["kind"] == "ArksModel"
     assert [g["replicas"] for g in groups(rs)] == [2]  # one replica of size 2
+    # Who may reach the Ray pods: written before the RayService, through the networking.k8s.io API.
+    policy = await kubectl.get("NetworkPolicy", "arks-ray-cluster")
+    assert policy is not None
+    assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "arks-ray"}
+    kubernetes_validate.validate({k: policy[k] for k in ("apiVersion", "kind", "spec")} | {
+        "metadata": {"name": "arks-ray-cluster", "namespace": "default"}}, "1.33.0", strict=True)
+    assert policy["spec"]["podSelector"]["matchExpressions"] == [{"key": "ray.io/node-type", "operator": "Exists"}]
     await eventually(lambda: _phase(kubectl, "ArksModel", "qwen-7b", "Ready"))
     # Created, not yet serving: Running means Serve reports it RUNNING (the Arks bug was the opposite).
     await eventually(lambda: _phase(kubectl, "ArksApplication", "app-qwen", "Creating"))
@@ -182,6 +190,17 @@ async def test_second_app_appends_a_worker_group(operators: Operators, kubectl: 
     assert "gpu4" in after[-1]["groupName"]
     endpoint = await eventually(lambda: _routes(kubectl, 2))
     assert {r["name"] for r in endpoint} == {"app-qwen", "app-qwen-big"}
+
+
+async def test_a_namespace_emptied_of_arks_objects_loses_its_rayservice_and_network_policy(
+        operators: Operators, kubectl: Kubectl) -> None:
+    await operators.start()
+    await quickstart_running(kubectl)
+    assert await kubectl.get("NetworkPolicy", "arks-ray-cluster") is not None
+    for d in QUICKSTART:
+        await kubectl.delete(d["kind"], d["metadata"]["name"])
+    assert await eventually(lambda: _gone(kubectl, "RayService", "arks"))
+    assert await eventually(lambda: _gone(kubectl, "NetworkPolicy", "arks-ray-cluster"))
 
 
 async def _routes(kubectl: Kubectl, count: int) -> list[dict[str, Any]] | None:

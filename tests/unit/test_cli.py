@@ -48,7 +48,8 @@ def test_render_prints_the_rayservice_first() -> None:
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-        ("RayService", "arks"), ("PersistentVolumeClaim", "qwen-7b"), ("Job", "arks-model-qwen-7b")]
+        ("RayService", "arks"), ("NetworkPolicy", "arks-ray-cluster"), ("PersistentVolumeClaim", "qwen-7b"),
+        ("Job", "arks-model-qwen-7b")]
     assert result.stderr == ""
     assert "sk-test123456" not in result.output
 

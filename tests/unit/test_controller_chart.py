@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from arks_ray.api.gateway import GatewayConfig, Quota
+from arks_ray.render import render_namespace
 from arks_ray.render.serve_config import gateway_app
 from controller.settings import from_env
 
@@ -161,6 +162,8 @@ EXPECTED_RULES = {
     ("", "pods"): {"list"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
+    ("networking.k8s.io", "networkpolicies"): {"create"},
+    ("networking.k8s.io", "networkpolicies:arks-ray-cluster"): {"get", "patch", "delete"},
 }
 
 
@@ -169,6 +172,8 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     for rule in role["rules"]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
+                if rule.get("resourceNames"):  # a grant narrowed to names: "resource:name,name"
+                    resource += ":" + ",".join(rule["resourceNames"])
                 assert (group, resource) not in out, f"{group}/{resource} is granted twice"
                 out[group, resource] = set(rule["verbs"])
     return out
@@ -293,6 +298,54 @@ def test_a_release_without_gateway_values_renders_and_keeps_the_default_range() 
     env = {e["name"] for e in by_kind(render_chart(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
            ["env"]}
     assert "ARKS_GATEWAY_REPLICAS" not in env
+
+
+def _operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_the_network_policy_values_reach_the_render() -> None:
+    kuberay = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    docs = render_chart(chart_values(networkPolicy__dashboardFrom=[kuberay], networkPolicy__metricsFrom=[prometheus]))
+    policy = render_namespace([], "team-a", options=from_env(_operator_env(docs)).render).network_policy
+    assert policy is not None
+    kubernetes_validate.validate(policy, K8S, strict=True)
+    by_port = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"] if "ports" in r}
+    assert by_port == {8000: None, 8080: [prometheus], 8265: [kuberay]}
+    # The default: on, KubeRay's operator pods on the dashboard.
+    default = render_namespace([], "team-a", options=from_env(_operator_env(render_chart())).render).network_policy
+    assert default is not None
+    assert default["spec"]["ingress"][-1]["from"] == chart_values()["networkPolicy"][
+        "dashboardFrom"]
+    off = from_env(_operator_env(render_chart(chart_values(networkPolicy__enabled=False))))
+    assert off.render.network_access is None
+    assert render_namespace([], "team-a", options=off.render).network_policy is None
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("[1, 2]", "expected a mapping"),
+    ("enabled: yes-please", "enabled must be true or false"),
+    ("dashbordFrom: []", "unknown key.*dashbordFrom"),
+    ("serveFrom: {podSelector: {}}", "serveFrom must be a list"),
+    ("serveFrom: [{podSelectr: {}}]", "unknown peer field.*podSelectr"),
+    ("metricsFrom: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]", "ipBlock peer cannot also"),
+    ("serveFrom: [{}]", "a peer is a mapping"),
+])
+def test_a_bad_network_policy_value_is_named_at_startup(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"ARKS_NETWORK_POLICY: .*{message}"):
+        from_env({"ARKS_NETWORK_POLICY": value})
+
+
+def test_a_release_without_network_policy_values_keeps_the_default() -> None:
+    """``helm upgrade --reuse-values`` from a release before these values: the operator's default applies."""
+    values = chart_values()
+    values.pop("networkPolicy")
+    env = _operator_env(render_chart(values))
+    assert "ARKS_NETWORK_POLICY" not in env
+    assert from_env(env).render.network_access is not None
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

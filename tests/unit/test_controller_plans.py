@@ -77,8 +77,10 @@ def test_phases_are_ordered() -> None:
                           finalizer="arks.ai/serve-app")
     kinds = [[(w.verb, w.kind) for w in phase] for phase in plan.phases]
     assert kinds[0] == [("patch", "ArksApplication")]
-    # The gateway Secret before the RayService: its head pod cannot start without it.
-    assert kinds[1] == [("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret")]
+    # The gateway Secret and the Ray pods' NetworkPolicy before the RayService: its head pod cannot start
+    # without the Secret, and its pods are never reachable without the policy.
+    assert kinds[1] == [("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret"),
+                        ("apply", "NetworkPolicy")]
     assert kinds[2] == [("apply", "RayService")]
     assert {v for v, _ in kinds[3]} == {"status"}
 

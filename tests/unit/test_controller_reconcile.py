@@ -4,6 +4,7 @@ mock at theirs): what a reconcile writes, in which order, and that a converged n
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from arks_ray.api.gateway import Quota
 from arks_ray.gateway.limits import Counter, quota_key
 from arks_ray.gateway.ports import StoreUnavailable
 from arks_ray.gateway.quotas import Floor, QuotaLedger
+from arks_ray.render.network_policy import NetworkAccess
 from arks_ray.stores.memory import MemoryStore
 from controller import errors
 from controller.memkube import MemoryKube
@@ -29,6 +31,7 @@ QUICKSTART = list(yaml.safe_load_all((ROOT / "tests/fixtures/arks/quickstart.yam
 NS = "default"
 NOW = 1_800_000_000.0
 RS = ("RayService", NS, "arks")
+POLICY = ("NetworkPolicy", NS, "arks-ray-cluster")
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -68,7 +71,7 @@ async def test_first_reconcile_then_nothing() -> None:
     first = await run(kube)
     assert [(w.verb, w.kind) for w in first.writes] == [
         ("patch", "ArksApplication"),  # the finalizer, before anything depends on it
-        ("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret"),
+        ("create", "PersistentVolumeClaim"), ("create", "Job"), ("apply", "Secret"), ("apply", "NetworkPolicy"),
         ("apply", "RayService"),
         *[("status", k) for k in ("ArksApplication", "ArksEndpoint", "ArksModel", "ArksQuota", "ArksToken")]]
     await converge(kube)
@@ -141,6 +144,34 @@ async def test_no_arks_objects_left_deletes_the_rayservice() -> None:
     assert RS not in kube.objects
     assert out.empty
     assert ("delete", "RayService") in [(w.verb, w.kind) for w in kube.writes]
+    assert POLICY not in kube.objects
+
+
+async def test_the_network_policy_follows_the_settings_and_closes_a_hand_made_opening() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    policy = kube.objects[POLICY]
+    assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "arks-ray"}
+    # Someone opens the dashboard to everyone: the next reconcile puts the policy back.
+    policy["spec"]["ingress"][-1].pop("from")
+    out = await run(kube, NOW + 10)
+    assert [(w.verb, w.kind, w.why) for w in out.writes] == [("apply", "NetworkPolicy", "drift")]
+    assert "from" in kube.objects[POLICY]["spec"]["ingress"][-1]
+    # The dashboard pinned to KubeRay's namespace: one apply, nothing else.
+    kuberay = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    pinned = dataclasses.replace(TEST_OPTIONS, network_access=NetworkAccess(dashboard_from=(kuberay,)))
+    out = await reconcile_namespace(kube, NS, ControllerSettings(render=pinned), now=NOW + 20)
+    assert [(w.verb, w.kind, w.why) for w in out.writes] == [("apply", "NetworkPolicy", "content changed")]
+    assert kube.objects[POLICY]["spec"]["ingress"][-1]["from"] == [kuberay]
+    # Turned off: ours is deleted, and the RayService is not touched.
+    off = dataclasses.replace(TEST_OPTIONS, network_access=None)
+    out = await reconcile_namespace(kube, NS, ControllerSettings(render=off), now=NOW + 30)
+    assert [(w.verb, w.kind, w.why) for w in out.writes] == [("delete", "NetworkPolicy", "network policy turned off")]
+    # A policy of that name that someone else made is left alone.
+    kube.put({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "arks-ray-cluster", "namespace": NS}, "spec": {"podSelector": {}}})
+    assert (await reconcile_namespace(kube, NS, ControllerSettings(render=off), now=NOW + 40)).writes == []
 
 
 async def test_drift_is_repaired_but_server_defaults_are_not_drift() -> None:

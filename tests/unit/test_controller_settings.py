@@ -101,3 +101,12 @@ def test_kopf_logs_in_with_the_clients_configuration() -> None:
 
 def test_settings_are_plain_dataclasses() -> None:
     assert dataclasses.is_dataclass(ControllerSettings)
+
+
+def test_a_bad_setting_stops_the_operator_with_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.__main__ import main
+
+    monkeypatch.setenv("ARKS_NETWORK_POLICY", "serveFrom: [{podSelectr: {}}]")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--metrics-port", "0", "--health-port", "0"])
+    assert str(exit_.value.code).startswith("error: ARKS_NETWORK_POLICY: serveFrom: unknown peer field(s) podSelectr")

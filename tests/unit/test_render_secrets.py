@@ -27,8 +27,9 @@ from arks_ray.gateway.index import GatewayIndex
 from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.local.keys import local_token_keys
 from arks_ray.render import Rendered, render
+from arks_ray.render.names import CONTENT_ANNOTATION
 from arks_ray.render.options import SERVE_THROUGHPUT_ENV
-from controller.gateway_secret import CONTENT_ANNOTATION, gateway_secret, secret_write
+from controller.gateway_secret import gateway_secret, secret_write
 from controller.plans import Observed, plan_namespace
 from controller.settings import from_env
 from controller.snapshot import take
