@@ -68,6 +68,7 @@ class MemoryKube:
                 if k == kind and ns == namespace and has_labels(o, labels)]
 
     async def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        self._check("get", kind)
         self.reads += 1
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None

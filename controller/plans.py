@@ -69,6 +69,8 @@ class Plan:
     rendered: Rendered | None = None
     empty: bool = False
     """No Arks object and no RayService left: the scheduler may forget the namespace."""
+    warnings: list[str] = field(default_factory=list)
+    """What the reconciler logs about this namespace (something it would not overwrite)."""
 
     @property
     def writes(self) -> list[Write]:
@@ -122,12 +124,24 @@ def _managed(obj: Mapping[str, Any] | None) -> bool:
     return obj is not None and (meta(obj).get("labels") or {}).items() >= MANAGED_BY.items()
 
 
-def policy_write(desired: dict[str, Any] | None, live: Mapping[str, Any] | None, ns: str) -> Write | None:
-    """Apply the NetworkPolicy of the Ray pods when it changed or was edited (a hand-made opening is closed
-    again); delete ours when none is wanted any more."""
+POLICY_RECHECK_S = 10.0
+"""After deleting a namespace's RayService, when to look again for it to be gone (then its policy goes)."""
+POLICY_NOT_OURS = (f"a NetworkPolicy {NETWORK_POLICY_NAME!r} that arks-ray did not write is in the way (no "
+                   f"{next(iter(MANAGED_BY))} label): it is left as it is, and the Ray pods' access is what it says")
+
+
+def policy_write(desired: dict[str, Any] | None, live: Mapping[str, Any] | None, ns: str,
+                 warnings: list[str]) -> Write | None:
+    """Apply the NetworkPolicy of the Ray pods when it changed or was edited (an edit that opens or narrows it
+    is undone: the live spec must be exactly ours); delete ours when none is wanted any more. A same-named
+    policy someone else made is never taken over."""
     if desired is not None:
+        if live is not None and not _managed(live):
+            warnings.append(POLICY_NOT_OURS)
+            return None
         write = apply_changed(desired, live, ns, NETWORK_POLICY_NAME)
-        if write is None and live is not None and not contains(live.get("spec"), desired["spec"]):
+        spec = (live or {}).get("spec")
+        if write is None and not (contains(spec, desired["spec"]) and contains(desired["spec"], spec)):
             write = Write("apply", "NetworkPolicy", ns, NETWORK_POLICY_NAME, desired, "drift")
         return write
     if _managed(live):
@@ -314,6 +328,8 @@ def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, no
     releases = [Write("patch", o["kind"], ns, name_of(o), _finalizers(o, [f for f in finalizers(o) if f != finalizer]),
                       "Serve application removed") for o in snap.deleting() if finalizer in finalizers(o)]
     rs_writes: list[Write] = []
+    warnings: list[str] = []
+    policy_pending = False
     if snap.live():
         desired = applied.rayservice
         owners = [ref for o in sorted(apps, key=lambda o: (o["kind"], name_of(o)))
@@ -324,20 +340,22 @@ def plan_namespace(snap: Snapshot, seen: Observed, *, options: RenderOptions, no
         secret = gateway_secret(ns, options.gateway_secret, options.token_keys, redis_password)
         if (write := secret_write(secret, seen.gateway_secret, ns, options.gateway_secret)) is not None:
             models.writes.append(write)
-        if (write := policy_write(applied.network_policy, seen.network_policy, ns)) is not None:
+        if (write := policy_write(applied.network_policy, seen.network_policy, ns, warnings)) is not None:
             # Before the RayService too: its pods are never reachable without it.
             models.writes.append(write)
         if (write := rayservice_write(desired, live_rs, ns)) is not None:
             rs_writes.append(write)
-    else:
-        if _managed(live_rs):
-            rs_writes.append(Write("delete", "RayService", ns, RAYSERVICE_NAME, why="no Arks objects left"))
-        if _managed(seen.network_policy):
-            rs_writes.append(Write("delete", "NetworkPolicy", ns, NETWORK_POLICY_NAME, why="no Arks objects left"))
+    elif _managed(live_rs):
+        rs_writes.append(Write("delete", "RayService", ns, RAYSERVICE_NAME, why="no Arks objects left"))
+        # The policy goes once the RayService is gone (its pods keep their ports while they stop): look again soon.
+        policy_pending = _managed(seen.network_policy)
+    elif _managed(seen.network_policy):
+        rs_writes.append(Write("delete", "NetworkPolicy", ns, NETWORK_POLICY_NAME, why="no Arks objects left"))
     statuses, requeue = _status_writes(snap, applied, models, seen, now)
-    delays = [*models.requeue, *requeue]
+    delays = [*models.requeue, *requeue, *([POLICY_RECHECK_S] if policy_pending else [])]
     phases = [p for p in (adds, models.writes, rs_writes, releases, statuses) if p]
     return Plan(phases, min(delays) if delays else None, applied,
-                empty=not snap.raw and (live_rs is None or bool(rs_writes)))
+                empty=not snap.raw and not policy_pending and (live_rs is None or bool(rs_writes)),
+                warnings=warnings)
 
 

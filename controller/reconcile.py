@@ -116,12 +116,12 @@ async def _routes(reader: RoutesReader | None, ns: str, wanted: bool, now: float
 
 async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: float,
                   metrics: Metrics | None = None, routes: RoutesReader | None = None,
-                  gateway_secret: str = GATEWAY_SECRET) -> tuple[Snapshot, Observed]:
+                  gateway_secret: str = GATEWAY_SECRET, policy_wanted: bool = True) -> tuple[Snapshot, Observed]:
     """Both rounds of reads."""
     lists, rayservice, secret, policy = await asyncio.gather(
         asyncio.gather(*(kube.list(kind, ns) for kind in ARKS_KINDS)),
         kube.get("RayService", ns, RAYSERVICE_NAME), kube.get("Secret", ns, gateway_secret),
-        kube.get("NetworkPolicy", ns, NETWORK_POLICY_NAME))
+        _network_policy(kube, ns, policy_wanted))
     snap = take(ns, [o for items in lists for o in items])
     secrets, pvcs, jobs, usage, weights, daemonsets = await asyncio.gather(
         _secrets(kube, ns, snap.secret_names()),
@@ -139,6 +139,19 @@ async def observe(kube: KubeClient, ns: str, reader: UsageReader | None, now: fl
     secret_meta = {"metadata": secret.get("metadata") or {}} if secret else None
     return snap, Observed(rayservice, dict(pvcs), jobs, usage, weights, gateway_secret=secret_meta,
                           download_logs=logs, daemonsets=daemonsets, network_policy=policy)
+
+
+async def _network_policy(kube: KubeClient, ns: str, wanted: bool) -> dict[str, Any] | None:
+    """The live ``arks-ray-cluster`` policy. An operator that writes none may lack the RBAC to read it (its rule
+    taken out with the setting turned off): that is not a reason to stop reconciling."""
+    try:
+        return await kube.get("NetworkPolicy", ns, NETWORK_POLICY_NAME)
+    except errors.Forbidden:
+        if wanted:
+            raise
+        logger.debug("NetworkPolicy %s/%s not readable (forbidden); network policies are off", ns,
+                     NETWORK_POLICY_NAME)
+        return None
 
 
 async def _nothing() -> list[dict[str, Any]]:
@@ -193,7 +206,8 @@ async def reconcile_namespace(kube: KubeClient, namespace: str, settings: Contro
     """Bring one namespace to the state its Arks objects describe; return what was written."""
     now = time.time() if now is None else now
     started = time.perf_counter()
-    snap, seen = await observe(kube, namespace, usage, now, metrics, routes, settings.render.gateway_secret)
+    snap, seen = await observe(kube, namespace, usage, now, metrics, routes, settings.render.gateway_secret,
+                               settings.render.network_access is not None)
     read = time.perf_counter()
     plan = plan_namespace(snap, seen, options=settings.render, now=now, finalizer=settings.finalizer,
                           download_backoff=settings.timing.download_backoff,
@@ -201,6 +215,8 @@ async def reconcile_namespace(kube: KubeClient, namespace: str, settings: Contro
     planned = time.perf_counter()
     written = await execute(kube, plan)
     timings = {"read": read - started, "plan": planned - read, "write": time.perf_counter() - planned}
+    for warning in plan.warnings:
+        logger.warning("%s: %s", namespace, warning)
     problems = [p for found in snap.problems.values() for p in found]
     outcome = Outcome(namespace, written, plan.requeue_after, plan.empty,
                       errors=sum(p.severity == "error" for p in problems),

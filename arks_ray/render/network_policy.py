@@ -22,6 +22,7 @@ the label every Ray pod template here carries; a RayCluster's own name changes a
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +40,15 @@ RAY_PODS: dict[str, Any] = {
 
 KUBERAY_OPERATOR: dict[str, Any] = {
     "namespaceSelector": {},
-    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}},
 }
-"""KubeRay's operator pods as its Helm chart labels them, in any namespace. Pin the namespace
-(``namespaceSelector.matchLabels: {kubernetes.io/metadata.name: ...}``): anyone who may create pods could
-label one so."""
+"""KubeRay's operator pods, in any namespace: its Helm chart and its kustomize manifests both label them
+``app.kubernetes.io/component: kuberay-operator`` (Ray pods carry ``app.kubernetes.io/name: kuberay``, so the
+name label would not do). Pin the namespace (``namespaceSelector.matchLabels: {kubernetes.io/metadata.name:
+...}``): anyone who may create pods could label one so."""
 
 _PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,61 @@ class NetworkAccess:
 
 
 def check_peer(peer: Any, where: str) -> None:
-    """A NetworkPolicyPeer: a mapping of ``podSelector``, ``namespaceSelector`` and/or ``ipBlock``."""
+    """A NetworkPolicyPeer as the API validates it: ``podSelector`` and/or ``namespaceSelector`` (label
+    selectors), or an ``ipBlock`` alone. Checked when the settings are read, so that a bad value stops the
+    operator at start instead of failing every namespace's write."""
     if not isinstance(peer, Mapping) or not peer:
         raise ValueError(f"{where}: a peer is a mapping of podSelector, namespaceSelector or ipBlock, got {peer!r}")
     unknown = set(peer) - _PEER_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown peer field(s) {', '.join(sorted(unknown))} "
                          f"(expected podSelector, namespaceSelector or ipBlock)")
-    if "ipBlock" in peer and len(peer) > 1:
-        raise ValueError(f"{where}: an ipBlock peer cannot also select pods or namespaces")
+    if "ipBlock" in peer:
+        if len(peer) > 1:
+            raise ValueError(f"{where}: an ipBlock peer cannot also select pods or namespaces")
+        _check_ip_block(peer["ipBlock"], f"{where}: ipBlock")
+    for key in ("podSelector", "namespaceSelector"):
+        if key in peer:
+            _check_selector(peer[key], f"{where}: {key}")
+
+
+def _check_selector(selector: Any, where: str) -> None:
+    if not isinstance(selector, Mapping):
+        raise ValueError(f"{where}: a label selector is a mapping, got {selector!r}")
+    unknown = set(selector) - {"matchLabels", "matchExpressions"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
+                         f"(expected matchLabels or matchExpressions)")
+    labels = selector.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in labels.items()):
+        raise ValueError(f"{where}: matchLabels maps label names to strings, got {labels!r}")
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        raise ValueError(f"{where}: matchExpressions is a list, got {expressions!r}")
+    for expr in expressions:
+        if not isinstance(expr, Mapping) or set(expr) - {"key", "operator", "values"} or \
+                not isinstance(expr.get("key"), str) or expr.get("operator") not in _OPERATORS:
+            raise ValueError(f"{where}: a match expression has a key, an operator ({', '.join(sorted(_OPERATORS))}) "
+                             f"and values, got {expr!r}")
+        values = expr.get("values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{where}: values is a list of strings, got {values!r}")
+        if (expr["operator"] in ("In", "NotIn")) != bool(values):
+            raise ValueError(f"{where}: {expr['operator']} {'needs' if not values else 'takes no'} values")
+
+
+def _check_ip_block(block: Any, where: str) -> None:
+    if not isinstance(block, Mapping) or set(block) - {"cidr", "except"} or "cidr" not in block:
+        raise ValueError(f"{where}: an ipBlock has a cidr and optional except, got {block!r}")
+    try:
+        cidr = ipaddress.ip_network(str(block["cidr"]))
+        excepts = [ipaddress.ip_network(str(e)) for e in block.get("except") or []]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if any(e.version != cidr.version or e == cidr or not e.subnet_of(cidr)  # type: ignore[arg-type]
+           for e in excepts):
+        raise ValueError(f"{where}: each except must be a strict subnet of {cidr}")
 
 
 def _rule(port: int, peers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

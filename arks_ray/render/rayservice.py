@@ -331,8 +331,22 @@ def render_namespace(
         "spec": spec,
     }
     access = None if options.local else options.network_access
+    if access is not None and (host := _host_network_apps(groups, good_apps)):
+        # NetworkPolicies do not hold hostNetwork pods (most CNIs see their traffic as the node's): a policy
+        # would cut them off from the other Ray pods, so the namespace gets none, and says why.
+        problems += [Problem(app.kind, app.metadata.name,
+                             "spec.instanceSpec.hostNetwork" if isinstance(app, ArksApplication) else "spec",
+                             "hostNetwork pods are outside NetworkPolicies: the namespace's Ray pods get no "
+                             "arks-ray-cluster policy, so any pod reaches their ports", "warning") for app in host]
+        access = None
     policy = network_policy(namespace, access) if access is not None else None
     return Rendered(namespace, rayservice, children, config, gateway, problems, origins, policy)
+
+
+def _host_network_apps(groups: _Groups, apps: list[AnyApp]) -> list[AnyApp]:
+    names = {name for group in groups.wanted.values() if (group.template.get("spec") or {}).get("hostNetwork")
+             for name in group.apps}
+    return [app for app in apps if app.metadata.name in names]
 
 
 def render(loaded: Loaded, *, previous: Mapping[str, dict[str, Any]] | None = None,

@@ -21,7 +21,7 @@ from arks_ray.render.network_policy import NetworkAccess
 from arks_ray.stores.memory import MemoryStore
 from controller import errors
 from controller.memkube import MemoryKube
-from controller.plans import live_apps
+from controller.plans import POLICY_NOT_OURS, POLICY_RECHECK_S, live_apps
 from controller.reconcile import Outcome, reconcile_namespace
 from controller.settings import ControllerSettings
 from tests.support.keys import TEST_OPTIONS
@@ -152,11 +152,17 @@ async def test_the_network_policy_follows_the_settings_and_closes_a_hand_made_op
     await converge(kube)
     policy = kube.objects[POLICY]
     assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "arks-ray"}
-    # Someone opens the dashboard to everyone: the next reconcile puts the policy back.
-    policy["spec"]["ingress"][-1].pop("from")
-    out = await run(kube, NOW + 10)
-    assert [(w.verb, w.kind, w.why) for w in out.writes] == [("apply", "NetworkPolicy", "drift")]
-    assert "from" in kube.objects[POLICY]["spec"]["ingress"][-1]
+    # Edits that open it, or take the head out of it, are undone at the next reconcile: removed keys and added ones.
+    wanted = copy.deepcopy(policy["spec"])
+    edits = [lambda spec: spec["ingress"][-1].pop("from"),
+             lambda spec: spec["ingress"][0]["from"][0].update(namespaceSelector={}),
+             lambda spec: spec["podSelector"]["matchLabels"].update({"ray.io/node-type": "worker"}),
+             lambda spec: spec["ingress"].append({})]
+    for n, edit in enumerate(edits):
+        edit(kube.objects[POLICY]["spec"])
+        out = await run(kube, NOW + 10 + n)
+        assert [(w.verb, w.kind, w.why) for w in out.writes] == [("apply", "NetworkPolicy", "drift")], n
+        assert kube.objects[POLICY]["spec"] == wanted
     # The dashboard pinned to KubeRay's namespace: one apply, nothing else.
     kuberay = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
@@ -168,10 +174,46 @@ async def test_the_network_policy_follows_the_settings_and_closes_a_hand_made_op
     off = dataclasses.replace(TEST_OPTIONS, network_access=None)
     out = await reconcile_namespace(kube, NS, ControllerSettings(render=off), now=NOW + 30)
     assert [(w.verb, w.kind, w.why) for w in out.writes] == [("delete", "NetworkPolicy", "network policy turned off")]
-    # A policy of that name that someone else made is left alone.
+    # A policy of that name that someone else made is left alone, turned off or on (and said so).
     kube.put({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
               "metadata": {"name": "arks-ray-cluster", "namespace": NS}, "spec": {"podSelector": {}}})
     assert (await reconcile_namespace(kube, NS, ControllerSettings(render=off), now=NOW + 40)).writes == []
+    on = await run(kube, NOW + 50)
+    assert on.writes == []
+    assert on.plan is not None
+    assert on.plan.warnings == [POLICY_NOT_OURS]
+    assert kube.objects[POLICY]["spec"] == {"podSelector": {}}
+
+
+async def test_a_forbidden_policy_read_stops_only_an_operator_that_writes_one() -> None:
+    kube = quickstart_kube()
+    kube.fail[("get", "NetworkPolicy")] = errors.Forbidden(403, "networkpolicies is forbidden")
+    off = dataclasses.replace(TEST_OPTIONS, network_access=None)
+    out = await reconcile_namespace(kube, NS, ControllerSettings(render=off), now=NOW)
+    assert ("apply", "RayService") in [(w.verb, w.kind) for w in out.writes]
+    with pytest.raises(errors.Forbidden):
+        await run(kube, NOW + 10)
+
+
+async def test_the_policy_goes_after_the_rayservice() -> None:
+    kube = quickstart_kube()
+    await converge(kube)
+    for key in [k for k in kube.objects if k[0].startswith("Arks")]:
+        kube.remove(key)
+    kube.put(kube.objects[RS] | {"metadata": {**kube.objects[RS]["metadata"], "finalizers": ["ray.io/kuberay"]}})
+    for i in range(4):  # the applications' finalizers are released first
+        first = await run(kube, NOW + 10 + i)
+        if ("delete", "RayService") in [(w.verb, w.kind) for w in first.writes]:
+            break
+    assert ("delete", "NetworkPolicy") not in [(w.verb, w.kind) for w in kube.writes]
+    assert POLICY in kube.objects
+    assert not first.empty
+    assert first.requeue_after == POLICY_RECHECK_S
+    # Its pods stop meanwhile; once it is gone, the policy goes and the namespace is done.
+    del kube.objects[RS]
+    last = await run(kube, NOW + 20)
+    assert [(w.verb, w.kind) for w in last.writes] == [("delete", "NetworkPolicy")]
+    assert last.empty
 
 
 async def test_drift_is_repaired_but_server_defaults_are_not_drift() -> None:

@@ -30,7 +30,13 @@ K8S = "1.33.0"
 KUBERAY_POD_LABELS = {"ray.io/is-ray-node": "yes", "ray.io/cluster": "arks-abcde", "app.kubernetes.io/name": "kuberay",
                       "app.kubernetes.io/created-by": "kuberay-operator"}
 OUTSIDE = ({"app": "curl"}, {"kubernetes.io/metadata.name": "team-b"}, False)
-KUBERAY = ({"app.kubernetes.io/name": "kuberay-operator"}, {"kubernetes.io/metadata.name": "kuberay-system"}, False)
+# KubeRay's operator pod as its Helm chart (helm-chart/kuberay-operator) and its kustomize manifests
+# (ray-operator/config/manager/manager.yaml) label it, v1.7.
+KUBERAY = ({"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+            "app.kubernetes.io/component": "kuberay-operator"},
+           {"kubernetes.io/metadata.name": "kuberay-system"}, False)
+KUBERAY_KUSTOMIZE = ({"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+                     {"kubernetes.io/metadata.name": "ray-system"}, False)
 DIRECT_INGRESS = (30000, 30500, 31000, 40000, 40999, 41000)
 RAY_OWN = (6379, 8265, 10001, 52365, 10002, 20000, 62000)
 
@@ -120,12 +126,16 @@ def test_ray_pods_reach_one_another_on_every_port_and_nobody_else_on_rays_own() 
     assert admits(policy, OUTSIDE, 8080)
 
 
-def test_kuberay_reaches_the_dashboard_and_the_serve_port_only() -> None:
+@pytest.mark.parametrize("operator", [KUBERAY, KUBERAY_KUSTOMIZE], ids=["helm", "kustomize"])
+def test_kuberay_reaches_the_dashboard_and_the_serve_port_only(operator: Any) -> None:
     policy = network_policy(NS, NetworkAccess())
-    assert admits(policy, KUBERAY, 8265)
-    assert admits(policy, KUBERAY, 8000)
-    assert not any(admits(policy, KUBERAY, p) for p in (6379, 10001, 30000, 40000))
+    assert admits(policy, operator, 8265)
+    assert admits(policy, operator, 8000)
+    assert not any(admits(policy, operator, p) for p in (6379, 10001, 30000, 40000))
     assert not admits(policy, OUTSIDE, 8265)
+    # Another namespace's Ray pods carry KubeRay's name label (app.kubernetes.io/name: kuberay): no key.
+    foreign_ray = ({**KUBERAY_POD_LABELS, "ray.io/node-type": "head"}, {"kubernetes.io/metadata.name": "team-b"}, False)
+    assert not admits(policy, foreign_ray, 8265)
 
 
 def test_restricted_serve_and_metrics_ports_still_let_kuberay_check_the_proxy() -> None:
@@ -151,9 +161,87 @@ def test_no_dashboard_peers_closes_the_dashboard() -> None:
 
 
 def test_a_template_label_cannot_take_a_pod_out_of_the_policy() -> None:
-    out = rendered("multi-app.yaml")
-    for group in out.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+    """An app's own pod labels come first; the label the policy selects on is set after them."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs/examples/multi-app.yaml").read_text()) if d]
+    for d in docs:
+        if d["kind"] == "ArksApplication":
+            d["spec"].setdefault("instanceSpec", {})["labels"] = {"app.kubernetes.io/managed-by": "helm",
+                                                                  "ray.io/node-type": "none"}
+    loaded = load_documents(docs)
+    ns = loaded.namespaces()[0]
+    out = render_namespace(loaded.objects, ns, secrets=loaded.secrets, options=TEST_OPTIONS)
+    assert out.network_policy is not None
+    groups = out.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert groups
+    for group in groups:
         assert group["template"]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "arks-ray"
+    # KubeRay then sets ray.io/node-type itself (not overridable), and the policy selects every pod.
+    assert all(selects(out.network_policy["spec"]["podSelector"], labels) for labels in ray_pods(out))
+
+
+def test_host_network_pods_get_no_policy_and_a_warning() -> None:
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs/examples/multi-app.yaml").read_text()) if d]
+    app = next(d for d in docs if d["kind"] == "ArksApplication")
+    app["spec"].setdefault("instanceSpec", {})["hostNetwork"] = True
+    loaded = load_documents(docs)
+    out = render_namespace(loaded.objects, app["metadata"]["namespace"], secrets=loaded.secrets, options=TEST_OPTIONS)
+    assert out.network_policy is None
+    (warning,) = [p for p in out.problems if "NetworkPolicies" in p.message]
+    assert (warning.kind, warning.name, warning.severity) == ("ArksApplication", app["metadata"]["name"], "warning")
+    assert warning.path == "spec.instanceSpec.hostNetwork"
+
+
+GOOD_PEERS = [
+    {"podSelector": {}},
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+     "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["prometheus"]}]}},
+    {"namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"}]}},
+    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+    {"ipBlock": {"cidr": "fd00::/8"}},
+]
+# The schema refuses these (a field name or type)...
+SCHEMA_BAD = [
+    {"podSelector": {"matchLabel": {"app": "x"}}},
+    {"podSelector": {"matchLabels": {"app": 1}}},
+    {"ipBlock": {}},
+    {"podSelectr": {}},
+]
+# ...and the API server's validation these, which the schema lets through (ValidateLabelSelector: the operator
+# and its values; ValidateNetworkPolicyPeer: one kind of peer, at least one; ValidateIPBlock: the CIDRs).
+SERVER_BAD = [
+    {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Exist"}]}},
+    {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
+    {"namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]}},
+    {"ipBlock": {"cidr": "10.0.0.0/33"}},
+    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}},
+    {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}},
+    {},
+]
+
+
+def _schema_accepts(peer: dict[str, Any]) -> bool:
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p"},
+              "spec": {"podSelector": {}, "ingress": [{"from": [peer]}]}}
+    try:
+        kubernetes_validate.validate(policy, K8S, strict=True)
+    except kubernetes_validate.ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("peer", GOOD_PEERS)
+def test_a_peer_the_api_takes_is_taken(peer: dict[str, Any]) -> None:
+    assert _schema_accepts(peer)
+    kubernetes_validate.validate(network_policy(NS, NetworkAccess(serve_from=(peer,))), K8S, strict=True)
+
+
+@pytest.mark.parametrize("peer", SCHEMA_BAD + SERVER_BAD)
+def test_a_bad_peer_is_refused_before_the_api_would(peer: dict[str, Any]) -> None:
+    """Refused when the settings are read, so the operator stops at start instead of failing every namespace's
+    write with the API's 422."""
+    assert _schema_accepts(peer) == (peer in SERVER_BAD)
+    with pytest.raises(ValueError, match="serve_from"):
+        NetworkAccess(serve_from=(peer,))
 
 
 def test_the_content_id_follows_the_spec() -> None:
