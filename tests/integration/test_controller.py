@@ -106,7 +106,7 @@ async def test_apply_renders_a_valid_rayservice(operators: Operators, kubectl: K
     assert pvc is not None
     assert pvc["metadata"]["ownerReferences"][0]["kind"] == "ArksModel"
     assert [g["replicas"] for g in groups(rs)] == [2]  # one replica of size 2
-    # Who may reach the Ray pods: written before the RayService, through the networking.k8s.io API.
+    # Who may reach the Ray pods, written through the networking.k8s.io API (its order: the unit plan test).
     policy = await kubectl.get("NetworkPolicy", "arks-ray-cluster")
     assert policy is not None
     assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "arks-ray"}
