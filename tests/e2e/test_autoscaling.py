@@ -113,7 +113,8 @@ def chat(stack: dict[str, Any], model: str) -> httpx.Response:
 
 @pytest.mark.parametrize(("app", "router"), [("scale", "consistentHash"), ("scale-prefix", "prefixCache")])
 def test_apps_run_and_answer_behind_their_routers(stack: dict[str, Any], app: str, router: str) -> None:
-    (config,) = deployed_configs(app).values()
+    # The engine's deployment (under HAProxy the app also has a placeholder ingress in front of it).
+    config = deployed_configs(app)[f"arks-engine:{app}"]
     assert config["request_router_config"]["request_router_class"] == ROUTERS[router]
     resp = chat(stack, app)
     assert resp.status_code == 200, resp.text

@@ -153,3 +153,14 @@ def test_an_app_with_its_own_router_answers_behind_a_placeholder_ingress(base: s
                                  "max_tokens": 8})
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 8
+
+
+def test_the_replicas_direct_ingress_ports_listen_on_loopback_only(base: str) -> None:
+    """Ray binds each ingress replica's own port to the Serve host (``http_options.host``), which ``arks-ray up``
+    sets to 127.0.0.1: on a workstation the replica ports, where a client would skip the gateway, are not on the
+    network. (In a cluster the host is every interface, and the NetworkPolicy closes them: README, Network
+    access.)"""
+    replica_ports = [conn.laddr for conn in psutil.net_connections(kind="tcp")
+                     if conn.status == psutil.CONN_LISTEN and 30000 <= conn.laddr.port <= 31000]
+    assert len(replica_ports) >= 2  # the gateway's replica and the apps' ingress replicas
+    assert {addr.ip for addr in replica_ports} == {"127.0.0.1"}, replica_ports

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from arks_ray.local import runner
+from arks_ray.render.lora import ENGINE_PREFIX
 from deployments.autoscaling import LOG_PREFIX
 
 SESSION = Path("/tmp/ray/session_latest")
@@ -76,8 +77,10 @@ def serve_upscales(app: str) -> list[tuple[float, int, int]]:
 
 
 def running_replicas(app: str) -> int:
+    """Running replicas of ``app``'s engine deployment (not of the placeholder ingress Ray's HAProxy mode puts in
+    front of an app with its own router)."""
     deployments = runner.serve_status().get(app, {}).get("deployments", {})
-    return sum(int(d["replicas"].get("RUNNING", 0)) for d in deployments.values())
+    return int((deployments.get(ENGINE_PREFIX + app) or {}).get("replicas", {}).get("RUNNING", 0))
 
 
 class LoadStep:

@@ -27,6 +27,7 @@ import yaml
 from arks_ray.api.digests import TOKEN_KEY_ENV, TOKEN_KEY_NEXT_ENV
 from arks_ray.api.loading import load_yaml
 from arks_ray.local import runner
+from arks_ray.render.options import Ingress, ingress_env
 from tests.support.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +113,9 @@ class SharedStack:
     HEAD_CPUS = 12
     READY_TIMEOUT_S = 600
 
-    def __init__(self) -> None:
+    def __init__(self, ingress: Ingress | None = None) -> None:
+        # ARKS_E2E_INGRESS=haproxy runs the shared-stack modules behind Ray's HAProxy ingress instead of Serve's proxy.
+        self.ingress: Ingress = ingress or ("haproxy" if os.environ.get("ARKS_E2E_INGRESS") == "haproxy" else "serve")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = DEMO_TOKEN
@@ -135,7 +138,7 @@ class SharedStack:
         gateway = {**self.BASE_SETTINGS, "redis_url": self.redis.url, **(settings or {})}
         with installation_key():
             return runner.plan(loaded, "default", self.port, gateway_settings=gateway,
-                               gateway_replicas=self.GATEWAY_REPLICAS)
+                               gateway_replicas=self.GATEWAY_REPLICAS, ingress=self.ingress)
 
     def up(self) -> SharedStack:
         """Start Redis and Ray (stopping a Ray left over on this machine) and deploy the base."""
@@ -147,11 +150,12 @@ class SharedStack:
         self.redis = RedisServer().start()
         plan = self.render()
         with installation_key():
-            runner.start_ray(max(self.HEAD_CPUS, plan.num_cpus), plan.resources)
+            runner.start_ray(max(self.HEAD_CPUS, plan.num_cpus), plan.resources, ingress=self.ingress)
         self.offered = set(plan.resources)
         self._deploy(plan)
         self.setup_s["base"] = time.monotonic() - started
-        print(f"shared stack up in {self.setup_s['base']:.1f}s (Ray, the gateway and the tiny app)")
+        print(f"shared stack up in {self.setup_s['base']:.1f}s (Ray, the gateway and the tiny app; "
+              f"ingress {self.ingress})")
         return self
 
     def apply(self, extra: str = "", settings: dict[str, Any] | None = None) -> runner.LocalPlan:
@@ -214,7 +218,8 @@ class SharedStack:
         cmd = [runner._ray_bin(), "start", f"--address={address}", "--num-cpus=8", "--num-gpus=0",
                f"--resources={json.dumps(missing)}", "--disable-usage-stats"]
         with installation_key():
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  env={**os.environ, **ingress_env(self.ingress)})
         if proc.returncode != 0:
             raise RuntimeError(f"adding a raylet for {sorted(missing)} failed:\n{proc.stdout}\n{proc.stderr}")
         self.offered |= set(missing)
