@@ -23,6 +23,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from controller import errors
+from controller.meta import has_labels
 
 Manifest = dict[str, Any]
 
@@ -115,11 +116,6 @@ def _with_type(item: Manifest, resource: Resource) -> Manifest:
     item.setdefault("apiVersion", resource.api_version)
     item.setdefault("kind", resource.kind)
     return item
-
-
-def has_labels(obj: Mapping[str, Any], labels: Mapping[str, str] | None) -> bool:
-    have = (obj.get("metadata") or {}).get("labels") or {}
-    return all(have.get(k) == v for k, v in (labels or {}).items())
 
 
 class OfficialKubeClient:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import errors
-from controller.kube import Manifest, has_labels
+from controller.kube import Manifest
+from controller.meta import has_labels
 from controller.writes import Write
 
 Key = tuple[str, str, str]

@@ -37,6 +37,12 @@ def finalizers(obj: Obj) -> list[str]:
     return [str(f) for f in meta(obj).get("finalizers") or []]
 
 
+def has_labels(obj: Obj, labels: Mapping[str, str] | None) -> bool:
+    """Whether ``obj`` carries every one of ``labels`` (all objects match None)."""
+    have = meta(obj).get("labels") or {}
+    return all(have.get(k) == v for k, v in (labels or {}).items())
+
+
 def annotation(obj: Obj, key: str) -> str | None:
     value = (meta(obj).get("annotations") or {}).get(key)
     return None if value is None else str(value)

@@ -33,7 +33,7 @@ from arks_ray.render.network_policy import NETWORK_POLICY_NAME
 from controller import status as st
 from controller.downloads import ModelInputs, plan_model
 from controller.gateway_secret import gateway_secret, secret_write
-from controller.meta import MANAGED_BY, annotation, contains, finalizers, meta, name_of, owner_ref
+from controller.meta import MANAGED_BY, annotation, contains, finalizers, has_labels, meta, name_of, owner_ref
 from controller.node_caches import plan_node_caches
 from controller.snapshot import APP_KINDS, Snapshot, add_problems
 from controller.writes import Write, apply_changed
@@ -121,7 +121,7 @@ def rayservice_write(desired: dict[str, Any], live: Mapping[str, Any] | None, ns
 
 
 def _managed(obj: Mapping[str, Any] | None) -> bool:
-    return obj is not None and (meta(obj).get("labels") or {}).items() >= MANAGED_BY.items()
+    return obj is not None and has_labels(obj, MANAGED_BY)
 
 
 POLICY_RECHECK_S = 10.0
@@ -140,8 +140,7 @@ def policy_write(desired: dict[str, Any] | None, live: Mapping[str, Any] | None,
             warnings.append(POLICY_NOT_OURS)
             return None
         write = apply_changed(desired, live, ns, NETWORK_POLICY_NAME)
-        spec = (live or {}).get("spec")
-        if write is None and not (contains(spec, desired["spec"]) and contains(desired["spec"], spec)):
+        if write is None and (live or {}).get("spec") != desired["spec"]:
             write = Write("apply", "NetworkPolicy", ns, NETWORK_POLICY_NAME, desired, "drift")
         return write
     if _managed(live):
