@@ -15,7 +15,8 @@ auth, limits and quotas. The policy lets in:
 - the dashboard (8265), from ``dashboard_from``: KubeRay's operator, which deploys the Serve config there
   (KubeRay v1.7 connects to the head pod's 8265 and 8000 and nowhere else).
 
-Kubelet probes come from the node, which NetworkPolicies always allow. Egress is not restricted. The pods are
+Kubelet probes come from the pod's own node, which NetworkPolicies let in (how depends on the CNI). Egress
+is not restricted. The pods are
 selected by ``ray.io/node-type`` (KubeRay sets it on every Ray pod and lets no template override it) with
 the label every Ray pod template here carries; a RayCluster's own name changes at every upgrade.
 """

@@ -107,6 +107,12 @@ def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> d
     return next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
 
 
+def _operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The operator container's plain environment variables (not those from Secrets)."""
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
 def test_default_chart_objects_are_valid() -> None:
     docs = render_chart()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
@@ -216,9 +222,7 @@ def test_secret_access_can_be_left_to_per_namespace_bindings() -> None:
     # Token Secrets are no longer bound cluster-wide; the gateway Secret's narrow role still is.
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == [
         "arks-ray-gateway-secrets", "arks-ray-operator"]
-    env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}
-    assert env["ARKS_WATCH_SECRETS"] == "false"
+    assert _operator_env(docs)["ARKS_WATCH_SECRETS"] == "false"
 
 
 def test_kuberay_is_named_as_a_prerequisite() -> None:
@@ -269,10 +273,9 @@ def write_plain_manifests() -> None:
 def test_the_gateway_replica_range_reaches_the_render_where_replicas_may_scale() -> None:
     docs = render_chart(chart_values(gateway__minReplicas=2, gateway__maxReplicas=6, redis__enabled=True,
                                      redis__password="x"))
-    env = {e["name"]: e.get("value") for e in by_kind(docs, "Deployment")["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}
+    env = _operator_env(docs)
     assert env["ARKS_GATEWAY_REPLICAS"] == "2,6"
-    settings = from_env({k: v for k, v in env.items() if v is not None})
+    settings = from_env(env)
     assert settings.render.gateway_replicas == (2, 6)
     counted = GatewayConfig(quotas=(Quota(name="q"),))
     autoscaling = gateway_app(counted, settings.render)["deployments"][0]["autoscaling_config"]
@@ -295,14 +298,7 @@ def test_a_release_without_gateway_values_renders_and_keeps_the_default_range() 
     """``helm upgrade --reuse-values`` from a release before these values has no ``gateway`` map."""
     values = chart_values()
     values.pop("gateway")
-    env = {e["name"] for e in by_kind(render_chart(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
-           ["env"]}
-    assert "ARKS_GATEWAY_REPLICAS" not in env
-
-
-def _operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert "ARKS_GATEWAY_REPLICAS" not in _operator_env(render_chart(values))
 
 
 def test_the_network_policy_values_reach_the_render() -> None:
