@@ -72,10 +72,6 @@ sysdeps:
 	  echo "installing prometheus and promtool (apt)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends prometheus >/dev/null; }
-	@command -v haproxy >/dev/null || { \
-	  echo "installing haproxy (apt)"; SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    --no-install-recommends haproxy >/dev/null; }
 
 lint: venv hadolint
 	$(VENV)/bin/ruff check .

