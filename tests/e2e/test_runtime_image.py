@@ -4,8 +4,9 @@ Runs only when ``ARKS_RUNTIME_IMAGE`` names an image in buildah's local storage 
 ``ghcr.io/arks-ray/arks-ray-cpu:<version>``); ``make test`` skips it. Inside the image, as the image's
 user: the head-side imports Serve needs (``ray.serve.llm`` with vLLM, every ``deployments`` builder), then
 ``arks-ray up`` of ``configs/examples/local-demo.yaml`` (Ray, Serve, the gateway, real vLLM for CPUs on the
-generated tiny model), behind the image's haproxy (``up``'s default where the binary is), and one ``arks-ray chat``
-through the gateway with the demo token.
+generated tiny model), behind HAProxy (``up``'s default; ray[serve] brings the binary) with a pod's open-files
+limit, and behind Serve's proxy with buildah's default limit of 1024, where HAProxy cannot start, and one
+``arks-ray chat`` through the gateway with the demo token.
 Run it under ``flock /tmp/arks-ray.lock``: it starts Ray on the host network (ports 8000 and 8265).
 """
 
@@ -37,8 +38,7 @@ python -c 'from ray.serve.llm import LLMConfig; import vllm, deployments.engines
 deployments.disaggregated; print("imports ok, vllm", vllm.__version__)'
 set -o pipefail
 arks-ray up -f /repo/configs/examples/local-demo.yaml --detach --timeout 600 | tee /tmp/up.txt
-# The image installs haproxy, so `up` takes it by default (--ingress auto).
-grep -q "HAProxy on port 8000" /tmp/up.txt && echo "behind haproxy"
+grep -q "HAProxy on port 8000" /tmp/up.txt && echo "behind haproxy" || echo "behind serve's proxy"
 ARKS_TOKEN=sk-arks-demo-local-only arks-ray chat -m tiny "Hello! Who are you?" > /tmp/answer.txt
 echo "answer: $(head -c 200 /tmp/answer.txt)"
 test -s /tmp/answer.txt
@@ -48,11 +48,18 @@ arks-ray down
 """
 
 
-def test_the_cpu_runtime_image_runs_the_local_demo() -> None:
+@pytest.mark.parametrize(("open_files", "ingress"), [
+    # A pod's usual limit: ray[serve] brought HAProxy into the image, and `up` (--ingress auto) takes it.
+    ("65536:65536", "behind haproxy"),
+    # buildah's default, 1024, is below what HAProxy asks for at Ray's maxconn: `up` takes Serve's proxy and says why.
+    (None, "behind serve's proxy"),
+])
+def test_the_cpu_runtime_image_runs_the_local_demo(open_files: str | None, ingress: str) -> None:
     container = subprocess.run([*BUILDAH, "from", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
+    limit = ["--ulimit", f"nofile={open_files}"] if open_files else []
     try:
         proc = subprocess.run(
-            [*BUILDAH, "run", "--isolation", "chroot", "--network", "host",
+            [*BUILDAH, "run", "--isolation", "chroot", "--network", "host", *limit,
              "-v", f"{ROOT / 'configs'}:/repo/configs:ro", container, "--", "bash", "-c", SCRIPT],
             capture_output=True, text=True, timeout=900, check=False)
     finally:
@@ -60,6 +67,8 @@ def test_the_cpu_runtime_image_runs_the_local_demo() -> None:
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0
     assert "imports ok, vllm 0.32" in proc.stdout
-    assert "behind haproxy" in proc.stdout
+    assert ingress in proc.stdout
+    if not open_files:
+        assert "the open-files limit is 1024" in proc.stdout
     assert "answer: " in proc.stdout
     assert "refused a wrong token" in proc.stdout

@@ -27,7 +27,7 @@ import yaml
 from arks_ray.api.digests import TOKEN_KEY_ENV, TOKEN_KEY_NEXT_ENV
 from arks_ray.api.loading import load_yaml
 from arks_ray.local import runner
-from arks_ray.render.options import Ingress, ingress_env
+from arks_ray.render.options import Ingress
 from tests.support.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,8 +218,9 @@ class SharedStack:
         cmd = [runner._ray_bin(), "start", f"--address={address}", "--num-cpus=8", "--num-gpus=0",
                f"--resources={json.dumps(missing)}", "--disable-usage-stats"]
         with installation_key():
+            # The head's Serve settings too (runner.ray_env), as every node of a rendered cluster has them.
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  env={**os.environ, **ingress_env(self.ingress)})
+                                  env=runner.ray_env({}, self.ingress))
         if proc.returncode != 0:
             raise RuntimeError(f"adding a raylet for {sorted(missing)} failed:\n{proc.stdout}\n{proc.stderr}")
         self.offered |= set(missing)

