@@ -171,3 +171,37 @@ def test_while_the_engine_replica_restarts_requests_get_a_fast_503(stack: dict[s
         assert sorted(fast)[len(fast) // 2] < 1.0, f"503s were not fast: {fast}"
     finally:
         ray.shutdown()
+
+
+def test_after_serves_proxy_is_replaced_the_gateway_fetches_bodies_from_the_new_one(stack: dict[str, Any]) -> None:
+    """The gateway keeps one handle to Serve's proxy for every request's body (``deployments.proxy_body``). A proxy
+    that dies is replaced by a new actor of the same name: the gateway must reach that one, not keep asking the dead
+    one (every request would fail)."""
+    import os
+
+    import ray
+
+    if stack["shared"].ingress != "serve":
+        pytest.skip("behind HAProxy the body comes with the request")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 1}
+    try:
+        with httpx.Client(base_url=stack["base"], headers=AUTH, timeout=120) as c:
+            assert c.post("/v1/chat/completions", json=body).status_code == 200  # the gateway holds the handle
+            (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["name"].startswith("SERVE_PROXY_ACTOR")]
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            deadline = time.monotonic() + 180
+            served = 0
+            while served < 5:  # five in a row, each with a body fetched from the new proxy
+                assert time.monotonic() < deadline, "requests were not served within 180s of the proxy's restart"
+                try:
+                    status = c.post("/v1/chat/completions", json=body).status_code
+                except httpx.TransportError:  # nothing listens while the new proxy starts
+                    status = 0
+                served = served + 1 if status == 200 else 0
+                if status != 200:
+                    time.sleep(0.5)
+    finally:
+        ray.shutdown()
