@@ -251,12 +251,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gateway-port", type=int, default=8000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
-                    help="what answers on the gateway port (arks-ray up --ingress)")
+    ap.add_argument("--ingress", choices=["auto", "serve", "haproxy"], default="auto",
+                    help="what answers on the gateway port (arks-ray up --ingress; auto, its default: haproxy "
+                         "where it can start)")
     args = ap.parse_args()
     if args.mode == "mock":
         mock_main(args.port, args.tokens)
         return 0
+    from arks_ray.local.runner import choose_ingress
+
+    args.ingress = choose_ingress(args.ingress)[0]  # up's own choice, named in the results
     procs: list[subprocess.Popen[bytes]] = []
     redis = RedisServer().start()
     arks = str(Path(sys.executable).with_name("arks-ray"))

@@ -468,7 +468,7 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from arks_ray.api.loading import load_yaml
-    from arks_ray.local.runner import plan
+    from arks_ray.local.runner import choose_ingress, plan
     from tests.support.redis_server import RedisServer
 
     redis = None
@@ -484,7 +484,9 @@ def serve_phase(args: argparse.Namespace, res: dict[str, Any]) -> None:
                                  args.frontend), source="gpu-bench")
     res["frontend"] = args.frontend or "rayLLM"
     res["engine_args"] = args.engine_arg
-    lp = plan(loaded, "default", 8000, gateway_settings=settings, gateway_replicas=args.gateways)
+    args.ingress = choose_ingress(args.ingress)[0]
+    lp = plan(loaded, "default", 8000, gateway_settings=settings, gateway_replicas=args.gateways,
+              ingress=args.ingress)
     res["gateways"] = lp.gateway_replicas
     engine_app = lp.engine_apps[0] if lp.engine_apps else ""
     if not engine_app and (args.mock_engine or args.llm_config):
@@ -789,8 +791,9 @@ def main() -> int:
     ap.add_argument("--mock-engine", metavar="TTFT_MS,TPOT_MS,INTERVAL_MS",
                     help="ray phase: serve a stand-in engine at this pace instead of vLLM (benchmarks/"
                          "mock_serve_engine.py), so that only the Serve path is measured")
-    ap.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
-                    help="ray phase: what answers on port 8000 (RenderOptions.ingress; haproxy needs the binary)")
+    ap.add_argument("--ingress", choices=["auto", "serve", "haproxy"], default="auto",
+                    help="ray phase: what answers on port 8000 (RenderOptions.ingress); auto, as `arks-ray up`: "
+                         "haproxy where it can start, else serve")
     ap.add_argument("--frontend", choices=["rayLLM", "vllmServer"],
                     help="the app's spec.engineFrontend (default: the app's default, rayLLM)")
     ap.add_argument("--upstream-raw", action="store_true",
