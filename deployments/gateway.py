@@ -26,7 +26,6 @@ from arks_ray.gateway.reports import publish_routes
 from arks_ray.gateway.series import quota_levels
 from arks_ray.gateway.settings import GatewaySettings
 from arks_ray.stores.memory import MemoryStore
-from deployments import proxy_body
 from deployments.backends import Backends, RoutedBackends
 from deployments.gateway_metrics import build_metrics
 from deployments.http_api import make_api
@@ -78,7 +77,6 @@ class GatewayDeployment:
     on the replica's event loop)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        proxy_body.install()  # behind Serve's proxy: one lookup of the proxy per proxy, not per request
         self.settings = settings
         self.backends = RoutedBackends(settings)
         self.store = make_store(settings)

@@ -173,10 +173,10 @@ def test_while_the_engine_replica_restarts_requests_get_a_fast_503(stack: dict[s
         ray.shutdown()
 
 
-def test_after_serves_proxy_is_replaced_the_gateway_fetches_bodies_from_the_new_one(stack: dict[str, Any]) -> None:
-    """The gateway keeps one handle to Serve's proxy for every request's body (``deployments.proxy_body``). A proxy
-    that dies is replaced by a new actor of the same name: the gateway must reach that one, not keep asking the dead
-    one (every request would fail)."""
+def test_after_serves_proxy_is_replaced_requests_with_a_body_are_served_again(stack: dict[str, Any]) -> None:
+    """Serve's proxy sends the gateway only a request's headers; the gateway fetches the body from that proxy by
+    name. A proxy that dies is replaced by a new actor of the same name, and the gateway must get bodies from it
+    (a cached handle to the dead one would fail every request)."""
     import os
 
     import ray
