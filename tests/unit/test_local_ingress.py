@@ -1,6 +1,6 @@
-"""``arks-ray up --ingress``: ``auto`` (the default) choosing HAProxy where its binary is, what ``ray start`` gets,
-what ``up`` says, and the refusals before any Ray starts (no haproxy binary, an unknown ingress). HAProxy itself
-runs in ``tests/e2e/test_haproxy_ingress.py``."""
+"""``arks-ray up --ingress``: ``auto`` (the default) choosing HAProxy where it can start (its binary, an open-files
+limit high enough), what ``ray start`` gets, what ``up`` says, and the refusals before any Ray starts (no haproxy
+binary, too low a limit, an unknown ingress). HAProxy itself runs in ``tests/e2e/test_haproxy_ingress.py``."""
 
 from __future__ import annotations
 
